@@ -1,0 +1,25 @@
+"""Reaping from any process (a web app's startup, a cron job, the CLI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .database import Database
+from .reaper import Reaper
+from .report import Report
+from .settings import Settings
+
+
+def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **overrides: Any) -> Report:
+    """Settle stale jobs once, from this process, and return the report.
+
+    This process is not a worker: jobs are settled only when their owner is provably dead
+    (or, for tables without owners, when no live worker exists or they exceed
+    ``jobreaper_max_age``). *overrides* take precedence over ``app.conf`` (e.g. ``max_age=3600``).
+    """
+    settings = Settings.from_app(app, **overrides)
+    db = Database.from_settings(settings)
+    try:
+        return Reaper(app, settings, db).run(trigger, dry_run=dry_run)
+    finally:
+        db.dispose()

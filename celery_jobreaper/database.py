@@ -1,0 +1,104 @@
+"""The SQLAlchemy engine jobreaper uses: created from settings (and then owned) or borrowed."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kombu.utils.imports import symbol_by_name
+from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import ConfigurationError
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Database:
+    """An engine plus what jobreaper needs to know about it (ownership, dialect abilities)."""
+
+    def __init__(self, engine: Engine, *, owned: bool) -> None:
+        self.engine = engine
+        self.owned = owned
+        self._pid = os.getpid()
+        name = engine.dialect.name
+        #: ``SELECT … FOR UPDATE SKIP LOCKED`` is available (PostgreSQL, MySQL 8, MariaDB 10.6+).
+        self.skip_locked = name in {"postgresql", "mysql", "mariadb"}
+        #: ``UPDATE … RETURNING`` is available.
+        self.update_returning = bool(engine.dialect.update_returning)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        """Create (or resolve) the engine of ``jobreaper_engine`` or ``jobreaper_database_url``."""
+        if settings.engine is not None:
+            engine = settings.engine
+            if isinstance(engine, str):
+                try:
+                    engine = symbol_by_name(engine)
+                except (ImportError, AttributeError, ValueError) as error:
+                    raise ConfigurationError(
+                        "jobreaper_engine", f"cannot import {engine!r}: {error}"
+                    ) from error
+                if callable(engine) and not isinstance(engine, Engine):
+                    engine = engine()
+            if not isinstance(engine, Engine):
+                raise ConfigurationError("jobreaper_engine", f"not an Engine: {engine!r}")
+            return cls(engine, owned=False)
+        assert settings.database_url is not None
+        return cls(make_engine(settings.database_url, settings), owned=True)
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password hidden, for logs."""
+        return str(maybe_sanitize_url(self.engine.url.render_as_string(hide_password=False)))
+
+    def connect(self) -> Connection:
+        """A connection; after a fork, the pool inherited from the parent is dropped first."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        return self.engine.connect()
+
+    def after_fork(self) -> None:
+        """Forget pooled connections inherited from the parent process (never close them)."""
+        self._pid = os.getpid()
+        self.engine.dispose(close=False)
+
+    def dispose(self) -> None:
+        """Close pooled connections if jobreaper created the engine; borrowed ones stay open."""
+        if self.owned:
+            self.engine.dispose()
+
+
+def make_engine(url: str, settings: Settings) -> Engine:
+    """Create an engine with a bounded connect time; SQLite gets write-locking transactions."""
+    options: dict[str, Any] = dict(settings.engine_options)
+    connect_args: dict[str, Any] = dict(options.pop("connect_args", {}))
+    timeout = max(1, round(settings.connect_timeout))
+    if url.startswith(("postgresql", "postgres")) or url.startswith(("mysql", "mariadb")):
+        connect_args.setdefault("connect_timeout", timeout)
+    elif url.startswith("sqlite"):
+        connect_args.setdefault("timeout", max(settings.connect_timeout, 30.0))
+        options.pop("pool_recycle", None)
+    engine = create_engine(url, connect_args=connect_args, **options)
+    if engine.dialect.name == "sqlite":
+        _sqlite_begin_immediate(engine)
+    return engine
+
+
+def _sqlite_begin_immediate(engine: Engine) -> None:
+    """Make every SQLite transaction take the write lock at BEGIN.
+
+    SQLite has no row locks: with ``BEGIN IMMEDIATE`` a reaper's read-then-write is
+    serialised against other writers, which is what makes compare-and-set exact.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,280 @@
+"""Worker incarnations, heartbeats, and the two-signal rule that decides who is dead."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Collection, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import false, insert, or_, select, update
+from sqlalchemy.engine import Connection
+
+from .clock import utcnow
+from .schema import JobReaperTables
+
+logger = logging.getLogger(__name__)
+
+RUNNING, DRAINING, STOPPED, DEAD = "running", "draining", "stopped", "dead"
+
+#: ``ping(nodes, timeout)`` -> the node names that replied; raises if the broker is unreachable.
+Pinger = Callable[[Collection[str], float], set[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Incarnation:
+    """One start of one worker process: a fresh id each time, made before the pool forks."""
+
+    id: str
+    node: str
+    host: str
+    pid: int
+    started_at: datetime
+
+    @classmethod
+    def new(cls, node: str) -> Incarnation:
+        """A new incarnation of *node* for this process, starting now."""
+        return cls(uuid.uuid4().hex, node, socket.gethostname(), os.getpid(), utcnow())
+
+
+@dataclasses.dataclass
+class LivenessView:
+    """What one reap knows about who is alive; the planner reads it, it does no I/O."""
+
+    me: Incarnation | None
+    now: datetime
+    dead_incarnations: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> reason
+    live_incarnations: set[str] = dataclasses.field(default_factory=set)
+    incarnation_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> node
+    dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
+    live_nodes: set[str] = dataclasses.field(default_factory=set)
+    refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
+    other_live_workers: int = 0
+    live_task_ids: set[str] = dataclasses.field(default_factory=set)
+    ping_failed: str | None = None
+
+    def node_is_me(self, node: str | None) -> bool:
+        """Whether *node* is this worker's own node name."""
+        return self.me is not None and node == self.me.node
+
+
+def ping_with(app: Any) -> Pinger:
+    """A :data:`Pinger` asking exactly the named nodes once (it waits only while one is silent)."""
+
+    def ping(nodes: Collection[str], timeout: float) -> set[str]:
+        if not nodes:
+            return set()
+        replies = app.control.ping(destination=list(nodes), timeout=timeout) or []
+        return {name for reply in replies for name in reply}
+
+    return ping
+
+
+class Liveness:
+    """Reads and writes the incarnations table and judges which owners are dead."""
+
+    def __init__(self, tables: JobReaperTables, *, heartbeat_timeout: float) -> None:
+        self.t = tables.incarnations
+        self.heartbeat_timeout = timedelta(seconds=heartbeat_timeout)
+
+    def register(self, conn: Connection, me: Incarnation) -> None:
+        """Record *me* as running."""
+        conn.execute(
+            insert(self.t).values(
+                id=me.id,
+                node=me.node,
+                host=me.host,
+                pid=me.pid,
+                started_at=me.started_at,
+                heartbeat_at=me.started_at,
+                state=RUNNING,
+            )
+        )
+
+    def heartbeat(self, conn: Connection, me: Incarnation, *, state: str | None = None) -> bool:
+        """Refresh my heartbeat (and state); False if the row was gone or declared dead."""
+        now = utcnow()
+        row = conn.execute(select(self.t.c.state).where(self.t.c.id == me.id)).first()
+        if row is None:
+            self.register(conn, me)
+            return False
+        values: dict[str, Any] = {"heartbeat_at": now}
+        revived = row.state == DEAD
+        if state is not None:
+            values["state"] = state
+            if state == STOPPED:
+                values["stopped_at"] = now
+        elif revived:
+            values["state"] = RUNNING
+        conn.execute(update(self.t).where(self.t.c.id == me.id).values(**values))
+        if revived:
+            logger.warning(
+                "jobreaper: this worker (%s) was declared dead by another reaper while it was "
+                "unresponsive; its jobs of that time were settled. Heartbeats resume now.",
+                me.node,
+            )
+        return not revived
+
+    def duplicates_of(self, conn: Connection, me: Incarnation) -> list[str]:
+        """Other incarnations of my node name that heartbeated after I started: live duplicates."""
+        rows = conn.execute(
+            select(self.t.c.id, self.t.c.host, self.t.c.pid).where(
+                self.t.c.node == me.node,
+                self.t.c.id != me.id,
+                self.t.c.state.in_((RUNNING, DRAINING)),
+                self.t.c.heartbeat_at > me.started_at + timedelta(seconds=1),
+            )
+        )
+        return [f"{r.host} pid {r.pid}" for r in rows]
+
+    def assess(
+        self,
+        conn: Connection,
+        *,
+        me: Incarnation | None,
+        incarnation_ids: Iterable[str] = (),
+        nodes: Iterable[str] = (),
+        ping: Pinger | None,
+        ping_timeout: float,
+        now: datetime | None = None,
+    ) -> LivenessView:
+        """Judge the incarnations and node names that own candidate jobs.
+
+        A worker is dead on two signals only: a heartbeat older than the timeout (or a clean
+        stop) **and** no reply to one ping of exactly the suspects. This worker's own earlier
+        incarnations are dead at once, unless another live process answers for the node name.
+        """
+        now = now or utcnow()
+        view = LivenessView(me=me, now=now)
+        wanted_ids = set(incarnation_ids)
+        wanted_nodes = {n for n in nodes if n}
+        rows = list(
+            conn.execute(
+                select(self.t).where(
+                    or_(
+                        self.t.c.state.in_((RUNNING, DRAINING)),
+                        self.t.c.id.in_(wanted_ids) if wanted_ids else false(),
+                        self.t.c.node.in_(wanted_nodes) if wanted_nodes else false(),
+                    )
+                )
+            )
+        )
+        fresh_after = now - self.heartbeat_timeout
+        suspects: dict[str, Any] = {}
+        newest_live: dict[str, datetime] = {}
+        own_earlier: list[Any] = []
+        for row in rows:
+            view.incarnation_nodes[row.id] = row.node
+            if me is not None and row.id == me.id:
+                view.live_incarnations.add(row.id)
+                continue
+            if me is not None and row.node == me.node:
+                own_earlier.append(row)
+                continue
+            fresh = row.heartbeat_at >= fresh_after and row.state in (RUNNING, DRAINING)
+            if fresh:
+                view.live_incarnations.add(row.id)
+                newest_live[row.node] = max(
+                    newest_live.get(row.node, row.started_at), row.started_at
+                )
+            elif row.state == STOPPED:
+                view.dead_incarnations[row.id] = f"{row.node}, which stopped at {row.stopped_at}"
+            elif row.state == DEAD:
+                view.dead_incarnations[row.id] = f"{row.node}, which was found dead earlier"
+            elif row.id in wanted_ids or row.node in wanted_nodes:
+                suspects[row.id] = row
+        view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
+
+        to_ping = {r.node for r in suspects.values()}
+        if me is not None and any(not (r.host == me.host and r.pid == me.pid) for r in own_earlier):
+            to_ping.add(me.node)  # is some other live process answering to my node name?
+        known_nodes = {row.node for row in rows}
+        to_ping |= {n for n in wanted_nodes if n not in known_nodes and not view.node_is_me(n)}
+        replied: set[str] = set()
+        if to_ping and ping is not None:
+            try:
+                replied = ping(sorted(to_ping), ping_timeout)
+            except Exception as error:  # broker down: silence proves nothing
+                view.ping_failed = f"{type(error).__name__}: {error}"
+                logger.warning(
+                    "jobreaper: could not ping suspects %s (%s); leaving their jobs alone",
+                    sorted(to_ping),
+                    view.ping_failed,
+                )
+        elif to_ping:
+            view.ping_failed = "no broker to ping through"
+        view.live_nodes |= replied
+
+        for row in own_earlier:
+            if (
+                me is not None
+                and me.node in replied
+                and not (row.host == me.host and row.pid == me.pid)
+            ):
+                view.refused_nodes[me.node] = (
+                    f"another live worker answers to this node name {me.node!r} "
+                    f"(incarnation on {row.host} pid {row.pid}); node names must be unique (-n)"
+                )
+                view.live_incarnations.add(row.id)
+            else:
+                view.dead_incarnations[row.id] = (
+                    f"{row.node} (an earlier start of this worker, pid {row.pid} on {row.host})"
+                )
+        for inc_id, row in suspects.items():
+            stale = f"last heartbeat {row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
+            if view.ping_failed is not None:
+                view.live_incarnations.add(inc_id)  # unknown: treat as alive
+            elif row.node not in replied:
+                view.dead_incarnations[inc_id] = (
+                    f"{row.node}, which stopped ({stale}, no reply to ping)"
+                )
+            elif newest_live.get(row.node, row.started_at) > row.started_at:
+                view.dead_incarnations[inc_id] = (
+                    f"{row.node}, an earlier start superseded by a newer live one ({stale})"
+                )
+            else:
+                view.live_incarnations.add(inc_id)
+
+        self._judge_nodes(view, rows, wanted_nodes, replied)
+        return view
+
+    def _judge_nodes(
+        self, view: LivenessView, rows: list[Any], wanted: set[str], replied: set[str]
+    ) -> None:
+        by_node: dict[str, list[Any]] = {}
+        for row in rows:
+            by_node.setdefault(row.node, []).append(row)
+        for node in wanted:
+            if node in view.refused_nodes or view.node_is_me(node):
+                continue  # my own node name is judged per job (started before this incarnation)
+            incs = by_node.get(node, [])
+            if node in replied or any(r.id in view.live_incarnations for r in incs):
+                view.live_nodes.add(node)
+            elif incs and view.ping_failed is None:
+                last = max(incs, key=lambda r: r.heartbeat_at)
+                view.dead_nodes[node] = view.dead_incarnations.get(
+                    last.id, f"{node}, which stopped (no heartbeat, no reply to ping)"
+                )
+
+
+def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> None:
+    """Record incarnations judged dead, so later reaps need not ping them again."""
+    t = tables.incarnations
+    ids = [i for i in view.dead_incarnations if i not in view.live_incarnations]
+    if ids:
+        conn.execute(
+            update(t).where(t.c.id.in_(ids), t.c.state.in_((RUNNING, DRAINING))).values(state=DEAD)
+        )
+
+
+def summarize(view: LivenessView) -> Mapping[str, Any]:
+    """A small dict for logs and reports."""
+    return {
+        "dead": len(view.dead_incarnations),
+        "live": len(view.live_incarnations),
+        "refused_nodes": sorted(view.refused_nodes),
+    }

@@ -1,0 +1,317 @@
+"""One reap run: judge owners, plan each batch, settle it, record the run, report."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from sqlalchemy import insert, update
+
+from . import signals
+from .apply import settle_batch
+from .clock import utcnow
+from .database import Database
+from .liveness import Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
+from .planner import Decision, plan
+from .report import Report
+from .schema import JobReaperTables, check_version, create_all, tables
+from .settings import Settings
+from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
+
+logger = logging.getLogger(__name__)
+
+#: ``ask(nodes, task_ids, timeout)`` -> task ids active/reserved/scheduled on those nodes.
+TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
+#: Called after a (non-dry) run with the report and the task ids of jobs settled as failed.
+AfterSettle = Callable[[Report, set[str]], None]
+MAX_PLANNED_IN_REPORT = 1000
+
+
+def ask_with(app: Any) -> TaskAsker:
+    """A :data:`TaskAsker` using ``inspect(destination=…).query_task`` (no blind broadcast)."""
+
+    def ask(nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
+        if not nodes or not task_ids:
+            return set()
+        inspector = app.control.inspect(destination=list(nodes), timeout=timeout, limit=len(nodes))
+        replies = inspector.query_task(*task_ids) or {}
+        return {task_id for reply in replies.values() for task_id in (reply or {})}
+
+    return ask
+
+
+class Reaper:
+    """Settles stale jobs of every configured source; safe to run from many processes at once."""
+
+    def __init__(
+        self,
+        app: Any,
+        settings: Settings,
+        db: Database,
+        *,
+        tbls: JobReaperTables = tables,
+        me: Incarnation | None = None,
+        ping: Pinger | None = None,
+        ask: TaskAsker | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.db = db
+        self.tables = tbls
+        self.me = me
+        self.ping = ping if ping is not None else ping_with(app)
+        self.ask = ask if ask is not None else ask_with(app)
+        self.liveness = Liveness(tbls, heartbeat_timeout=settings.heartbeat_timeout)
+        self.after_settle: list[AfterSettle] = []
+        self.last_report: Report | None = None
+        self._sources: list[JobSource] | None = None
+        self._lock = threading.Lock()
+
+    def prepare(self) -> list[JobSource]:
+        """Create/check tables and resolve sources (once; retried after a failure)."""
+        if self._sources is not None:
+            return self._sources
+        if self.settings.create_tables:
+            create_all(self.db.engine, self.tables)
+        sources: list[JobSource] = []
+        with self.db.connect() as conn:
+            check_version(conn, self.tables)
+            if self.settings.track_tasks:
+                sources.append(TrackedJobsSource(self.tables))
+            for spec in self.settings.sources:
+                sources.append(UserTableSource(spec, resolve_table(spec, conn)))
+        self._sources = sources
+        return sources
+
+    def run(self, trigger: str = "manual", *, dry_run: bool | None = None) -> Report:
+        """Reap once. Errors are recorded in the report (and the runs table), then re-raised."""
+        dry = self.settings.dry_run if dry_run is None else dry_run
+        with self._lock:
+            report = Report(
+                trigger=trigger,
+                dry_run=dry,
+                started_at=utcnow(),
+                node=self.me.node if self.me else None,
+            )
+            began = time.perf_counter()
+            try:
+                self._run(report)
+            except Exception as error:
+                report.error = f"{type(error).__name__}: {error}"
+                raise
+            finally:
+                report.duration = time.perf_counter() - began
+                self._finish(report)
+            return report
+
+    def _run(self, report: Report) -> None:
+        sources = self.prepare()
+        with self.db.connect() as conn:
+            with conn.begin():
+                inc_ids: set[str] = set()
+                nodes: set[str] = set()
+                for source in sources:
+                    ids, names = source.owners(conn)
+                    inc_ids |= ids
+                    nodes |= names
+                view = self.liveness.assess(
+                    conn,
+                    me=self.me,
+                    incarnation_ids=inc_ids,
+                    nodes=nodes,
+                    ping=self.ping,
+                    ping_timeout=self.settings.ping_timeout,
+                    now=report.started_at,
+                )
+                key = conn.execute(
+                    insert(self.tables.runs).values(
+                        node=report.node,
+                        incarnation_id=self.me.id if self.me else None,
+                        trigger=report.trigger,
+                        dry_run=report.dry_run,
+                        started_at=report.started_at,
+                    )
+                ).inserted_primary_key
+                report.run_id = None if key is None else int(key[0])
+            for node, why in view.refused_nodes.items():
+                logger.error("jobreaper: refusing to settle jobs of %s: %s", node, why)
+            settled_task_ids: set[str] = set()
+            for source in sources:
+                self._reap_source(conn, source, view, report, settled_task_ids)
+            if not report.dry_run and view.dead_incarnations:
+                with conn.begin():
+                    mark_dead(conn, self.tables, view)
+        if not report.dry_run:
+            for hook in self.after_settle:
+                hook(report, settled_task_ids)
+
+    def _reap_source(
+        self,
+        conn: Any,
+        source: JobSource,
+        view: LivenessView,
+        report: Report,
+        settled_task_ids: set[str],
+    ) -> None:
+        after: Any = None
+        silent: set[str] = set()
+        while True:
+            with conn.begin():
+                batch = source.batch(conn, after, self.settings.batch_size)
+            if not batch:
+                return
+            after = batch[-1].job_id
+            report.candidates += len(batch)
+            decisions = plan(batch, view, self.settings)
+            decisions = self._check_live_tasks(decisions, view, silent)
+            fails = [d for d in decisions if d.verdict == "fail"]
+            for d in decisions:
+                if d.verdict == "leave":
+                    report.left_alone[d.reason] += 1
+            if report.dry_run:
+                report.would_settle += len(fails)
+                for d in fails:
+                    logger.info(
+                        "jobreaper: [dry run] would clear job: %s (%s): %s",
+                        d.candidate.job_id,
+                        d.candidate.kind,
+                        d.reason,
+                    )
+                    if len(report.planned) < MAX_PLANNED_IN_REPORT:
+                        report.planned.append(_planned(d))
+            elif fails:
+                with conn.begin():
+                    done = settle_batch(
+                        conn,
+                        self.db,
+                        self.tables,
+                        source.target,
+                        fails,
+                        now=report.started_at,
+                        run_id=report.run_id,
+                    )
+                self._settled(source, done, report, settled_task_ids)
+            if len(batch) < self.settings.batch_size:
+                return
+
+    def _check_live_tasks(
+        self, decisions: list[Decision], view: LivenessView, silent: set[str]
+    ) -> list[Decision]:
+        """Ask live workers (once per batch, exactly them) whether would-fail task ids run there."""
+        task_ids = [
+            d.candidate.task_id for d in decisions if d.verdict == "fail" and d.candidate.task_id
+        ]
+        nodes = (
+            {
+                view.incarnation_nodes[i]
+                for i in view.live_incarnations
+                if i in view.incarnation_nodes
+            }
+            | view.live_nodes
+        ) - silent
+        if view.me is not None:
+            nodes.discard(view.me.node)
+        if not task_ids or not nodes:
+            return decisions
+        try:
+            view.live_task_ids = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
+        except Exception as error:
+            logger.warning(
+                "jobreaper: could not ask live workers %s about %d tasks (%s); "
+                "leaving those jobs alone this time",
+                sorted(nodes),
+                len(task_ids),
+                error,
+            )
+            return [
+                Decision(d.candidate, "leave", "could not ask live workers about its task")
+                if d.verdict == "fail" and d.candidate.task_id
+                else d
+                for d in decisions
+            ]
+        if not view.live_task_ids:
+            return decisions
+        return plan([d.candidate for d in decisions], view, self.settings)
+
+    def _settled(
+        self, source: JobSource, done: list[Decision], report: Report, task_ids: set[str]
+    ) -> None:
+        report.settled += len(done)
+        report.per_source[source.name] += len(done)
+        for d in done:
+            logger.info(
+                "jobreaper: Clearing job: %s (%s) from %s: %s",
+                d.candidate.job_id,
+                d.candidate.kind,
+                source.name,
+                d.reason,
+            )
+            if d.candidate.task_id:
+                task_ids.add(d.candidate.task_id)
+        if done:
+            signals.jobs_settled.send(sender=self, decisions=done, source=source.name)
+
+    def _finish(self, report: Report) -> None:
+        self._log(report)
+        self.last_report = report
+        if report.run_id is not None:
+            try:
+                with self.db.connect() as conn, conn.begin():
+                    conn.execute(
+                        update(self.tables.runs)
+                        .where(self.tables.runs.c.id == report.run_id)
+                        .values(
+                            finished_at=utcnow(),
+                            duration=report.duration,
+                            candidates=report.candidates,
+                            settled=report.settled or report.would_settle,
+                            left_alone=sum(report.left_alone.values()),
+                            error=report.error,
+                        )
+                    )
+            except Exception:
+                logger.exception("jobreaper: could not record the end of run %s", report.run_id)
+        signals.reap_finished.send(sender=self, report=report)
+
+    def _log(self, report: Report) -> None:
+        left = sum(report.left_alone.values())
+        if report.error is not None:
+            logger.error(
+                "jobreaper: %s reap failed after %.3f s: %s (settled %d before that)",
+                report.trigger,
+                report.duration,
+                report.error,
+                report.settled,
+            )
+        elif report.settled or report.would_settle:
+            logger.info(
+                "jobreaper: %s %d stale jobs to failed (%s) in %.3f s; left %d alone",
+                "[dry run] would reset" if report.dry_run else "Reset",
+                report.would_settle if report.dry_run else report.settled,
+                ", ".join(f"{k}: {v}" for k, v in report.per_source.items()) or "dry run",
+                report.duration,
+                left,
+            )
+        else:
+            logger.info(
+                "jobreaper: No stale jobs found (%s, %.3f s)", report.trigger, report.duration
+            )
+        for reason, count in report.left_alone.items():
+            logger.info("jobreaper: left %d job(s) alone: %s", count, reason)
+
+
+def _planned(d: Decision) -> dict[str, Any]:
+    c = d.candidate
+    return {
+        "source": c.source,
+        "job_id": str(c.job_id),
+        "kind": c.kind,
+        "status": c.status,
+        "owner": c.owner,
+        "task_id": c.task_id,
+        "reason": d.reason,
+        "error": d.error,
+    }

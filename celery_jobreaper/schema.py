@@ -1,0 +1,192 @@
+"""jobreaper's own tables, as SQLAlchemy Core ``Table`` objects in a ``MetaData`` users can share.
+
+Alembic users add :data:`metadata` to ``target_metadata`` (or call :func:`define_tables` with
+their own ``MetaData``) and set ``jobreaper_create_tables = False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    exc,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import SchemaVersionError
+
+logger = logging.getLogger(__name__)
+
+#: Version of the table layout below; stored in ``jobreaper_meta``.
+SCHEMA_VERSION = 1
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+_KEY = String(191)  # indexable on MySQL/MariaDB utf8mb4
+_BIGID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobReaperTables:
+    """The tables jobreaper reads and writes."""
+
+    meta: Table
+    incarnations: Table
+    jobs: Table
+    runs: Table
+    events: Table
+    revoked: Table
+
+    @property
+    def all(self) -> tuple[Table, ...]:
+        """Every table, in creation order."""
+        return (self.meta, self.incarnations, self.jobs, self.runs, self.events, self.revoked)
+
+
+def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperTables:
+    """Define jobreaper's tables in *target* (its ``schema`` applies) and return them."""
+    meta = Table(
+        f"{prefix}meta",
+        target,
+        Column("key", String(64), primary_key=True),
+        Column("value", String(255), nullable=False),
+    )
+    incarnations = Table(
+        f"{prefix}incarnations",
+        target,
+        Column("id", String(32), primary_key=True),
+        Column("node", _KEY, nullable=False, index=True),
+        Column("host", _KEY, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("started_at", DateTime, nullable=False),
+        Column("heartbeat_at", DateTime, nullable=False),
+        Column("state", String(16), nullable=False),
+        Column("stopped_at", DateTime),
+    )
+    jobs = Table(
+        f"{prefix}jobs",
+        target,
+        Column("task_id", _KEY, primary_key=True),
+        Column("task_name", _KEY, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("incarnation_id", String(32)),
+        Column("node", _KEY),
+        Column("started_at", DateTime),
+        Column("completed_at", DateTime),
+        Column("error", Text),
+        Column("fence", String(32)),
+        Column("times_reaped", Integer, nullable=False, default=0),
+        Index(f"ix_{prefix}jobs_status_incarnation", "status", "incarnation_id"),
+    )
+    runs = Table(
+        f"{prefix}runs",
+        target,
+        Column("id", _BIGID, primary_key=True, autoincrement=True),
+        Column("node", _KEY),
+        Column("incarnation_id", String(32)),
+        Column("trigger", String(16), nullable=False),
+        Column("dry_run", Boolean, nullable=False, default=False),
+        Column("started_at", DateTime, nullable=False),
+        Column("finished_at", DateTime),
+        Column("duration", Float),  # seconds
+        Column("candidates", Integer, nullable=False, default=0),
+        Column("settled", Integer, nullable=False, default=0),
+        Column("left_alone", Integer, nullable=False, default=0),
+        Column("error", Text),
+    )
+    events = Table(
+        f"{prefix}events",
+        target,
+        Column("id", _BIGID, primary_key=True, autoincrement=True),
+        Column("run_id", _BIGID, index=True),
+        Column("at", DateTime, nullable=False),
+        Column("source", _KEY, nullable=False),
+        Column("job_id", _KEY, nullable=False),
+        Column("task_id", _KEY),
+        Column("kind", _KEY),
+        Column("previous_status", String(64)),
+        Column("new_status", String(64)),
+        Column("action", String(32), nullable=False),
+        Column("reason", Text),
+        Column("owner", _KEY),
+        Index(f"ix_{prefix}events_source_job", "source", "job_id"),
+    )
+    revoked = Table(
+        f"{prefix}revoked",
+        target,
+        Column("task_id", _KEY, primary_key=True),
+        Column("revoked_at", DateTime, nullable=False),
+        Column("expires_at", DateTime, nullable=False, index=True),
+        Column("node", _KEY),
+    )
+    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked)
+
+
+#: The default ``MetaData`` holding jobreaper's tables; give it to Alembic.
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+#: The default tables, defined in :data:`metadata`.
+tables = define_tables(metadata)
+
+
+def create_all(engine: Engine, tbls: JobReaperTables = tables) -> None:
+    """Create jobreaper's tables if missing and record the schema version.
+
+    Safe when several workers start at once: a concurrent creator's "already exists" error is
+    swallowed once the tables are seen to exist.
+    """
+    for table in tbls.all:
+        try:
+            table.create(engine, checkfirst=True)
+        except exc.DBAPIError:
+            with engine.connect() as conn:
+                if not inspect(conn).has_table(table.name, schema=table.schema):
+                    raise
+    version = select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
+    try:
+        with engine.begin() as conn:
+            if conn.execute(version).first() is None:
+                conn.execute(
+                    insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
+    except exc.IntegrityError:
+        pass  # another worker recorded it first
+
+
+def check_version(conn: Connection, tbls: JobReaperTables = tables) -> None:
+    """Raise :class:`SchemaVersionError` unless the stored schema version is one we understand."""
+    try:
+        row = conn.execute(
+            select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
+        ).first()
+    except exc.DBAPIError as error:
+        raise SchemaVersionError(
+            f"jobreaper: cannot read {tbls.meta.name}; create the tables "
+            "(jobreaper_create_tables = True, or celery_jobreaper.schema.create_all)"
+        ) from error
+    if row is None:
+        raise SchemaVersionError(f"jobreaper: {tbls.meta.name} holds no schema_version")
+    stored = int(row[0])
+    if stored > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"jobreaper: database schema version {stored} is newer than this "
+            f"celery_jobreaper's ({SCHEMA_VERSION}); upgrade celery_jobreaper"
+        )

@@ -1,0 +1,113 @@
+"""The background side of a worker: heartbeats and periodic reaps, in threads of their own."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from .liveness import DRAINING, STOPPED, Incarnation, Liveness
+from .reaper import Reaper
+
+logger = logging.getLogger(__name__)
+
+
+class _Loop(threading.Thread):
+    """A daemon thread calling *fn* every *every* seconds until stopped; it survives errors."""
+
+    def __init__(self, name: str, every: float, fn: Callable[[], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.every = every
+        self.fn = fn
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.every):
+            try:
+                self.fn()
+            except Exception:
+                logger.exception("jobreaper: %s failed; retrying in %g s", self.name, self.every)
+
+
+class ReaperService:
+    """Registers this worker's incarnation, heartbeats it, and reaps on a timer."""
+
+    def __init__(self, reaper: Reaper, me: Incarnation) -> None:
+        self.reaper = reaper
+        self.me = me
+        self.settings = reaper.settings
+        self.liveness: Liveness = reaper.liveness
+        self.registered = False
+        self.startup_done = False
+        self._warned_duplicates: set[str] = set()
+        self._heart = _Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
+        self._timer = _Loop("jobreaper-reaper", self.settings.interval, self.periodic)
+
+    def register(self) -> None:
+        """Create this incarnation's row (once)."""
+        if self.registered:
+            return
+        self.reaper.prepare()
+        with self.reaper.db.connect() as conn, conn.begin():
+            self.liveness.register(conn, self.me)
+        self.registered = True
+
+    def startup(self) -> None:
+        """Register and run the startup reap, in the calling thread (raises on failure)."""
+        self.register()
+        self.reaper.run("startup")
+        self.startup_done = True
+
+    def start_threads(self) -> None:
+        """Start heartbeating and periodic reaping."""
+        self._heart.start()
+        self._timer.start()
+
+    def beat(self, state: str | None = None) -> None:
+        """One heartbeat (registering first if the database was down at start)."""
+        if not self.registered:
+            self.register()
+            return
+        with self.reaper.db.connect() as conn, conn.begin():
+            self.liveness.heartbeat(conn, self.me, state=state)
+            duplicates = self.liveness.duplicates_of(conn, self.me)
+        for dup in duplicates:
+            if dup not in self._warned_duplicates:
+                self._warned_duplicates.add(dup)
+                logger.error(
+                    "jobreaper: another live worker uses this node name %s (%s); "
+                    "jobreaper refuses to settle jobs for that name. Give each worker a "
+                    "unique name with -n.",
+                    self.me.node,
+                    dup,
+                )
+
+    def periodic(self) -> None:
+        """One timer tick: the startup reap if it never succeeded, else a periodic reap."""
+        if not self.registered:
+            self.register()
+        self.reaper.run("periodic" if self.startup_done else "startup")
+        self.startup_done = True
+
+    def drain(self) -> None:
+        """Warm shutdown began: stop reaping, keep heartbeating, say we are draining."""
+        self._timer.stopping.set()
+        self._mark(DRAINING)
+
+    def stop(self) -> None:
+        """Stop both threads and mark the incarnation stopped."""
+        self._timer.stopping.set()
+        self._heart.stopping.set()
+        for loop in (self._timer, self._heart):
+            if loop.is_alive() and loop is not threading.current_thread():
+                loop.join(timeout=max(5.0, self.settings.connect_timeout + 1))
+        self._mark(STOPPED)
+        self.reaper.db.dispose()
+
+    def _mark(self, state: str) -> None:
+        if not self.registered:
+            return
+        try:
+            self.beat(state)
+        except Exception:
+            logger.exception("jobreaper: could not mark this worker %s", state)

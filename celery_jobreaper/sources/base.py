@@ -1,0 +1,75 @@
+"""What every job source provides: owners to judge, candidates in batches, and how to settle."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, Table, select
+from sqlalchemy.engine import Connection
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate:
+    """A job found in a stale status; whether it really is stale is the planner's call."""
+
+    source: str
+    job_id: Any
+    status: str
+    kind: str | None = None
+    started_at: datetime | None = None
+    owner: str | None = None  #: Celery node name of the owner, when known
+    incarnation_id: str | None = None  #: owner incarnation (tracked jobs only)
+    task_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SettleTarget:
+    """How to compare-and-set a source's rows to failed, for :mod:`celery_jobreaper.apply`."""
+
+    table: Table
+    id: ColumnElement[Any]
+    status: ColumnElement[Any]
+    stale_statuses: tuple[str, ...]
+    failed_status: str
+    completed_at: ColumnElement[Any] | None
+    error: ColumnElement[Any] | None
+    #: columns whose value must still equal what the candidate showed (role -> column)
+    guards: Mapping[str, ColumnElement[Any]]
+    #: extra SET values (column name -> value or SQL expression)
+    extra_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class JobSource(Protocol):
+    """A table of jobs the reaper can judge and settle."""
+
+    name: str
+    target: SettleTarget
+    has_owner: bool
+    has_task_id: bool
+
+    def owners(self, conn: Connection) -> tuple[set[str], set[str]]:
+        """Incarnation ids and node names that own jobs in a stale status."""
+        ...
+
+    def batch(self, conn: Connection, after: Any, limit: int) -> list[Candidate]:
+        """Up to *limit* jobs in a stale status with id greater than *after*, in id order."""
+        ...
+
+
+def keyset_batch(
+    conn: Connection,
+    *,
+    id_col: ColumnElement[Any],
+    columns: Sequence[Any],
+    where: ColumnElement[bool],
+    after: Any,
+    limit: int,
+) -> list[Any]:
+    """Rows matching *where* with id above *after* (``None``: from the start), in id order."""
+    query = select(*columns).where(where).order_by(id_col).limit(limit)
+    if after is not None:
+        query = query.where(id_col > after)
+    return list(conn.execute(query))

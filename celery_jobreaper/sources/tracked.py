@@ -1,0 +1,76 @@
+"""jobreaper's own tracked-jobs table, fed by task signals; the most precise ownership."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from ..schema import JobReaperTables
+from .base import Candidate, SettleTarget, keyset_batch
+
+RUNNING = "running"
+SUCCEEDED, FAILED, RETRY, REVOKED = "succeeded", "failed", "retry", "revoked"
+
+
+class TrackedJobsSource:
+    """Rows of ``jobreaper_jobs`` still ``running``; their owner is an incarnation."""
+
+    name = "jobreaper_jobs"
+    has_owner = True
+    has_task_id = True
+
+    def __init__(self, tables: JobReaperTables) -> None:
+        t = tables.jobs
+        self.table = t
+        self.target = SettleTarget(
+            table=t,
+            id=t.c.task_id,
+            status=t.c.status,
+            stale_statuses=(RUNNING,),
+            failed_status=FAILED,
+            completed_at=t.c.completed_at,
+            error=t.c.error,
+            guards={"incarnation_id": t.c.incarnation_id},
+            extra_values={"fence": None, "times_reaped": t.c.times_reaped + 1},
+        )
+
+    def owners(self, conn: Connection) -> tuple[set[str], set[str]]:
+        """Incarnations owning running tracked jobs (no node names needed)."""
+        t = self.table
+        rows = conn.execute(select(t.c.incarnation_id).where(t.c.status == RUNNING).distinct())
+        return {r[0] for r in rows if r[0]}, set()
+
+    def batch(self, conn: Connection, after: Any, limit: int) -> list[Candidate]:
+        """Running tracked jobs, by task id."""
+        t = self.table
+        cols = [
+            t.c.task_id,
+            t.c.status,
+            t.c.task_name,
+            t.c.started_at,
+            t.c.node,
+            t.c.incarnation_id,
+        ]
+        rows = keyset_batch(
+            conn,
+            id_col=t.c.task_id,
+            columns=cols,
+            where=t.c.status == RUNNING,
+            after=after,
+            limit=limit,
+        )
+        return [
+            Candidate(
+                self.name,
+                r.task_id,
+                r.status,
+                r.task_name,
+                r.started_at,
+                r.node,
+                r.incarnation_id,
+                r.task_id,
+            )
+            for r in rows
+        ]

@@ -1,0 +1,147 @@
+"""The worker bootstep: reap before the consumer starts, then heartbeat and reap on a timer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+from celery import bootsteps
+from celery import signals as celery_signals
+
+from .database import Database
+from .errors import ConfigurationError, StartupReapError
+from .liveness import Incarnation
+from .reaper import Reaper
+from .schema import tables
+from .service import ReaperService
+from .settings import Settings
+from .tracking import Tracker, connect_signals, set_tracker
+
+logger = logging.getLogger(__name__)
+
+
+class JobReaperStep(bootsteps.StartStopStep):
+    """Settle jobs left running by dead workers, safely when many workers share the database.
+
+    Runs in the worker's main process after the pool started and before the consumer takes
+    any message. ``start()`` never lets an error escape (the worker always starts) unless
+    ``jobreaper_strict`` is set or the configuration is invalid.
+    """
+
+    label = "JobReaper"
+    conditional = True
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(
+        self,
+        parent: Any,
+        without_jobreaper: bool = False,
+        jobreaper_dry_run: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(parent, **kwargs)
+        self.service: ReaperService | None = None
+        overrides = {"dry_run": True} if jobreaper_dry_run else {}
+        self.settings = Settings.from_app(parent.app, **overrides)
+        self.enabled = self.settings.enabled and not without_jobreaper
+        if not self.enabled:
+            return
+        me = Incarnation.new(parent.hostname)
+        db = Database.from_settings(self.settings)
+        reaper = Reaper(parent.app, self.settings, db, me=me)
+        self.service = ReaperService(reaper, me)
+        if self.settings.track_tasks:
+            # Made before the pool forks, so pool processes inherit it.
+            set_tracker(Tracker(db, tables, self.settings, me))
+            connect_signals()
+        for hook in _after_settle_hooks:
+            reaper.after_settle.append(hook(parent, reaper))
+        logger.debug("jobreaper: enabled on %s (database %s)", me.node, db.url)
+
+    def create(self, parent: Any) -> JobReaperStep:  # type: ignore[override]
+        """Nothing to create: the service was built in ``__init__``."""
+        return self
+
+    def start(self, parent: Any) -> None:
+        """Reap once, before the consumer starts, then start the background threads."""
+        service = self.service
+        if service is None:
+            return
+        try:
+            service.startup()
+        except ConfigurationError:
+            raise  # invalid configuration stops the worker, naming the key
+        except Exception as error:
+            if self.settings.strict:
+                raise StartupReapError(
+                    f"jobreaper: startup reap failed and jobreaper_strict is set: {error}"
+                ) from error
+            logger.exception(
+                "jobreaper: startup reap failed; the worker starts anyway and jobreaper retries "
+                "every %g s",
+                min(self.settings.heartbeat_interval, self.settings.interval),
+            )
+        service.start_threads()
+        celery_signals.worker_shutdown.connect(self._on_shutdown, sender=parent, weak=False)
+
+    def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if self.service is not None:
+            self.service.stop()
+
+    def stop(self, parent: Any) -> None:
+        """Warm shutdown: stop reaping, mark the incarnation draining while tasks finish."""
+        if self.service is not None:
+            self.service.drain()
+
+    def terminate(self, parent: Any) -> None:
+        """Cold shutdown: stop the threads and mark the incarnation stopped now."""
+        if self.service is not None:
+            self.service.stop()
+
+    def info(self, parent: Any) -> dict[str, Any]:  # type: ignore[override]
+        """What ``celery inspect stats`` shows under ``jobreaper``."""
+        service = self.service
+        if service is None:
+            return {"jobreaper": {"enabled": False}}
+        report = service.reaper.last_report
+        return {
+            "jobreaper": {
+                "enabled": True,
+                "incarnation": service.me.id,
+                "dry_run": self.settings.dry_run,
+                "last_run": report.as_dict() if report else None,
+            }
+        }
+
+
+#: Factories ``(worker, reaper) -> after_settle hook`` added by optional parts (broker sweep).
+_after_settle_hooks: list[Any] = []
+
+
+def install(app: Any) -> Any:
+    """Add :class:`JobReaperStep`, its worker options and the ``jobreaper`` inspect command."""
+    from . import control  # noqa: F401  (registers the remote-control command)
+
+    app.steps["worker"].add(JobReaperStep)
+    options = app.user_options["worker"]
+    names = {opt.name for opt in options}
+    if "without_jobreaper" not in names:
+        options.add(
+            click.Option(
+                ["--without-jobreaper"],
+                is_flag=True,
+                default=False,
+                help="Do not run celery_jobreaper in this worker.",
+            )
+        )
+    if "jobreaper_dry_run" not in names:
+        options.add(
+            click.Option(
+                ["--jobreaper-dry-run"],
+                is_flag=True,
+                default=False,
+                help="Log what celery_jobreaper would settle; change nothing.",
+            )
+        )
+    return app
