@@ -296,11 +296,17 @@ class Reaper:
                 left,
             )
         else:
-            logger.info(
-                "jobreaper: No stale jobs found (%s, %.3f s)", report.trigger, report.duration
+            # A periodic no-op is routine: keep it out of INFO.
+            level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
+            logger.log(
+                level,
+                "jobreaper: No stale jobs found (%s, %.3f s)",
+                report.trigger,
+                report.duration,
             )
         for reason, count in report.left_alone.items():
-            logger.info("jobreaper: left %d job(s) alone: %s", count, reason)
+            level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
+            logger.log(level, "jobreaper: left %d job(s) alone: %s", count, reason)
 
 
 def _planned(d: Decision) -> dict[str, Any]:

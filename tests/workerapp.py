@@ -1,0 +1,57 @@
+"""A Celery app for tests that start real ``celery worker`` subprocesses; configured by env vars.
+
+JR_BROKER_URL, JR_DATABASE_URL, JR_SETTINGS (JSON of extra ``jobreaper_*`` keys without the
+prefix), JR_QUEUE (queue name), JR_SIGNAL_DIR (tasks touch files there to show progress).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+import celery_jobreaper
+
+app = Celery("workerapp", broker=os.environ.get("JR_BROKER_URL", "memory://"))
+app.conf.update(
+    task_default_queue=os.environ.get("JR_QUEUE", "celery"),
+    worker_hijack_root_logger=True,
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+    task_acks_late=os.environ.get("JR_ACKS_LATE") == "1",
+    jobreaper_database_url=os.environ.get("JR_DATABASE_URL"),
+    jobreaper_heartbeat_interval=1,
+    jobreaper_heartbeat_timeout=3,
+    jobreaper_interval=1,
+    jobreaper_ping_timeout=0.5,
+)
+for key, value in json.loads(os.environ.get("JR_SETTINGS", "{}")).items():
+    app.conf[f"jobreaper_{key}"] = value
+if os.environ.get("JR_NO_INSTALL") != "1":
+    celery_jobreaper.install(app)
+
+
+def _mark(name: str) -> None:
+    folder = os.environ.get("JR_SIGNAL_DIR")
+    if folder:
+        Path(folder, name).write_text(str(os.getpid()))
+
+
+@app.task(name="jr.sleep", bind=True)
+def sleep(self: Any, seconds: float, tag: str = "") -> str:
+    """Sleep, announcing the start (and the end) through files in JR_SIGNAL_DIR."""
+    _mark(f"started-{tag or self.request.id}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    _mark(f"finished-{tag or self.request.id}")
+    return tag
+
+
+@app.task(name="jr.noop")
+def noop() -> None:
+    """Do nothing (throughput benchmarks)."""
