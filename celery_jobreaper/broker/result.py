@@ -1,0 +1,38 @@
+"""The outcome of one broker sweep, shared by every transport."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What a sweep removed, restored or left alone.
+
+    ``removed`` and ``restored`` hold ``(task_id, queue)`` pairs, where *queue* is the Redis
+    list key (priority suffix and global key prefix included) or the queue name on other
+    transports. ``dropped_unacked`` holds ``(task_id, delivery_tag)`` pairs. In a dry run the
+    lists say what *would* have happened.
+    """
+
+    removed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    restored: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    dropped_unacked: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: Entries left untouched because their task id (or, for ``unacked``, their queue)
+    #: could not be worked out.
+    unparsable: int = 0
+    #: Entries examined.
+    scanned: int = 0
+    #: True when the sweep stopped early (a bound was hit, or the queue moved under it too
+    #: fast); everything it did not examine was left as it was.
+    partial: bool = False
+
+    def merge(self, other: SweepResult) -> SweepResult:
+        """Add *other*'s entries and counts to this result and return it."""
+        self.removed.extend(other.removed)
+        self.restored.extend(other.restored)
+        self.dropped_unacked.extend(other.dropped_unacked)
+        self.unparsable += other.unparsable
+        self.scanned += other.scanned
+        self.partial = self.partial or other.partial
+        return self
