@@ -10,6 +10,7 @@ from kombu.utils.imports import symbol_by_name
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigurationError
 from .settings import Settings
@@ -48,7 +49,17 @@ class Database:
                 raise ConfigurationError("jobreaper_engine", f"not an Engine: {engine!r}")
             return cls(engine, owned=False)
         assert settings.database_url is not None
-        return cls(make_engine(settings.database_url, settings), owned=True)
+        try:
+            engine = make_engine(settings.database_url, settings)
+        except (ArgumentError, NoSuchModuleError, ImportError) as error:
+            hint = ""
+            if isinstance(error, ImportError):
+                hint = " (install its driver, e.g. celery_jobreaper[postgres] or [mysql])"
+            raise ConfigurationError(
+                "jobreaper_database_url",
+                f"cannot use {maybe_sanitize_url(settings.database_url)!r}: {error}{hint}",
+            ) from error
+        return cls(engine, owned=True)
 
     @property
     def url(self) -> str:

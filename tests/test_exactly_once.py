@@ -7,16 +7,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from jobtables import create_seed
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Engine
+from test_reap_database import make_app
 
 import celery_jobreaper
 from celery_jobreaper import signals
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.report import Report
 from celery_jobreaper.schema import tables
-from jobtables import create_seed
-from test_reap_database import make_app
 
 
 def fill(engine: Engine, n: int) -> Any:
@@ -101,7 +101,7 @@ def test_connection_dropped_mid_apply_leaves_no_half_settled_job(
                     )
 
     try:
-        with pytest.raises(Exception, match="terminat|closed|server"):
+        with pytest.raises(Exception, match=r"terminat|closed|server"):
             celery_jobreaper.reap(app)
     finally:
         event.remove(Engine, "after_cursor_execute", drop)

@@ -1,4 +1,4 @@
-"""reap() against real PostgreSQL, MariaDB and SQLite: the seed scenario, dry run, ledger, errors."""
+"""reap() on real PostgreSQL, MariaDB and SQLite: the seed scenario, dry run, ledger, errors."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from conftest import REDIS_URL
+from jobtables import SEED_SOURCE, ago, create_seed
 from sqlalchemy import Column, Enum, Integer, MetaData, String, Table, func, select, text, update
 from sqlalchemy.engine import Engine
 
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError, SchemaVersionError
 from celery_jobreaper.schema import tables
-from jobtables import SEED_SOURCE, ago, create_seed
-
-from conftest import REDIS_URL
 
 
 def make_app(url: str, **conf: Any) -> Celery:

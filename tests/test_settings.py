@@ -95,3 +95,12 @@ def test_task_name_globs_select_tracked_tasks() -> None:
     s = make(track_task_names=["proj.*"])
     assert s.tracks("proj.add") and not s.tracks("other.add")
     assert not make(track_tasks=False).tracks("proj.add")
+
+
+def test_unusable_database_url_names_the_key() -> None:
+    from celery_jobreaper.database import Database
+
+    for url in ("not a url", "nosuchdialect://x/y"):
+        with pytest.raises(ConfigurationError) as info:
+            Database.from_settings(make(database_url=url))
+        assert info.value.key == "jobreaper_database_url"

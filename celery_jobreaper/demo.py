@@ -1,0 +1,212 @@
+"""The embedded default, end to end: ``python -m celery_jobreaper.demo``.
+
+SQLite for the database and kombu's ``filesystem://`` transport for the broker, so no server is
+needed. A real ``celery worker`` starts a job and is SIGKILLed mid-task (a "previous run"); the
+job table also holds a job stuck since yesterday by an older crash. A new worker then starts: jobreaper settles the
+stale jobs before the worker consumes anything, and the demo prints the ledger's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, create_engine, select
+
+import celery_jobreaper
+from celery_jobreaper.clock import utcnow
+from celery_jobreaper.schema import tables
+
+HERE = Path(os.environ.get("JOBREAPER_DEMO_DIR", "jobreaper-demo")).resolve()
+NODE = "demo@jobreaper"
+jobs_meta = MetaData()
+system_jobs = Table(
+    "system_jobs",
+    jobs_meta,
+    Column("job_id", String(64), primary_key=True),
+    Column("job_type", String(64)),
+    Column("status", String(16), nullable=False),
+    Column("started_at", DateTime),
+    Column("completed_at", DateTime),
+    Column("error", Text),
+)
+
+
+def _folders() -> dict[str, str]:
+    broker = HERE / "broker"
+    for sub in ("queue", "control", "processed"):
+        (broker / sub).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(broker / "queue"),
+        "data_folder_out": str(broker / "queue"),
+        "control_folder": str(broker / "control"),
+        "processed_folder": str(broker / "processed"),
+    }
+
+
+app = Celery("jobreaper_demo", broker="filesystem://")
+app.conf.update(
+    broker_transport_options=_folders(),
+    worker_prefetch_multiplier=1,
+    jobreaper_database_url=f"sqlite:///{HERE / 'jobs.db'}",
+    jobreaper_sources=[
+        {
+            "table": "system_jobs",
+            "id": "job_id",
+            "status": "status",
+            "kind": "job_type",
+            "started_at": "started_at",
+            "completed_at": "completed_at",
+            "error": "error",
+        }
+    ],
+    jobreaper_ping_timeout=0.5,
+)
+celery_jobreaper.install(app)
+
+
+@app.task(name="demo.scan_library")
+def scan_library(job_id: str) -> str:
+    """A long job that records itself in ``system_jobs`` as the seed application did."""
+    engine = create_engine(app.conf.jobreaper_database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            system_jobs.insert().values(
+                job_id=job_id, job_type="library_scan", status="running", started_at=utcnow()
+            )
+        )
+    (HERE / "started").write_text(job_id)
+    time.sleep(600)
+    with engine.begin() as conn:
+        conn.execute(
+            system_jobs.update()
+            .where(system_jobs.c.job_id == job_id)
+            .values(status="completed", completed_at=utcnow())
+        )
+    return job_id
+
+
+def _worker(log: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "celery_jobreaper.demo:app",
+        "worker",
+        "-n",
+        NODE,
+        "-c",
+        "1",
+        "-l",
+        "info",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    env = {**os.environ, "JOBREAPER_DEMO_DIR": str(HERE)}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _wait(predicate: Any, what: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.stdout.write(log.read_text(errors="replace"))
+            raise SystemExit(f"demo: the worker did not reach: {what}")
+        time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; return the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.parse_args(argv)
+    for name in ("jobs.db", "started", "run1.log", "run2.log"):
+        (HERE / name).unlink(missing_ok=True)
+    engine = create_engine(app.conf.jobreaper_database_url)
+    jobs_meta.create_all(engine)
+    print(f"demo: working in {HERE}")
+    print("demo: run 1 - start a worker, give it a job, kill it with SIGKILL mid-task")
+    log1 = HERE / "run1.log"
+    first = _worker(log1)
+    try:
+        scan_library.delay("scan_library_123abc")
+        _wait((HERE / "started").exists, "the task started", first, log1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    with engine.begin() as conn:  # and what an older crash left behind
+        conn.execute(
+            system_jobs.insert(),
+            [
+                {
+                    "job_id": "identify_456def",
+                    "job_type": "file_identification",
+                    "status": "running",
+                    "started_at": utcnow() - timedelta(days=1),
+                },
+                {
+                    "job_id": "titledb_update_789ghi",
+                    "job_type": "titledb_update",
+                    "status": "completed",
+                    "started_at": utcnow() - timedelta(hours=3),
+                    "completed_at": utcnow() - timedelta(hours=2),
+                },
+            ],
+        )
+    with engine.connect() as conn:
+        stuck = conn.execute(select(system_jobs.c.job_id, system_jobs.c.status)).all()
+    print(f"demo: worker killed; job table now: {stuck}")
+
+    print("demo: run 2 - start the worker again; jobreaper settles what the dead run left")
+    log2 = HERE / "run2.log"
+    second = _worker(log2)
+    try:
+        _wait(lambda: " ready." in log2.read_text(errors="replace"), "ready", second, log2)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    lines = [ln for ln in log2.read_text(errors="replace").splitlines() if "jobreaper:" in ln]
+    print("demo: the new worker's jobreaper log lines:")
+    for line in lines:
+        print("   ", line.split("] ", 1)[-1])
+    _print_report(engine)
+    engine.dispose()
+    return 0
+
+
+def _print_report(engine: Any) -> None:
+    with engine.connect() as conn:
+        run = conn.execute(
+            select(tables.runs)
+            .where(tables.runs.c.trigger == "startup")
+            .order_by(tables.runs.c.id.desc())
+        ).first()
+        events = conn.execute(select(tables.events).where(tables.events.c.run_id == run.id)).all()
+        jobs = conn.execute(select(system_jobs)).all()
+    print(
+        f"demo: report of the startup reap (run #{run.id} on {run.node}): "
+        f"{run.settled} settled, {run.left_alone} left alone, {run.duration:.3f} s"
+    )
+    for e in events:
+        print(
+            f"    {e.source}: {e.job_id} ({e.kind}) {e.previous_status} -> {e.new_status}: "
+            f"{e.reason}"
+        )
+    print("demo: system_jobs now:")
+    for j in jobs:
+        print(f"    {j.job_id:24} {j.status:10} {j.error or ''}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
