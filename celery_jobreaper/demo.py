@@ -2,8 +2,9 @@
 
 SQLite for the database and kombu's ``filesystem://`` transport for the broker, so no server is
 needed. A real ``celery worker`` starts a job and is SIGKILLed mid-task (a "previous run"); the
-job table also holds a job stuck since yesterday by an older crash. A new worker then starts: jobreaper settles the
-stale jobs before the worker consumes anything, and the demo prints the ledger's report.
+job table also holds a job stuck since yesterday by an older crash. A new worker then starts:
+jobreaper settles the stale jobs before the worker consumes anything, and the demo prints the
+ledger's report.
 """
 
 from __future__ import annotations

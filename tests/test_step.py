@@ -12,13 +12,13 @@ from typing import Any
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from conftest import REDIS_URL, ROOT, TESTS, WorkerProcess
+from jobtables import SEED_SOURCE, create_seed
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from celery_jobreaper import JobReaperStep
 from celery_jobreaper.schema import tables
-from conftest import REDIS_URL, ROOT, TESTS, WorkerProcess
-from jobtables import SEED_SOURCE, create_seed
 
 
 def test_step_added_by_hand_reaps_at_start_and_marks_stopped(
