@@ -29,6 +29,10 @@ DEFAULT_PING_TIMEOUT = 1.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Rows per transaction when settling jobs.
 DEFAULT_BATCH_SIZE = 1000
+#: Seconds a durably revoked task id is kept (Celery's own default for its in-memory set).
+DEFAULT_REVOKED_EXPIRES = 10800.0
+#: Seconds an unacked Redis message must have been held before a sweep may restore or drop it.
+DEFAULT_UNACKED_GRACE = 60.0
 #: Engine options used when jobreaper creates its own engine (Celery's own choice).
 DEFAULT_ENGINE_OPTIONS: Mapping[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
 
@@ -86,6 +90,8 @@ class Settings:
     create_tables: bool = True
     policies: tuple[tuple[str, Action], ...] = ()
     queue_cleanup: Literal["selective", "purge", "off"] = "selective"
+    revoked_expires: float = DEFAULT_REVOKED_EXPIRES
+    unacked_grace: float = DEFAULT_UNACKED_GRACE
 
     @classmethod
     def from_app(cls, app: Celery, **overrides: Any) -> Settings:
@@ -165,6 +171,15 @@ class Settings:
                 get("queue_cleanup", "selective"),
                 ("selective", "purge", "off"),
             ),  # type: ignore[arg-type]
+            revoked_expires=_seconds(
+                "jobreaper_revoked_expires",
+                get("revoked_expires"),
+                DEFAULT_REVOKED_EXPIRES,
+                positive=True,
+            ),
+            unacked_grace=_seconds(
+                "jobreaper_unacked_grace", get("unacked_grace"), DEFAULT_UNACKED_GRACE
+            ),
         )
         if settings.enabled and settings.database_url is None and settings.engine is None:
             raise ConfigurationError(

@@ -1,0 +1,134 @@
+"""Durable revoked task ids: Celery keeps them only in live workers' memory; we keep them in SQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from .clock import utcnow
+from .database import Database
+from .schema import JobReaperTables, tables
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def record(
+    conn: Connection,
+    tbls: JobReaperTables,
+    task_ids: Iterable[str],
+    *,
+    expires: float,
+    node: str | None,
+    now: datetime | None = None,
+) -> int:
+    """Store *task_ids* as revoked for *expires* seconds; ids already stored stay as they are."""
+    now = now or utcnow()
+    rows = [
+        {
+            "task_id": i,
+            "revoked_at": now,
+            "expires_at": now + timedelta(seconds=expires),
+            "node": node,
+        }
+        for i in dict.fromkeys(task_ids)
+    ]
+    if not rows:
+        return 0
+    t = tbls.revoked
+    name = conn.dialect.name
+    stmt: Any
+    if name == "postgresql":
+        stmt = postgresql.insert(t).on_conflict_do_nothing(index_elements=[t.c.task_id])
+    elif name == "sqlite":
+        stmt = sqlite.insert(t).on_conflict_do_nothing(index_elements=[t.c.task_id])
+    elif name in {"mysql", "mariadb"}:
+        stmt = mysql.insert(t).prefix_with("IGNORE")
+    else:  # portable fallback: insert only what is not there yet
+        known = set(
+            conn.execute(
+                select(t.c.task_id).where(t.c.task_id.in_([r["task_id"] for r in rows]))
+            ).scalars()
+        )
+        rows = [r for r in rows if r["task_id"] not in known]
+        stmt = insert(t)
+        if not rows:
+            return 0
+    conn.execute(stmt, rows)
+    return len(rows)
+
+
+def active(conn: Connection, tbls: JobReaperTables, now: datetime | None = None) -> set[str]:
+    """Revoked ids that have not expired."""
+    t = tbls.revoked
+    return set(
+        conn.execute(select(t.c.task_id).where(t.c.expires_at > (now or utcnow()))).scalars()
+    )
+
+
+def prune(conn: Connection, tbls: JobReaperTables, now: datetime | None = None) -> int:
+    """Forget expired revoked ids; return how many."""
+    t = tbls.revoked
+    return int(conn.execute(delete(t).where(t.c.expires_at <= (now or utcnow()))).rowcount or 0)
+
+
+class RevokedSync:
+    """Copies this worker's in-memory revoked set to the table, from the heartbeat thread."""
+
+    def __init__(self, db: Database, tbls: JobReaperTables, settings: Settings, node: str) -> None:
+        self.db = db
+        self.tables = tbls
+        self.settings = settings
+        self.node = node
+        self._synced: set[str] = set()
+
+    def sync(self) -> int:
+        """Store revoked ids this worker learned since the last call; return how many."""
+        from celery.worker import state as worker_state
+
+        new = [i for i in list(worker_state.revoked) if i not in self._synced]
+        if not new:
+            return 0
+        with self.db.connect() as conn, conn.begin():
+            record(conn, self.tables, new, expires=self.settings.revoked_expires, node=self.node)
+        self._synced.update(new)
+        return len(new)
+
+
+def revoke(
+    app: Any,
+    task_ids: str | Collection[str],
+    *,
+    terminate: bool = False,
+    signal: str | None = None,
+    expires: float | None = None,
+) -> None:
+    """Revoke tasks durably: stored for every future worker, then broadcast to live ones.
+
+    Unlike ``app.control.revoke``, this works while no worker is online: the next worker
+    to start removes the messages from its queues before consuming, and every worker skips
+    them. *expires* (seconds) defaults to ``jobreaper_revoked_expires``.
+    """
+    ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    try:
+        if settings.create_tables:
+            from .schema import create_all
+
+            create_all(db.engine, tables)
+        with db.connect() as conn, conn.begin():
+            record(conn, tables, ids, expires=expires or settings.revoked_expires, node=None)
+    finally:
+        db.dispose()
+    kwargs: dict[str, Any] = {"terminate": terminate}
+    if signal is not None:
+        kwargs["signal"] = signal
+    app.control.revoke(ids, **kwargs)
+    logger.info("jobreaper: revoked %d task(s) durably", len(ids))
