@@ -8,7 +8,6 @@ timeouts are only failure guards.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -22,12 +21,12 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from conftest import REDIS_URL, WorkerProcess, wait_until
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, func, insert, select
 from sqlalchemy.engine import Engine, Row
 
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.schema import tables
-from conftest import REDIS_URL, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -126,6 +125,15 @@ class Cluster:
                 )
             )
 
+    def more_periodic_runs(self, incarnation_id: str, n: int = 2) -> None:
+        """Wait until this incarnation's timer finished *n* more periodic reaps."""
+        seen = len(self.finished_runs(incarnation_id, "periodic"))
+        wait_until(
+            lambda: len(self.finished_runs(incarnation_id, "periodic")) >= seen + n,
+            30,
+            f"{n} more periodic reaps",
+        )
+
     def incarnation(self, worker: WorkerProcess) -> Row[Any]:
         """The incarnation row of this worker process (its main process pid and node name)."""
         t = tables.incarnations
@@ -180,7 +188,7 @@ def _process_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in {"Z", "X"}
 
 
-def _exit_code(worker: WorkerProcess, timeout: float = 60.0) -> int:
+def _exit_code(worker: WorkerProcess, timeout: float = 30.0) -> int:
     """Wait for a worker that is expected to refuse to start; return its exit code."""
     try:
         return worker.proc.wait(timeout=timeout)
@@ -243,6 +251,10 @@ def test_sigkill_mid_task_then_restart_settles_at_startup(cluster: Cluster) -> N
     # Settled long before a stale heartbeat alone would have made the old owner a suspect.
     assert event.at < last_heartbeat + timedelta(seconds=60)
     assert cluster.incarnation_by_id(old_incarnation.id).state == "dead"
+    # Later timer runs find nothing more to do: still exactly one settlement.
+    cluster.more_periodic_runs(new_incarnation.id)
+    assert len(cluster.events(task_id)) == 1
+    assert cluster.job(task_id) == row
 
 
 # --- 2 ------------------------------------------------------------------------------------
@@ -272,9 +284,6 @@ def test_other_workers_job_is_left_alone_until_its_worker_dies(cluster: Cluster)
         "B2 timer reaps",
     )
 
-    # B saw A's job on every run, and left it alone each time.
-    for run in [*cluster.finished_runs(b2_id, "startup"), *periodic]:
-        assert (run.candidates, run.settled, run.left_alone, run.error) == (1, 0, 1, None), run
     row = cluster.job(task_id)
     assert row is not None
     assert (row.status, row.fence, row.times_reaped, row.error) == (
@@ -284,6 +293,16 @@ def test_other_workers_job_is_left_alone_until_its_worker_dies(cluster: Cluster)
         None,
     )
     assert cluster.events() == []
+    # B saw A's job on every run, and left it alone each time.
+    b_runs = [
+        *cluster.finished_runs(b1_id, "startup"),
+        *cluster.finished_runs(b1_id, "periodic"),
+        *cluster.finished_runs(b2_id, "startup"),
+        *periodic,
+    ]
+    assert len(b_runs) >= 7
+    for run in b_runs:
+        assert (run.candidates, run.settled, run.left_alone, run.error) == (1, 0, 1, None), run
     assert cluster.incarnation_by_id(a_incarnation.id).state == "running"
     assert "Clearing job" not in b1.output() + b2.output()
 
@@ -306,6 +325,9 @@ def test_other_workers_job_is_left_alone_until_its_worker_dies(cluster: Cluster)
     assert failed.times_reaped == 1
     assert cluster.incarnation_by_id(a_incarnation.id).state == "dead"
     b2.wait_for(f"jobreaper: Clearing job: {re.escape(task_id)}")
+    cluster.more_periodic_runs(b2_id)
+    assert len(cluster.events()) == 1
+    assert cluster.job(task_id) == failed
 
 
 # --- 3 ------------------------------------------------------------------------------------
@@ -328,19 +350,21 @@ def test_paused_worker_late_result_is_fenced(cluster: Cluster) -> None:
             "B to settle the frozen worker's job",
         )
         assert not cluster.marker("finished-paused").exists()
+        events = cluster.events(task_id)
+        assert [e.action for e in events] == ["settled"]
+        run = cluster.run(events[0].run_id)
+        assert (run.trigger, run.incarnation_id) == ("periodic", b_id)
     finally:
         a.signal(signal.SIGCONT)
-    events = cluster.events(task_id)
-    assert [e.action for e in events] == ["settled"]
-    run = cluster.run(events[0].run_id)
-    assert (run.trigger, run.incarnation_id) == ("periodic", b_id)
 
     wait_until(lambda: cluster.marker("finished-paused").exists(), 60, "the task to finish")
-    late = wait_until(
-        lambda: [e for e in cluster.events(task_id) if e.action == "late_result"],
-        30,
-        "the late result in the ledger",
-    )
+
+    def late_events() -> list[Row[Any]]:
+        row = cluster.job(task_id)
+        assert row is not None and row.status == "failed", f"the late result overwrote: {row}"
+        return [e for e in cluster.events(task_id) if e.action == "late_result"]
+
+    late = wait_until(late_events, 30, "the late result in the ledger")
     assert len(late) == 1
     assert late[0].new_status == "succeeded"
     a.wait_for(rf"jobreaper: late result for task {re.escape(task_id)}")
@@ -370,7 +394,7 @@ def test_database_unreachable_worker_still_starts_and_retries(cluster: Cluster) 
     wait_until(lambda: cluster.marker("finished-quick").exists(), 60, "the task to run")
     out = worker.wait_for(r"Task jr\.sleep\[[^\]]+\] succeeded")
     # The startup failure is logged with its traceback, before the worker is ready.
-    failed_at = out.find("jobreaper: startup reap failed")
+    failed_at = out.find("ERROR/MainProcess] jobreaper: startup reap failed")
     assert failed_at != -1, out
     assert failed_at < out.find(f"{name} ready.")
     assert "Traceback (most recent call last)" in out[failed_at:]
@@ -503,5 +527,5 @@ def test_seed_system_jobs_end_to_end(cluster: Cluster) -> None:
         ("scan_library_123abc", "settled", "library_scan")
     ]
     assert cluster.run(events[0].run_id).trigger == "startup"
-    with contextlib.suppress(Exception):
-        worker.stop()
+    cluster.more_periodic_runs(cluster.incarnation(worker).id)
+    assert len([e for e in cluster.events() if e.source == "system_jobs"]) == 1
