@@ -300,9 +300,10 @@ class Reaper:
             level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
             logger.log(
                 level,
-                "jobreaper: No stale jobs found (%s, %.3f s)",
+                "jobreaper: No stale jobs found (%s, %.3f s)%s",
                 report.trigger,
                 report.duration,
+                f"; left {left} alone" if left else "",
             )
         for reason, count in report.left_alone.items():
             level = logging.DEBUG if report.trigger == "periodic" else logging.INFO

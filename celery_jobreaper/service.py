@@ -22,11 +22,28 @@ class _Loop(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        last_error: str | None = None
         while not self.stopping.wait(self.every):
             try:
                 self.fn()
-            except Exception:
-                logger.exception("jobreaper: %s failed; retrying in %g s", self.name, self.every)
+            except Exception as error:
+                text = f"{type(error).__name__}: {error}"
+                if text == last_error:  # the same failure again: one line, no traceback
+                    logger.error(
+                        "jobreaper: %s failed again (%s); retrying in %g s",
+                        self.name,
+                        text.splitlines()[0],
+                        self.every,
+                    )
+                else:
+                    logger.exception(
+                        "jobreaper: %s failed; retrying in %g s", self.name, self.every
+                    )
+                last_error = text
+            else:
+                if last_error is not None:
+                    logger.info("jobreaper: %s works again", self.name)
+                last_error = None
 
 
 class ReaperService:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -146,11 +147,28 @@ def current_tracker() -> Tracker | None:
     return _tracker
 
 
+#: Seconds tracking stays off in a process after the database failed (so tasks do not each
+#: wait for a connect timeout while it is down).
+TRACKING_BACKOFF = 10.0
+_down_until = 0.0
+
+
 def _guard(what: str, task_id: Any, fn: Any, *args: Any) -> None:
+    global _down_until  # noqa: PLW0603
+    now = time.monotonic()
+    if now < _down_until:
+        return
     try:
         fn(*args)
     except Exception:  # tracking must never break a task
-        logger.exception("jobreaper: could not record %s of task %s", what, task_id)
+        _down_until = now + TRACKING_BACKOFF
+        logger.exception(
+            "jobreaper: could not record %s of task %s; task tracking in this process pauses "
+            "for %g s",
+            what,
+            task_id,
+            TRACKING_BACKOFF,
+        )
 
 
 def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
