@@ -105,9 +105,15 @@ class Cluster:
             return list(conn.execute(query))
 
     def run(self, run_id: int) -> Row[Any]:
-        with self.db.connect() as conn:
-            row = conn.execute(select(tables.runs).where(tables.runs.c.id == run_id)).first()
-        assert row is not None, f"no jobreaper_runs row {run_id}"
+        """The run's row once it has finished (its counts are written at the end)."""
+
+        def finished() -> Row[Any] | None:
+            with self.db.connect() as conn:
+                row = conn.execute(select(tables.runs).where(tables.runs.c.id == run_id)).first()
+            assert row is not None, f"no jobreaper_runs row {run_id}"
+            return row if row.finished_at is not None else None
+
+        row: Row[Any] = wait_until(finished, 30, f"run {run_id} to finish")
         return row
 
     def finished_runs(self, incarnation_id: str, trigger: str) -> list[Row[Any]]:
@@ -399,8 +405,10 @@ def test_database_unreachable_worker_still_starts_and_retries(cluster: Cluster) 
     assert failed_at < out.find(f"{name} ready.")
     assert "Traceback (most recent call last)" in out[failed_at:]
     assert "OperationalError" in out[failed_at:]
-    # ... and the timer keeps retrying (and failing) afterwards.
-    worker.wait_for(r"jobreaper: jobreaper-reaper failed; retrying", count=2)
+    # ... and the timer keeps retrying (and failing) afterwards: the first failure with its
+    # traceback, the same failure again as one line.
+    worker.wait_for(r"jobreaper: jobreaper-reaper failed; retrying")
+    worker.wait_for(r"jobreaper: jobreaper-reaper failed again \(OperationalError", count=2)
     assert worker.proc.poll() is None
 
 
