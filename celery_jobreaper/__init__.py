@@ -5,6 +5,7 @@ from __future__ import annotations
 from .api import reap
 from .errors import ConfigurationError, JobReaperError, SchemaVersionError, StartupReapError
 from .report import Report
+from .revoked import revoke
 from .settings import Settings
 from .step import JobReaperStep, install
 
@@ -21,4 +22,5 @@ __all__ = [
     "__version__",
     "install",
     "reap",
+    "revoke",
 ]

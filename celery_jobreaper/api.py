@@ -8,6 +8,7 @@ from .database import Database
 from .reaper import Reaper
 from .report import Report
 from .settings import Settings
+from .sweep import install_sweep
 
 
 def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **overrides: Any) -> Report:
@@ -20,6 +21,8 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **override
     settings = Settings.from_app(app, **overrides)
     db = Database.from_settings(settings)
     try:
-        return Reaper(app, settings, db).run(trigger, dry_run=dry_run)
+        reaper = Reaper(app, settings, db)
+        install_sweep(app, reaper)
+        return reaper.run(trigger, dry_run=dry_run)
     finally:
         db.dispose()

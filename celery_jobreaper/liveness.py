@@ -55,6 +55,8 @@ class LivenessView:
     refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
     other_live_workers: int = 0
     live_task_ids: set[str] = dataclasses.field(default_factory=set)
+    #: task ids whose messages wait in this worker's queues (``None``: not read yet)
+    queued_task_ids: set[str] | None = None
     ping_failed: str | None = None
 
     def node_is_me(self, node: str | None) -> bool:

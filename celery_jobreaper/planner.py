@@ -36,6 +36,8 @@ def decide(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
         return Decision(c, "leave", f"policy 'ignore' for {c.kind}")
     if c.task_id is not None and c.task_id in view.live_task_ids:
         return Decision(c, "leave", "task is active, reserved or scheduled on a live worker")
+    if c.task_id is not None and view.queued_task_ids and c.task_id in view.queued_task_ids:
+        return Decision(c, "leave", "its message is still waiting in a queue")
     if c.owner is not None and c.owner in view.refused_nodes:
         return Decision(c, "leave", f"refused: {view.refused_nodes[c.owner]}")
     if c.incarnation_id is not None:

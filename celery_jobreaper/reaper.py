@@ -25,8 +25,11 @@ logger = logging.getLogger(__name__)
 
 #: ``ask(nodes, task_ids, timeout)`` -> task ids active/reserved/scheduled on those nodes.
 TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
-#: Called after a (non-dry) run with the report and the task ids of jobs settled as failed.
-AfterSettle = Callable[[Report, set[str]], None]
+#: Called after every run with the report, the liveness view and the task ids of the jobs
+#: settled as failed (in a dry run: that would have been).
+AfterSettle = Callable[[Report, LivenessView, set[str]], None]
+#: Task ids whose messages wait in this worker's queues (for reconciliation).
+QueuedIds = Callable[[], set[str]]
 MAX_PLANNED_IN_REPORT = 1000
 
 
@@ -66,6 +69,7 @@ class Reaper:
         self.ask = ask if ask is not None else ask_with(app)
         self.liveness = Liveness(tbls, heartbeat_timeout=settings.heartbeat_timeout)
         self.after_settle: list[AfterSettle] = []
+        self.queued_ids: QueuedIds | None = None
         self.last_report: Report | None = None
         self._sources: list[JobSource] | None = None
         self._lock = threading.Lock()
@@ -144,9 +148,8 @@ class Reaper:
             if not report.dry_run and view.dead_incarnations:
                 with conn.begin():
                     mark_dead(conn, self.tables, view)
-        if not report.dry_run:
-            for hook in self.after_settle:
-                hook(report, settled_task_ids)
+        for hook in self.after_settle:
+            hook(report, view, settled_task_ids)
 
     def _reap_source(
         self,
@@ -157,7 +160,6 @@ class Reaper:
         settled_task_ids: set[str],
     ) -> None:
         after: Any = None
-        silent: set[str] = set()
         while True:
             with conn.begin():
                 batch = source.batch(conn, after, self.settings.batch_size)
@@ -166,7 +168,7 @@ class Reaper:
             after = batch[-1].job_id
             report.candidates += len(batch)
             decisions = plan(batch, view, self.settings)
-            decisions = self._check_live_tasks(decisions, view, silent)
+            decisions = self._check_tasks(decisions, view)
             fails = [d for d in decisions if d.verdict == "fail"]
             for d in decisions:
                 if d.verdict == "leave":
@@ -182,6 +184,8 @@ class Reaper:
                     )
                     if len(report.planned) < MAX_PLANNED_IN_REPORT:
                         report.planned.append(_planned(d))
+                    if d.candidate.task_id:
+                        settled_task_ids.add(d.candidate.task_id)
             elif fails:
                 with conn.begin():
                     done = settle_batch(
@@ -197,42 +201,47 @@ class Reaper:
             if len(batch) < self.settings.batch_size:
                 return
 
-    def _check_live_tasks(
-        self, decisions: list[Decision], view: LivenessView, silent: set[str]
-    ) -> list[Decision]:
-        """Ask live workers (once per batch, exactly them) whether would-fail task ids run there."""
+    def _check_tasks(self, decisions: list[Decision], view: LivenessView) -> list[Decision]:
+        """Re-plan would-fail jobs whose task is queued, or held by a live worker.
+
+        Live workers are asked once per batch, exactly them (``query_task`` with a reply
+        limit); the queues are read at most once per run.
+        """
         task_ids = [
             d.candidate.task_id for d in decisions if d.verdict == "fail" and d.candidate.task_id
         ]
-        nodes = (
-            {
-                view.incarnation_nodes[i]
-                for i in view.live_incarnations
-                if i in view.incarnation_nodes
-            }
-            | view.live_nodes
-        ) - silent
+        if not task_ids:
+            return decisions
+        if view.queued_task_ids is None:
+            view.queued_task_ids = set()
+            if self.queued_ids is not None:
+                try:
+                    view.queued_task_ids = self.queued_ids()
+                except Exception as error:
+                    logger.warning("jobreaper: could not read the queues (%s)", error)
+        nodes = {
+            view.incarnation_nodes[i] for i in view.live_incarnations if i in view.incarnation_nodes
+        } | view.live_nodes
         if view.me is not None:
             nodes.discard(view.me.node)
-        if not task_ids or not nodes:
-            return decisions
-        try:
-            view.live_task_ids = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
-        except Exception as error:
-            logger.warning(
-                "jobreaper: could not ask live workers %s about %d tasks (%s); "
-                "leaving those jobs alone this time",
-                sorted(nodes),
-                len(task_ids),
-                error,
-            )
-            return [
-                Decision(d.candidate, "leave", "could not ask live workers about its task")
-                if d.verdict == "fail" and d.candidate.task_id
-                else d
-                for d in decisions
-            ]
-        if not view.live_task_ids:
+        if nodes:
+            try:
+                view.live_task_ids = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
+            except Exception as error:
+                logger.warning(
+                    "jobreaper: could not ask live workers %s about %d tasks (%s); "
+                    "leaving those jobs alone this time",
+                    sorted(nodes),
+                    len(task_ids),
+                    error,
+                )
+                return [
+                    Decision(d.candidate, "leave", "could not ask live workers about its task")
+                    if d.verdict == "fail" and d.candidate.task_id
+                    else d
+                    for d in decisions
+                ]
+        if not (view.live_task_ids or view.queued_task_ids):
             return decisions
         return plan([d.candidate for d in decisions], view, self.settings)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from .liveness import DRAINING, STOPPED, Incarnation, Liveness
 from .reaper import Reaper
+from .revoked import RevokedSync
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ReaperService:
         self.registered = False
         self.startup_done = False
         self._warned_duplicates: set[str] = set()
+        #: copies this worker's in-memory revoked ids to the table on every heartbeat
+        self.revoked_sync: RevokedSync | None = None
         self._heart = _Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
         self._timer = _Loop("jobreaper-reaper", self.settings.interval, self.periodic)
 
@@ -88,6 +91,8 @@ class ReaperService:
         with self.reaper.db.connect() as conn, conn.begin():
             self.liveness.heartbeat(conn, self.me, state=state)
             duplicates = self.liveness.duplicates_of(conn, self.me)
+        if self.revoked_sync is not None:
+            self.revoked_sync.sync()
         for dup in duplicates:
             if dup not in self._warned_duplicates:
                 self._warned_duplicates.add(dup)

@@ -13,9 +13,11 @@ from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .liveness import Incarnation
 from .reaper import Reaper
+from .revoked import RevokedSync
 from .schema import tables
 from .service import ReaperService
 from .settings import Settings
+from .sweep import install_sweep
 from .tracking import Tracker, connect_signals, set_tracker
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,8 @@ class JobReaperStep(bootsteps.StartStopStep):
             # Made before the pool forks, so pool processes inherit it.
             set_tracker(Tracker(db, tables, self.settings, me))
             connect_signals()
-        for hook in _after_settle_hooks:
-            reaper.after_settle.append(hook(parent, reaper))
+        install_sweep(parent.app, reaper)
+        self.service.revoked_sync = RevokedSync(db, tables, self.settings, me.node)
         logger.debug("jobreaper: enabled on %s (database %s)", me.node, db.url)
 
     def create(self, parent: Any) -> JobReaperStep:  # type: ignore[override]
@@ -113,10 +115,6 @@ class JobReaperStep(bootsteps.StartStopStep):
                 "last_run": report.as_dict() if report else None,
             }
         }
-
-
-#: Factories ``(worker, reaper) -> after_settle hook`` added by optional parts (broker sweep).
-_after_settle_hooks: list[Any] = []
 
 
 def install(app: Any) -> Any:

@@ -21,7 +21,7 @@ app.conf.update(
     task_default_queue=os.environ.get("JR_QUEUE", "celery"),
     worker_hijack_root_logger=True,
     broker_connection_retry_on_startup=True,
-    worker_prefetch_multiplier=1,
+    worker_prefetch_multiplier=int(os.environ.get("JR_PREFETCH", "1")),
     task_acks_late=os.environ.get("JR_ACKS_LATE") == "1",
     jobreaper_database_url=os.environ.get("JR_DATABASE_URL"),
     jobreaper_heartbeat_interval=1,
@@ -29,6 +29,8 @@ app.conf.update(
     jobreaper_interval=1,
     jobreaper_ping_timeout=0.5,
 )
+if os.environ.get("JR_KEYPREFIX"):  # isolates Redis keys (queues, unacked) per test
+    app.conf.broker_transport_options = {"global_keyprefix": os.environ["JR_KEYPREFIX"]}
 for key, value in json.loads(os.environ.get("JR_SETTINGS", "{}")).items():
     app.conf[f"jobreaper_{key}"] = value
 if os.environ.get("JR_NO_INSTALL") != "1":
@@ -39,6 +41,8 @@ def _mark(name: str) -> None:
     folder = os.environ.get("JR_SIGNAL_DIR")
     if folder:
         Path(folder, name).write_text(str(os.getpid()))
+        with Path(folder, "marks.log").open("a") as log:  # every start and end, in order
+            log.write(f"{name} {os.getpid()}\n")
 
 
 @app.task(name="jr.sleep", bind=True)
@@ -50,6 +54,18 @@ def sleep(self: Any, seconds: float, tag: str = "") -> str:
         time.sleep(0.05)
     _mark(f"finished-{tag or self.request.id}")
     return tag
+
+
+@app.task(name="jr.record")
+def record(value: str) -> None:
+    """Append *value* to the Redis list named by JR_RECORD_KEY (execution order)."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["JR_RECORD_URL"])
+    try:
+        client.rpush(os.environ["JR_RECORD_KEY"], value)
+    finally:
+        client.close()
 
 
 @app.task(name="jr.noop")

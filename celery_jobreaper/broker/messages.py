@@ -96,11 +96,7 @@ def task_id_of(raw: bytes | str | Mapping[str, Any]) -> str | None:
     ``properties["correlation_id"]``. None for anything else: not JSON, no ``headers``
     mapping, or a foreign producer's message carrying none of those.
     """
-    message: Any
-    if isinstance(raw, (bytes, bytearray, str)):
-        message = _load_json(raw)
-    else:
-        message = raw
+    message: Any = _load_json(raw) if isinstance(raw, (bytes, bytearray, str)) else raw
     if not isinstance(message, Mapping):
         return None
     headers = message.get("headers")

@@ -1,0 +1,422 @@
+"""The broker sweep: after each reap, remove revoked and settled jobs' messages exactly.
+
+Runs after the database commit of a reap (an ``after_settle`` hook of the reaper), on this
+worker's queues: messages whose task is revoked (durably, see :mod:`celery_jobreaper.revoked`)
+or whose job was settled as failed are removed; on Redis, messages a dead worker took but never
+acknowledged are dropped (revoked/failed) or restored to their queue now instead of after
+``visibility_timeout``. ``jobreaper_queue_cleanup = "purge"`` empties this worker's queues at
+startup instead (the seed's behaviour); ``"off"`` does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+from . import revoked as revoked_store
+from .apply import record_events
+from .broker import amqp as amqp_sweep
+from .broker import filesystem as fs_sweep
+from .broker import redis as redis_sweep
+from .broker.messages import fast_task_id, task_id_of
+from .broker.result import SweepResult
+from .liveness import LivenessView
+from .planner import Decision
+from .reaper import Reaper
+from .report import Report
+from .sources.base import Candidate
+
+logger = logging.getLogger(__name__)
+
+#: Task ids per revoke broadcast (a settled job's task is revoked on live workers too).
+REVOKE_CHUNK = 1000
+
+
+def _own_worker_task_ids() -> set[str]:
+    """Tasks this very process holds (active, reserved, scheduled) when it is a worker."""
+    from celery.worker import state as worker_state
+
+    held = set(worker_state.reserved_requests) | set(worker_state.active_requests)
+    held |= set(getattr(worker_state, "scheduled_requests", ()))
+    return {r.id for r in held}
+
+
+def _own_worker_revoked() -> set[str]:
+    from celery.worker import state as worker_state
+
+    return set(worker_state.revoked)
+
+
+def _remember_revoked(task_ids: Iterable[str]) -> None:
+    """Add *task_ids* to this process's revoked set, so a worker discards their messages."""
+    from celery.worker import state as worker_state
+
+    for task_id in task_ids:
+        if task_id not in worker_state.revoked:
+            worker_state.revoked.add(task_id)
+
+
+class BrokerSweep:
+    """The ``after_settle`` hook cleaning this worker's queues; it reads them for the planner."""
+
+    def __init__(self, app: Any, reaper: Reaper, queues: Callable[[], Sequence[str]]) -> None:
+        self.app = app
+        self.reaper = reaper
+        self.settings = reaper.settings
+        self.queues = queues
+        self._asked_live_revoked = False
+        self._swept: set[str] = set()
+
+    # -- the hook ---------------------------------------------------------------------------
+
+    def __call__(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
+        """Sweep after a reap; errors are logged, never raised (the next reap retries)."""
+        mode = self.settings.queue_cleanup
+        if mode == "off":
+            return
+        try:
+            if mode == "purge":
+                if report.trigger == "startup":
+                    self._purge(report)
+                return
+            self._selective(report, view, settled_ids)
+        except Exception as error:
+            report.broker["errors"] = report.broker.get("errors", 0) + 1
+            logger.exception("jobreaper: broker sweep failed (%s); it is retried next time", error)
+
+    def _selective(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
+        known = self._targets(report, view, settled_ids)
+        # The queues are read once for every target: later sweeps look only for new ones.
+        # Workers discard the revoked messages they consume themselves, so merging the ids
+        # into this worker's own revoked set keeps enforcing them afterwards.
+        targets = known - self._swept
+        if not report.dry_run:
+            _remember_revoked(known)
+            self._swept |= known
+        queues = list(self.queues())
+        dry = report.dry_run
+        with self.app.connection_for_write() as conn:
+            driver = conn.transport.driver_type
+            result = SweepResult()
+            if targets and driver == "redis":
+                client = self._redis(conn)
+                options = redis_sweep.settings_from_connection(conn)
+                result.merge(
+                    redis_sweep.sweep_queues(
+                        client,
+                        queues,
+                        targets.__contains__,
+                        dry_run=dry,
+                        priority_steps=options["priority_steps"],
+                        sep=options["sep"],
+                        global_keyprefix=options["global_keyprefix"],
+                    )
+                )
+            elif targets and driver == "amqp":
+                result.merge(
+                    amqp_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry)
+                )
+            elif targets and driver == "filesystem":
+                result.merge(fs_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry))
+            elif targets:
+                logger.debug("jobreaper: no selective sweep for the %s transport", driver)
+            if driver == "redis":
+                result.merge(self._unacked(conn, view, targets, dry))
+        self._record(report, result, targets, settled_ids)
+
+    # -- what to remove ---------------------------------------------------------------------
+
+    def _targets(self, report: Report, view: LivenessView, settled_ids: set[str]) -> set[str]:
+        """Revoked ids (table, this process, live workers once) plus this run's settled jobs."""
+        db, tables = self.reaper.db, self.reaper.tables
+        node = report.node
+        learned = _own_worker_revoked()
+        if not self._asked_live_revoked:
+            self._asked_live_revoked = True
+            learned |= self._ask_live_revoked(view)
+        with db.connect() as conn, conn.begin():
+            if not report.dry_run:
+                if learned:
+                    revoked_store.record(
+                        conn, tables, learned, expires=self.settings.revoked_expires, node=node
+                    )
+                if settled_ids:
+                    # a settled job must not run afterwards, wherever its message is
+                    revoked_store.record(
+                        conn, tables, settled_ids, expires=self.settings.revoked_expires, node=node
+                    )
+                revoked_store.prune(conn, tables)
+            targets = revoked_store.active(conn, tables) | learned | settled_ids
+        if settled_ids and not report.dry_run and view.other_live_workers:
+            ids = sorted(settled_ids)
+            for i in range(0, len(ids), REVOKE_CHUNK):
+                self.app.control.revoke(ids[i : i + REVOKE_CHUNK])
+        return targets
+
+    def _live_nodes(self, view: LivenessView) -> list[str]:
+        nodes = {
+            view.incarnation_nodes[i] for i in view.live_incarnations if i in view.incarnation_nodes
+        } | view.live_nodes
+        if view.me is not None:
+            nodes.discard(view.me.node)
+        return sorted(nodes)
+
+    def _ask_live_revoked(self, view: LivenessView) -> set[str]:
+        """Ask exactly the known live workers, once, for their in-memory revoked ids."""
+        nodes = self._live_nodes(view)
+        if not nodes:
+            return set()
+        try:
+            replies = (
+                self.app.control.inspect(
+                    destination=nodes, limit=len(nodes), timeout=self.settings.ping_timeout
+                ).revoked()
+                or {}
+            )
+        except Exception as error:
+            logger.warning("jobreaper: could not ask live workers for revoked ids (%s)", error)
+            return set()
+        return {i for ids in replies.values() for i in (ids or ())}
+
+    # -- Redis unacked --------------------------------------------------------------------------
+
+    @staticmethod
+    def _redis(conn: Any) -> Any:
+        """A plain client on the kombu channel's own pool (no key prefixing)."""
+        import redis
+
+        return redis.Redis(connection_pool=conn.default_channel.client.connection_pool)
+
+    def _unacked(self, conn: Any, view: LivenessView, targets: set[str], dry: bool) -> SweepResult:
+        client = self._redis(conn)
+        options = redis_sweep.settings_from_connection(conn)
+        prefix = options["global_keyprefix"]
+        grace = self.settings.unacked_grace
+        tags = client.zrangebyscore(
+            prefix + options["unacked_index_key"], "-inf", time.time() - grace
+        )
+        if not tags:
+            return SweepResult()
+        payloads = client.hmget(prefix + options["unacked_key"], tags)
+        held = {tid for tid in (self._unacked_id(p) for p in payloads if p) if tid}
+        live = self._held_by_live_workers(view, held)
+        if live is None:
+            return SweepResult()
+        unacked_options = {
+            k: options[k]
+            for k in (
+                "unacked_key",
+                "unacked_index_key",
+                "unacked_mutex_key",
+                "unacked_mutex_expire",
+                "priority_steps",
+                "sep",
+                "global_keyprefix",
+            )
+        }
+        return redis_sweep.sweep_unacked(
+            client,
+            is_live=live.__contains__,
+            should_drop=targets.__contains__,
+            grace=grace,
+            dry_run=dry,
+            **unacked_options,
+        )
+
+    @staticmethod
+    def _unacked_id(raw: bytes | str) -> str | None:
+        import json
+
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            return None
+        return task_id_of(entry[0]) if isinstance(entry, list) and entry else None
+
+    def _held_by_live_workers(self, view: LivenessView, task_ids: set[str]) -> set[str] | None:
+        """Which of *task_ids* a live worker holds; ``None`` if we cannot know for sure.
+
+        Every worker on the broker is asked (jobreaper or not): this is the one broadcast
+        that waits its full timeout, and it runs only while old unacked entries exist. A
+        known live worker that does not answer (a busy solo pool) may hold any of them, so
+        then nothing is restored or dropped this time.
+        """
+        held = _own_worker_task_ids() & task_ids
+        try:
+            replies = (
+                self.app.control.inspect(timeout=self.settings.ping_timeout).query_task(
+                    *sorted(task_ids)
+                )
+                or {}
+            )
+        except Exception as error:
+            logger.warning(
+                "jobreaper: could not ask workers about unacked messages (%s); "
+                "leaving them for now",
+                error,
+            )
+            return None
+        silent = set(self._live_nodes(view)) - set(replies)
+        if silent:
+            logger.info(
+                "jobreaper: live worker(s) %s did not answer; unacked messages are "
+                "left for the next sweep",
+                ", ".join(sorted(silent)),
+            )
+            return None
+        for reply in replies.values():
+            held |= set(reply or {})
+        return held
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    def queued_task_ids(self) -> set[str]:
+        """Task ids of messages waiting in this worker's queues (Redis lists, filesystem).
+
+        RabbitMQ cannot be read without taking the messages, so it reports nothing here.
+        """
+        queues = list(self.queues())
+        with self.app.connection_for_write() as conn:
+            driver = conn.transport.driver_type
+            if driver == "redis":
+                return self._redis_queued(conn, queues)
+            if driver == "filesystem":
+                found = fs_sweep.sweep_queues(conn, queues, lambda _id: True, dry_run=True)
+                return {task_id for task_id, _queue in found.removed}
+        return set()
+
+    def _redis_queued(self, conn: Any, queues: Iterable[str]) -> set[str]:
+        client = self._redis(conn)
+        options = redis_sweep.settings_from_connection(conn)
+        found: set[str] = set()
+        for queue in queues:
+            for key in redis_sweep.queue_keys(
+                queue,
+                priority_steps=options["priority_steps"],
+                sep=options["sep"],
+                global_keyprefix=options["global_keyprefix"],
+            ):
+                start = 0
+                while True:
+                    chunk = client.lrange(key, start, start + 9999)
+                    for raw in chunk:
+                        task_id = fast_task_id(raw) or task_id_of(raw)
+                        if task_id:
+                            found.add(task_id)
+                    if len(chunk) < 10000:
+                        break
+                    start += len(chunk)
+        return found
+
+    # -- purge --------------------------------------------------------------------------------
+
+    def _purge(self, report: Report) -> None:
+        queues = list(self.queues())
+        if report.dry_run:
+            logger.info("jobreaper: [dry run] would purge queues %s", ", ".join(queues))
+            return
+        with self.app.connection_for_write() as conn:
+            count = int(self.app.control.purge(connection=conn) or 0)
+        report.broker["purged"] = count
+        logger.info(
+            "jobreaper: Purged %d message(s) from %s (jobreaper_queue_cleanup = purge)",
+            count,
+            ", ".join(queues),
+        )
+        decision = Decision(
+            Candidate("broker", ",".join(queues), "queued"), "fail", f"purged {count} message(s)"
+        )
+        with self.reaper.db.connect() as conn, conn.begin():
+            record_events(
+                conn,
+                self.reaper.tables,
+                [decision],
+                now=report.started_at,
+                run_id=report.run_id,
+                new_status=None,
+                action="purged",
+            )
+
+    # -- ledger -------------------------------------------------------------------------------
+
+    def _record(
+        self, report: Report, result: SweepResult, targets: Collection[str], settled_ids: set[str]
+    ) -> None:
+        report.broker.update(
+            removed=len(result.removed),
+            restored=len(result.restored),
+            dropped_unacked=len(result.dropped_unacked),
+            unparsable=result.unparsable,
+        )
+        prefix = "[dry run] would have " if report.dry_run else ""
+        rows: list[tuple[str, str, str, str]] = []
+        for task_id, key in result.removed:
+            where = _readable(key)
+            why = "its job was settled as failed" if task_id in settled_ids else "revoked"
+            rows.append((task_id, where, "removed", why))
+            logger.info(
+                "jobreaper: %sremoved message of task %s from %s: %s", prefix, task_id, where, why
+            )
+        for task_id, key in result.restored:
+            where = _readable(key)
+            rows.append((task_id, where, "restored", "unacked by a dead worker"))
+            logger.info(
+                "jobreaper: %srestored unacked message of task %s to %s (its worker is gone)",
+                prefix,
+                task_id,
+                where,
+            )
+        for task_id, tag in result.dropped_unacked:
+            why = "its job was settled as failed" if task_id in settled_ids else "revoked"
+            rows.append((task_id, f"unacked {tag}", "dropped", why))
+            logger.info("jobreaper: %sdropped unacked message of task %s: %s", prefix, task_id, why)
+        if result.unparsable:
+            logger.warning(
+                "jobreaper: left %d broker entr(ies) it could not parse untouched",
+                result.unparsable,
+            )
+        if report.dry_run or not rows:
+            return
+        decisions = [
+            Decision(Candidate("broker", task_id, where, task_id=task_id), "fail", why)
+            for task_id, where, _action, why in rows
+        ]
+        with self.reaper.db.connect() as conn, conn.begin():
+            for action in ("removed", "restored", "dropped"):
+                subset = [d for d, row in zip(decisions, rows, strict=True) if row[2] == action]
+                if subset:
+                    record_events(
+                        conn,
+                        self.reaper.tables,
+                        subset,
+                        now=report.started_at,
+                        run_id=report.run_id,
+                        new_status=None,
+                        action=action,
+                    )
+
+
+def _readable(key: str) -> str:
+    """A Redis priority list key as text (kombu separates the priority with ``\\x06\\x16``)."""
+    queue, sep, step = key.partition("\x06\x16")
+    return f"{queue} (priority {step})" if sep else key
+
+
+def worker_queues(app: Any) -> Callable[[], list[str]]:
+    """This worker's queues (``-Q``/``-X`` applied), or every known queue outside a worker."""
+
+    def queues() -> list[str]:
+        consume_from = app.amqp.queues.consume_from
+        return sorted(consume_from or app.amqp.queues)
+
+    return queues
+
+
+def install_sweep(app: Any, reaper: Reaper) -> BrokerSweep:
+    """Attach a :class:`BrokerSweep` to *reaper* (hook + queue reader) and return it."""
+    sweep = BrokerSweep(app, reaper, worker_queues(app))
+    reaper.after_settle.append(sweep)
+    reaper.queued_ids = sweep.queued_task_ids
+    return sweep
