@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import revoked as revoked_store
@@ -94,10 +94,10 @@ class BrokerSweep:
         targets = known - self._swept
         if not report.dry_run:
             _remember_revoked(known)
-            self._swept |= known
         queues = list(self.queues())
         dry = report.dry_run
         with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)  # fail fast: the timer retries
             driver = conn.transport.driver_type
             result = SweepResult()
             if targets and driver == "redis":
@@ -123,8 +123,10 @@ class BrokerSweep:
             elif targets:
                 logger.debug("jobreaper: no selective sweep for the %s transport", driver)
             if driver == "redis":
-                result.merge(self._unacked(conn, view, targets, dry))
-        self._record(report, result, targets, settled_ids)
+                result.merge(self._unacked(conn, view, known, dry))
+        if not dry and not result.partial:
+            self._swept |= targets
+        self._record(report, result, settled_ids)
 
     # -- what to remove ---------------------------------------------------------------------
 
@@ -341,9 +343,7 @@ class BrokerSweep:
 
     # -- ledger -------------------------------------------------------------------------------
 
-    def _record(
-        self, report: Report, result: SweepResult, targets: Collection[str], settled_ids: set[str]
-    ) -> None:
+    def _record(self, report: Report, result: SweepResult, settled_ids: set[str]) -> None:
         report.broker.update(
             removed=len(result.removed),
             restored=len(result.restored),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from conftest import AMQP_URL, REDIS_URL, WorkerProcess, wait_until
+from conftest import AMQP_URL, REDIS_URL, TESTS, WorkerProcess, wait_until
 from kombu import Connection
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -297,3 +301,77 @@ def test_purge_mode_empties_this_workers_queue_at_start(
     app.send_task("jr.record", args=("sentinel",), queue=queue)
     wait_until(lambda: rclient.llen(f"{prefix}record") >= 1, 60, "the sentinel task to run")
     assert rclient.lrange(f"{prefix}record", 0, -1) == [b"sentinel"]  # none of the 30 ran
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_broker_unreachable_at_start_worker_starts_and_sweep_retries(
+    pg_url: str,
+    prefix: str,
+    unique: str,
+    tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """A broker of our own, down when the worker starts and started afterwards."""
+    port = _free_port()
+    broker, queue, node = f"redis://127.0.0.1:{port}/0", f"q-{unique}", f"nb-{unique}@h"
+    env = _env(broker, pg_url, queue, prefix)
+    worker = start_worker(node, env=env, pool="solo")
+    log = worker.wait_for(r"jobreaper: broker sweep failed")
+    assert "Traceback" in log and worker.proc.poll() is None
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        worker.wait_for(r" ready\.", timeout=120)
+        app = _sender(broker, pg_url, queue, prefix)
+        app.send_task("jr.sleep", args=(0,), kwargs={"tag": "after"}, queue=queue)
+        wait_until((tmp_path / "finished-after").exists, 60, "a task to run once the broker is up")
+
+        def clean_periodic_sweep() -> bool:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workerapp",
+                    "inspect",
+                    "jobreaper",
+                    "-d",
+                    node,
+                    "-j",
+                ],
+                env={**os.environ, **env, "PYTHONPATH": str(TESTS)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            if out.returncode:
+                return False
+            last = json.loads(out.stdout)[node]["last_run"]
+            return last["trigger"] == "periodic" and "errors" not in last["broker"]
+
+        wait_until(clean_periodic_sweep, 60, "a periodic run whose sweep succeeds")
+        app.close()
+    finally:
+        worker.kill()
+        server.terminate()
+        server.wait(timeout=30)
