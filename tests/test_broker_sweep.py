@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from conftest import AMQP_URL, REDIS_URL, TESTS, WorkerProcess, wait_until
 from kombu import Connection
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from support import AMQP_URL, REDIS_URL, TESTS, WorkerProcess, wait_until
 
 import celery_jobreaper
 from celery_jobreaper.schema import tables

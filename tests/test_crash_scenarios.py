@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from conftest import REDIS_URL, WorkerProcess, wait_until
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, func, insert, select
 from sqlalchemy.engine import Engine, Row
+from support import REDIS_URL, WorkerProcess, wait_until
 
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.schema import tables

@@ -10,7 +10,7 @@ import pytest
 from jobtables import create_seed
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Engine
-from test_reap_database import make_app
+from support import make_app
 
 import celery_jobreaper
 from celery_jobreaper import signals

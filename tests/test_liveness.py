@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
-from conftest import REDIS_URL, WorkerProcess, wait_until
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from support import REDIS_URL, WorkerProcess, wait_until
 
 from celery_jobreaper.schema import tables
 

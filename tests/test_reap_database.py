@@ -6,26 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery import Celery
-from conftest import REDIS_URL
 from jobtables import SEED_SOURCE, ago, create_seed
 from sqlalchemy import Column, Enum, Integer, MetaData, String, Table, func, select, text, update
 from sqlalchemy.engine import Engine
+from support import make_app
 
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError, SchemaVersionError
 from celery_jobreaper.schema import tables
-
-
-def make_app(url: str, **conf: Any) -> Celery:
-    app = Celery("t", broker=REDIS_URL, set_as_current=False)
-    app.conf.jobreaper_database_url = url
-    app.conf.jobreaper_track_tasks = False
-    app.conf.jobreaper_ping_timeout = 0.2
-    app.conf.jobreaper_sources = [SEED_SOURCE]
-    for key, value in conf.items():
-        app.conf[f"jobreaper_{key}"] = value
-    return app
 
 
 def rows(engine: Engine, table: Table) -> dict[Any, Any]:

@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from conftest import REDIS_URL, ROOT, TESTS, WorkerProcess
 from jobtables import SEED_SOURCE, create_seed
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from support import REDIS_URL, ROOT, TESTS, WorkerProcess
 
 from celery_jobreaper import JobReaperStep
 from celery_jobreaper.schema import tables
