@@ -44,9 +44,12 @@ class JobReaperStep(bootsteps.StartStopStep):
     ) -> None:
         super().__init__(parent, **kwargs)
         self.service: ReaperService | None = None
+        if without_jobreaper:
+            self.enabled = False
+            return
         overrides = {"dry_run": True} if jobreaper_dry_run else {}
         self.settings = Settings.from_app(parent.app, **overrides)
-        self.enabled = self.settings.enabled and not without_jobreaper
+        self.enabled = self.settings.enabled
         if not self.enabled:
             return
         me = Incarnation.new(parent.hostname)
