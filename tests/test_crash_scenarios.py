@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, func, insert, select
+from jobtables import SEED_SOURCE, create_seed
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.engine import Engine, Row
 from support import REDIS_URL, WorkerProcess, wait_until
 
@@ -430,30 +431,8 @@ def test_database_unreachable_in_strict_mode_refuses_to_start(cluster: Cluster) 
 
 
 def _create_system_jobs(engine: Engine) -> Table:
-    """The seed's ``system_jobs`` table."""
-    table = Table(
-        "system_jobs",
-        MetaData(),
-        Column("job_id", String(64), primary_key=True),
-        Column("job_type", String(64)),
-        Column("status", String(20), nullable=False),
-        Column("started_at", DateTime),
-        Column("completed_at", DateTime),
-        Column("error", Text),
-    )
-    table.create(engine)
-    return table
-
-
-SEED_SOURCE = {
-    "table": "system_jobs",
-    "id": "job_id",
-    "status": "status",
-    "kind": "job_type",
-    "started_at": "started_at",
-    "completed_at": "completed_at",
-    "error": "error",
-}
+    """The seed's ``system_jobs`` table, empty."""
+    return create_seed(engine, [])
 
 
 def test_invalid_setting_stops_worker_naming_the_key(cluster: Cluster) -> None:
