@@ -48,3 +48,12 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=30)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Warm shutdown (SIGTERM to the worker's main process), then SIGKILL its group if needed."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+    kill_group(proc)

@@ -1,4 +1,4 @@
-"""Settle N stale rows of a user job table: celery_jobreaper vs one raw SQL statement vs an ORM loop.
+"""Settle N stale rows of a user job table: celery_jobreaper vs one raw statement vs an ORM loop.
 
 The table has the seed's shape (``system_jobs``: job_id, job_type, status, started_at,
 completed_at, error) and holds N stale rows ('running', started a day ago) interleaved with N
@@ -112,7 +112,7 @@ def _maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def child_ours(url: str, trace: bool) -> dict[str, Any]:
+def child_ours(url: str, trace: bool, batch_size: int | None) -> dict[str, Any]:
     from celery import Celery
 
     import celery_jobreaper
@@ -123,6 +123,8 @@ def child_ours(url: str, trace: bool) -> dict[str, Any]:
         jobreaper_sources=[SOURCE],
         jobreaper_track_tasks=False,
     )
+    if batch_size:
+        app.conf.jobreaper_batch_size = batch_size
     rss_before = _maxrss_kib()
     if trace:
         tracemalloc.start()
@@ -223,11 +225,15 @@ def check(url: str, n: int, method: str) -> None:
         )
 
 
-def run_child(url: str, method: str, n: int, trace: bool = False) -> dict[str, Any]:
+def run_child(
+    url: str, method: str, n: int, trace: bool = False, batch_size: int | None = None
+) -> dict[str, Any]:
     rebuild(url, n)
     cmd = [sys.executable, __file__, "--child", method, "--url", url]
     if trace:
         cmd.append("--trace")
+    if batch_size:
+        cmd += ["--batch-size", str(batch_size)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{method} (N={n}) failed:\n{done.stderr}")
@@ -251,13 +257,16 @@ def main() -> None:
         default=300.0,
         help="skip an ORM run expected to exceed this (s)",
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="jobreaper_batch_size (default: its default)"
+    )
     parser.add_argument("--child", choices=["ours", "floor", "orm"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.child == "ours":
-            result = child_ours(args.url, args.trace)
+            result = child_ours(args.url, args.trace, args.batch_size)
         elif args.child == "floor":
             result = child_floor(args.url)
         else:
@@ -265,7 +274,11 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    print(f"bench_settle: sizes {args.sizes}, repeat {args.repeat}; rows/s are medians")
+    batch = args.batch_size or "default"
+    print(
+        f"bench_settle: sizes {args.sizes}, repeat {args.repeat}, jobreaper_batch_size {batch}; "
+        "rows/s are medians"
+    )
     with throwaway_database() as url:
         setup(url)
         orm_rate: float | None = None
@@ -290,13 +303,13 @@ def main() -> None:
                                 else f"skipped: N > --orm-max {args.orm_max}"
                             )
                             continue
-                    result = run_child(url, method, n)
+                    result = run_child(url, method, n, batch_size=args.batch_size)
                     runs[method].append(n / result["seconds"])
                     if method == "ours":
                         ours_rss.append(result["rss_growth_kib"])
                     if method == "orm":
                         orm_rate = n / result["seconds"]
-            traced = run_child(url, "ours", n, trace=True)
+            traced = run_child(url, "ours", n, trace=True, batch_size=args.batch_size)
             ours, floor = median(runs["ours"]), median(runs["floor"])
             print(f"N={n:,}")
             print(f"  ours  (celery_jobreaper.reap)       {ours:12,.0f} rows/s")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import signals as celery_signals
 from celery.exceptions import WorkerLostError
-from sqlalchemy import exc, insert, update
+from sqlalchemy import bindparam, exc, insert, update
+from sqlalchemy.engine import Connection
 
 from . import signals
 from .apply import record_events
@@ -33,10 +38,18 @@ _STATUS = {
     "REJECTED": FAILED,
 }
 LATE_RESULT = "late_result"
+_T = TypeVar("_T")
 
 
 class Tracker:
-    """Writes tracked-job rows from task signals; one per worker process tree."""
+    """Writes tracked-job rows from task signals; one per worker process tree.
+
+    Every write is one statement in autocommit mode (its own transaction: the fenced
+    completion is a single compare-and-set ``UPDATE``). Where a thread runs one task at a time
+    (prefork pool processes, solo) it keeps one connection for these writes instead of checking
+    one out (and pinging it) for each; elsewhere (``-P threads``, gevent, eventlet) each write
+    checks one out.
+    """
 
     def __init__(
         self, db: Database, tables: JobReaperTables, settings: Settings, me: Incarnation
@@ -47,45 +60,66 @@ class Tracker:
         self.settings = settings
         self.me = me
         self._fences: dict[str, str] = {}  # task id -> fence token, in the process running it
+        self._tracks: dict[str, bool] = {}  # task name -> settings.tracks(name)
+        self._held: Connection | None = None  # the connection kept for the writes ...
+        self._held_pid = 0  # ... and the process it belongs to
+        t = self.t
+        self._insert = insert(t)
+        self._restart = update(t).where(t.c.task_id == bindparam("jr_task_id"))
+        self._finish = update(t).where(
+            t.c.task_id == bindparam("jr_task_id"), t.c.status == RUNNING
+        )
+        self._finish_fenced = self._finish.where(t.c.fence == bindparam("jr_fence"))
+
+    def tracks(self, task_name: str) -> bool:
+        """Whether tasks of this name are tracked (``jobreaper_track_task_names``), cached."""
+        tracked = self._tracks.get(task_name)
+        if tracked is None:
+            tracked = self._tracks[task_name] = self.settings.tracks(task_name)
+        return tracked
 
     def started(self, task_id: str, task_name: str, node: str | None) -> None:
         """Record that this process started *task_id*; remember the fence it holds."""
         fence = uuid.uuid4().hex
-        now = utcnow()
         values = {
             "task_name": task_name,
             "status": RUNNING,
             "incarnation_id": self.me.id,
             "node": node or self.me.node,
-            "started_at": now,
+            "started_at": utcnow(),
             "completed_at": None,
             "error": None,
             "fence": fence,
         }
-        try:
-            with self.db.connect() as conn, conn.begin():
-                conn.execute(insert(self.t).values(task_id=task_id, times_reaped=0, **values))
-        except exc.IntegrityError:  # a retry or redelivery of a known task id
-            with self.db.connect() as conn, conn.begin():
-                conn.execute(update(self.t).where(self.t.c.task_id == task_id).values(**values))
+
+        def write(conn: Connection) -> None:
+            try:
+                conn.execute(self._insert, {"task_id": task_id, "times_reaped": 0, **values})
+            except exc.IntegrityError:  # a retry or redelivery of a known task id
+                conn.execute(self._restart, {"jr_task_id": task_id, **values})
+
+        self._write(write)
         self._fences[task_id] = fence
 
     def finished(self, task_id: str, state: str | None, error: str | None = None) -> None:
         """Record the task's end, fenced: a settled job is never overwritten by its old owner."""
         fence = self._fences.pop(task_id, None)
         status = _STATUS.get(state or "", FAILED)
-        t = self.t
-        with self.db.connect() as conn, conn.begin():
-            where = [t.c.task_id == task_id, t.c.status == RUNNING]
-            if fence is not None:
-                where.append(t.c.fence == fence)
-            changed = conn.execute(
-                update(t)
-                .where(*where)
-                .values(status=status, completed_at=utcnow(), error=error, fence=None)
-            ).rowcount
-            if changed or fence is None:
-                return
+        values = {
+            "jr_task_id": task_id,
+            "status": status,
+            "completed_at": utcnow(),
+            "error": error,
+            "fence": None,
+        }
+
+        def write(conn: Connection) -> bool:
+            if fence is None:
+                conn.execute(self._finish, values)
+                return True
+            # One statement: applies only while the row still holds our fence.
+            if conn.execute(self._finish_fenced, {**values, "jr_fence": fence}).rowcount:
+                return True
             # The job was settled (or taken over) while we ran: keep what the reaper wrote.
             decision = Decision(
                 Candidate(
@@ -104,6 +138,10 @@ class Tracker:
                 new_status=status,
                 action=LATE_RESULT,
             )
+            return False
+
+        if self._write(write):
+            return
         logger.warning(
             "jobreaper: late result for task %s: %s finished it as %s after it had been "
             "settled; the settled row was kept and the late result recorded in the ledger",
@@ -116,21 +154,70 @@ class Tracker:
     def lost(self, task_id: str, error: str) -> None:
         """The main process saw the task end without its pool process (revoked, worker lost)."""
         self._fences.pop(task_id, None)
-        with self.db.connect() as conn, conn.begin():
-            conn.execute(
-                update(self.t)
-                .where(
-                    self.t.c.task_id == task_id,
-                    self.t.c.status == RUNNING,
-                    self.t.c.incarnation_id == self.me.id,
-                )
-                .values(
-                    status=FAILED if "WorkerLost" in error else REVOKED,
-                    completed_at=utcnow(),
-                    error=error,
-                    fence=None,
-                )
+        t = self.t
+        stmt = (
+            update(t)
+            .where(t.c.task_id == task_id, t.c.status == RUNNING, t.c.incarnation_id == self.me.id)
+            .values(
+                status=FAILED if "WorkerLost" in error else REVOKED,
+                completed_at=utcnow(),
+                error=error,
+                fence=None,
             )
+        )
+        self._write(lambda conn: conn.execute(stmt))
+
+    def _write(self, work: Callable[[Connection], _T]) -> _T:
+        """Run *work* on an autocommit connection: the held one where tasks run one at a time."""
+        if not _one_task_at_a_time():
+            with self.db.connect() as conn:
+                result = work(conn.execution_options(isolation_level="AUTOCOMMIT"))
+                conn.commit()  # SQLite: jobreaper's BEGIN IMMEDIATE still opens a transaction
+                return result
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                result = work(conn)
+                conn.commit()  # ends the logical transaction (SQLite: the real one)
+                return result
+            except exc.DBAPIError as error:
+                self.close()
+                if error.connection_invalidated and attempt == 1:
+                    continue  # the server went away since the last write: reconnect once
+                raise
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection(self) -> Connection:
+        pid = os.getpid()
+        if self._held is not None and self._held_pid != pid:
+            self._held = None  # inherited from the parent through fork: never touch it
+        if self._held is None:
+            self._held = self.db.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._held_pid = pid
+        return self._held
+
+    def close(self) -> None:
+        """Give back this process's tracking connection (it is made again when needed)."""
+        held, self._held = self._held, None
+        if held is not None and self._held_pid == os.getpid():
+            try:
+                held.close()
+            except Exception:  # already broken: nothing to give back
+                logger.debug("jobreaper: closing the tracking connection failed", exc_info=True)
+
+
+def _one_task_at_a_time() -> bool:
+    """Whether this thread runs tasks one after another (prefork child, solo, main process).
+
+    Not with ``-P threads`` (tasks run in other threads) nor with gevent/eventlet, where
+    greenlets of one thread interleave tasks.
+    """
+    return threading.current_thread() is threading.main_thread() and not (
+        "gevent" in sys.modules or "eventlet" in sys.modules
+    )
 
 
 _tracker: Tracker | None = None
@@ -175,7 +262,7 @@ def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
     tracker = _tracker
     if tracker is None or task_id is None or task is None:
         return
-    if not tracker.settings.tracks(task.name):
+    if not tracker.tracks(task.name):
         return
     node = getattr(task.request, "hostname", None)
     _guard("the start", task_id, tracker.started, task_id, task.name, node)

@@ -72,4 +72,4 @@ def keyset_batch(
     query = select(*columns).where(where).order_by(id_col).limit(limit)
     if after is not None:
         query = query.where(id_col > after)
-    return list(conn.execute(query))
+    return list(conn.execute(query).all())

@@ -117,18 +117,23 @@ class UserTableSource:
             after=after,
             limit=limit,
         )
+        # Positions instead of row._mapping lookups: this loop runs once per stale row.
+        at = {role: i for i, role in enumerate(roles)}
+        i_id, i_status = at["id"], at["status"]
+        i_kind, i_started = at.get("kind"), at.get("started_at")
+        i_owner, i_task = at.get("owner"), at.get("task_id")
         out = []
         for row in rows:
-            m = row._mapping
-            kind, task_id = m.get("kind"), m.get("task_id")
+            kind = None if i_kind is None else row[i_kind]
+            task_id = None if i_task is None else row[i_task]
             out.append(
                 Candidate(
                     self.name,
-                    m["id"],
-                    m["status"],
+                    row[i_id],
+                    row[i_status],
                     None if kind is None else str(kind),
-                    m.get("started_at"),
-                    m.get("owner"),
+                    None if i_started is None else row[i_started],
+                    None if i_owner is None else row[i_owner],
                     None,
                     None if task_id is None else str(task_id),
                 )
