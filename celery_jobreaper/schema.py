@@ -153,7 +153,16 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> None:
     Safe when several workers start at once: a concurrent creator's "already exists" error is
     swallowed once the tables are seen to exist.
     """
+    with engine.connect() as conn:  # one catalogue query per schema, not one per table
+        inspector = inspect(conn)
+        existing = {
+            (schema, name)
+            for schema in {t.schema for t in tbls.all}
+            for name in inspector.get_table_names(schema=schema)
+        }
     for table in tbls.all:
+        if (table.schema, table.name) in existing:
+            continue
         try:
             table.create(engine, checkfirst=True)
         except exc.DBAPIError:

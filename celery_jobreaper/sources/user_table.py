@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
-from sqlalchemy import Column, DateTime, Enum, MetaData, Table, exc, select
+from sqlalchemy import Column, DateTime, Enum, MetaData, Table, exc, inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import Date
 
@@ -31,11 +31,24 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
         return table
     if not isinstance(table, str):
         raise ConfigurationError(key, f"expected a table name, Table or model, got {table!r}")
+    # Only names, types and the primary key are read (not indexes, constraints, comments):
+    # that is all jobreaper needs, and a worker start pays for every reflection query.
+    inspector = inspect(conn)
     try:
-        return Table(table, MetaData(), schema=spec.schema, autoload_with=conn)
+        columns = inspector.get_columns(table, schema=spec.schema)
+        primary = inspector.get_pk_constraint(table, schema=spec.schema)
     except exc.NoSuchTableError:
+        columns = []
+    if not columns:
         where = f" in schema {spec.schema!r}" if spec.schema else ""
-        raise ConfigurationError(key, f"no table named {table!r}{where} in the database") from None
+        raise ConfigurationError(key, f"no table named {table!r}{where} in the database")
+    keys = set(primary.get("constrained_columns") or ())
+    return Table(
+        table,
+        MetaData(),
+        *(Column(c["name"], c["type"], primary_key=c["name"] in keys) for c in columns),
+        schema=spec.schema,
+    )
 
 
 class UserTableSource:
