@@ -15,6 +15,7 @@ from .clock import utcnow
 from .database import Database
 from .schema import JobReaperTables, tables
 from .settings import Settings
+from .workerstate import revoked_ids
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,7 @@ class RevokedSync:
 
     def sync(self) -> int:
         """Store revoked ids this worker learned since the last call; return how many."""
-        from celery.worker import state as worker_state
-
-        new = [i for i in list(worker_state.revoked) if i not in self._synced]
+        new = [i for i in revoked_ids() if i not in self._synced]
         if not new:
             return 0
         with self.db.connect() as conn, conn.begin():

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import revoked as revoked_store
+from . import workerstate
 from .apply import record_events
 from .broker import amqp as amqp_sweep
 from .broker import filesystem as fs_sweep
@@ -32,30 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: Task ids per revoke broadcast (a settled job's task is revoked on live workers too).
 REVOKE_CHUNK = 1000
-
-
-def _own_worker_task_ids() -> set[str]:
-    """Tasks this very process holds (active, reserved, scheduled) when it is a worker."""
-    from celery.worker import state as worker_state
-
-    held = set(worker_state.reserved_requests) | set(worker_state.active_requests)
-    held |= set(getattr(worker_state, "scheduled_requests", ()))
-    return {r.id for r in held}
-
-
-def _own_worker_revoked() -> set[str]:
-    from celery.worker import state as worker_state
-
-    return set(worker_state.revoked)
-
-
-def _remember_revoked(task_ids: Iterable[str]) -> None:
-    """Add *task_ids* to this process's revoked set, so a worker discards their messages."""
-    from celery.worker import state as worker_state
-
-    for task_id in task_ids:
-        if task_id not in worker_state.revoked:
-            worker_state.revoked.add(task_id)
 
 
 class BrokerSweep:
@@ -93,7 +70,7 @@ class BrokerSweep:
         # into this worker's own revoked set keeps enforcing them afterwards.
         targets = known - self._swept
         if not report.dry_run:
-            _remember_revoked(known)
+            workerstate.remember_revoked(known)
         queues = list(self.queues())
         dry = report.dry_run
         with self.app.connection_for_write() as conn:
@@ -134,7 +111,7 @@ class BrokerSweep:
         """Revoked ids (table, this process, live workers once) plus this run's settled jobs."""
         db, tables = self.reaper.db, self.reaper.tables
         node = report.node
-        learned = _own_worker_revoked()
+        learned = workerstate.revoked_ids()
         if not self._asked_live_revoked:
             self._asked_live_revoked = True
             learned |= self._ask_live_revoked(view)
@@ -245,7 +222,7 @@ class BrokerSweep:
         known live worker that does not answer (a busy solo pool) may hold any of them, so
         then nothing is restored or dropped this time.
         """
-        held = _own_worker_task_ids() & task_ids
+        held = workerstate.held_task_ids() & task_ids
         try:
             replies = (
                 self.app.control.inspect(timeout=self.settings.ping_timeout).query_task(
