@@ -175,7 +175,8 @@ class Liveness:
                 view.live_incarnations.add(row.id)
                 continue
             if me is not None and row.node == me.node:
-                own_earlier.append(row)
+                if row.id in wanted_ids or row.node in wanted_nodes:
+                    own_earlier.append(row)  # judged only when it owns candidate jobs
                 continue
             fresh = row.heartbeat_at >= fresh_after and row.state in (RUNNING, DRAINING)
             if fresh:
