@@ -165,13 +165,28 @@ def _send_arrays_in_binary(conn: Connection) -> None:
         adapters.register_dumper(_BinaryList, ListBinaryDumper)
 
 
-def _fit(target: SettleTarget, text: str) -> str:
-    """Cut the error text to the error column's length, if it has one."""
+#: Appended to an error text cut to its column's length.
+CUT_MARK = "…"
+
+
+def error_length(target: SettleTarget) -> int | None:
+    """The length of the error column, if it is a ``String`` with one (else ``None``)."""
     if target.error is None:
-        return text
+        return None
     length = getattr(target.error.type, "length", None)
-    if isinstance(target.error.type, String) and length and len(text) > length:
-        return text[: max(0, length - 1)] + "…"
+    if isinstance(target.error.type, String) and length:
+        return int(length)
+    return None
+
+
+def _fit(target: SettleTarget, text: str) -> str:
+    """Cut the error text to the error column's length, if it has one.
+
+    :mod:`celery_jobreaper.bulk` cuts identically in SQL (``left(text, length - 1) || '…'``).
+    """
+    length = error_length(target)
+    if length is not None and len(text) > length:
+        return text[: max(0, length - 1)] + CUT_MARK
     return text
 
 

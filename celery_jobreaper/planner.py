@@ -14,6 +14,36 @@ from .sources.base import Candidate
 
 Verdict = Literal["fail", "leave"]
 
+# Reasons and error texts, defined once: the set-based path of :mod:`celery_jobreaper.bulk`
+# builds the same texts in SQL from these.
+#: Left alone: a job without owner that started less than ``jobreaper_grace`` ago.
+YOUNGER_THAN_GRACE = "younger than jobreaper_grace"
+#: Failed: a job without owner while no other worker is alive.
+NO_LIVE_WORKER_LEFT = "with no live worker left that could be running it"
+#: Left alone: a job without owner, other live workers, and no (exceeded) ``jobreaper_max_age``.
+UNOWNED_WHILE_WORKERS_LIVE = (
+    "no owner recorded and other live workers may be running it (set jobreaper_max_age)"
+)
+
+
+def policy_ignored(kind: str | None) -> str:
+    """Reason for leaving a job whose kind has the policy 'ignore'."""
+    return f"policy 'ignore' for {kind}"
+
+
+def older_than_max_age(max_age: float) -> str:
+    """Reason (the *where* part) for failing a job older than ``jobreaper_max_age``."""
+    return f"older than jobreaper_max_age ({max_age:g} s)"
+
+
+def failure_error(status: str, age: str | None, where: str) -> str:
+    """The error text stored on a failed job: its status, its age (if known) and *where*."""
+    running = f"was {status} for {age}" if age is not None else f"was {status}"
+    return (
+        f"Job reset by jobreaper: it {running} {where}. This usually means the worker was "
+        "killed (SIGKILL, out of memory, eviction, deploy) while the job was in progress."
+    )
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
@@ -33,7 +63,7 @@ def plan(candidates: Iterable[Candidate], view: LivenessView, settings: Settings
 def decide(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
     """Decide one candidate."""
     if settings.policy_for(c.kind) == "ignore":
-        return Decision(c, "leave", f"policy 'ignore' for {c.kind}")
+        return Decision(c, "leave", policy_ignored(c.kind))
     if c.task_id is not None and c.task_id in view.live_task_ids:
         return Decision(c, "leave", "task is active, reserved or scheduled on a live worker")
     if c.task_id is not None and view.queued_task_ids and c.task_id in view.queued_task_ids:
@@ -64,17 +94,13 @@ def decide(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
         )
     age = _age(c, view.now)
     if age is not None and age < timedelta(seconds=settings.grace):
-        return Decision(c, "leave", "younger than jobreaper_grace")
+        return Decision(c, "leave", YOUNGER_THAN_GRACE)
     if view.other_live_workers == 0:
-        return _fail(c, view, "with no live worker left that could be running it")
+        return _fail(c, view, NO_LIVE_WORKER_LEFT)
     old = _older_than_max_age(c, view.now, settings)
     if old:
         return _fail(c, view, old)
-    return Decision(
-        c,
-        "leave",
-        "no owner recorded and other live workers may be running it (set jobreaper_max_age)",
-    )
+    return Decision(c, "leave", UNOWNED_WHILE_WORKERS_LIVE)
 
 
 def _age(c: Candidate, now: datetime) -> timedelta | None:
@@ -85,14 +111,10 @@ def _older_than_max_age(c: Candidate, now: datetime, settings: Settings) -> str 
     age = _age(c, now)
     if settings.max_age is None or age is None or age <= timedelta(seconds=settings.max_age):
         return None
-    return f"older than jobreaper_max_age ({settings.max_age:g} s)"
+    return older_than_max_age(settings.max_age)
 
 
 def _fail(c: Candidate, view: LivenessView, where: str) -> Decision:
     age = _age(c, view.now)
-    running = f"was {c.status} for {format_age(age)}" if age is not None else f"was {c.status}"
-    error = (
-        f"Job reset by jobreaper: it {running} {where}. This usually means the worker was "
-        "killed (SIGKILL, out of memory, eviction, deploy) while the job was in progress."
-    )
+    error = failure_error(c.status, None if age is None else format_age(age), where)
     return Decision(c, "fail", where, error)

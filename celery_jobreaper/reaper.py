@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import insert, update
 
-from . import signals
+from . import bulk, signals
 from .apply import settle_batch
 from .clock import utcnow
 from .database import Database
@@ -159,6 +159,19 @@ class Reaper:
         report: Report,
         settled_task_ids: set[str],
     ) -> None:
+        settler = bulk.settler_for(
+            conn,
+            source,
+            self.tables,
+            self.settings,
+            view,
+            dry_run=report.dry_run,
+            now=report.started_at,
+            run_id=report.run_id,
+        )
+        if settler is not None:
+            self._reap_in_bulk(conn, source, settler, report, settled_task_ids)
+            return
         after: Any = None
         while True:
             with conn.begin():
@@ -200,6 +213,33 @@ class Reaper:
                 self._settled(source, done, report, settled_task_ids)
             if len(batch) < self.settings.batch_size:
                 return
+
+    def _reap_in_bulk(
+        self,
+        conn: Any,
+        source: JobSource,
+        settler: bulk.BulkSettler,
+        report: Report,
+        settled_task_ids: set[str],
+    ) -> None:
+        """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`)."""
+        after: Any = None
+        while True:
+            # Settled jobs come back one by one only if someone reads them (log, signal).
+            detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
+            with conn.begin():
+                got = settler.batch(conn, after, detail=detail)
+            # counted only once the batch is committed
+            report.candidates += got.seen
+            report.left_alone.update(got.left_alone)
+            if got.rows:
+                self._settled(source, settler.decisions(got.rows), report, settled_task_ids)
+            elif got.settled:
+                report.settled += got.settled
+                report.per_source[source.name] += got.settled
+            if not got.more:
+                return
+            after = got.last
 
     def _check_tasks(self, decisions: list[Decision], view: LivenessView) -> list[Decision]:
         """Re-plan would-fail jobs whose task is queued, or held by a live worker.

@@ -1,0 +1,528 @@
+"""Set-based settling for PostgreSQL when SQL can decide.
+
+For a user table with neither an owner nor a task-id column, :func:`planner.decide
+<celery_jobreaper.planner.decide>` judges a row on the row's own columns (kind, started_at,
+status) and on constants of the run (now, ``grace``, ``max_age``, the policies, whether another
+live worker exists). SQL can then decide too, and one statement per batch does what the Python
+path does with a read, a lock, an update and a ledger insert::
+
+    WITH jr_page AS (                -- the next batch by id (keyset), locked, with the
+        SELECT ctid, id, status, kind, <verdict>     -- planner's verdict: fail, or why not
+        FROM <table> WHERE status IN (…) AND id > :after
+        ORDER BY id LIMIT :batch_size FOR UPDATE SKIP LOCKED),
+    jr_upd AS (                      -- fail those to fail, with planner._fail's error text
+        UPDATE <table> SET status = …, completed_at = :now, error = <text>
+        FROM jr_page WHERE ctid = jr_page.ctid AND id = jr_page.id AND verdict = fail
+        AND status IN (…) RETURNING …),
+    jr_ins AS (INSERT INTO jobreaper_events (…) SELECT … FROM jr_upd)
+    SELECT <the settled jobs, or their number> FROM jr_upd
+    UNION ALL SELECT <rows left alone, by verdict and kind> FROM jr_page GROUP BY …
+    UNION ALL SELECT <page size, last id> FROM jr_page
+
+``LIMIT`` counts the rows that ``SKIP LOCKED`` did not skip, and the next batch starts after
+the page's last id whatever became of its rows: rows left alone (young, ignored, not provably
+stale) neither end the loop early nor hide later rows, and a page shorter than the batch size
+means that no unlocked stale row is left. Rows changed by another transaction since the
+statement began are re-checked (verdict included) as they are locked, and the UPDATE compares
+the status again: each job is settled once, with one event, in the transaction of its batch.
+When the rule can fail no row (other live workers and no ``max_age``), one aggregate query
+counts the rows left alone instead.
+
+The texts are the planner's: reasons come from its constants, and the error text is built in
+SQL from the pieces of :func:`~celery_jobreaper.planner.failure_error` around the status and
+the age (written as :func:`~celery_jobreaper.clock.format_age` does), then cut to the column
+like ``apply._fit``. Everything is SQLAlchemy Core: table and column names are never formatted
+into SQL text (DESIGN §2, invariant 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    CHAR,
+    BigInteger,
+    ColumnElement,
+    DateTime,
+    Integer,
+    Interval,
+    String,
+    Text,
+    Uuid,
+    and_,
+    bindparam,
+    case,
+    cast,
+    column,
+    false,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    true,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from .apply import CUT_MARK, SETTLED, error_length
+from .clock import format_age
+from .liveness import LivenessView
+from .planner import (
+    NO_LIVE_WORKER_LEFT,
+    UNOWNED_WHILE_WORKERS_LIVE,
+    YOUNGER_THAN_GRACE,
+    Decision,
+    failure_error,
+    older_than_max_age,
+    policy_ignored,
+)
+from .schema import JobReaperTables
+from .settings import Settings
+from .sources.base import Candidate, JobSource
+
+#: Private switch (tests turn it off to compare with the Python path); not a setting.
+ENABLED = True
+
+# Verdicts computed in SQL (the order of planner.decide's rules for rows without owner).
+_FAIL, _IGNORED, _YOUNG, _UNPROVABLE = 0, 1, 2, 3
+# Tags of the result rows besides verdicts: a settled job, and the page summary.
+_SETTLED, _PAGE = -1, -2
+_LIKE_ESCAPE = "\\"
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What one batch did: rows looked at, jobs settled, rows left alone by reason."""
+
+    seen: int  #: stale-status rows looked at (the report's candidates)
+    settled: int  #: jobs settled
+    left_alone: Counter[str]  #: reason -> rows
+    more: bool  #: whether a next batch may find more rows
+    last: Any  #: id to continue after
+    #: ``(job_id, status, kind, started_at, error)`` of each job settled, if asked for
+    rows: list[Any] = dataclasses.field(default_factory=list)
+
+
+def settler_for(
+    conn: Connection,
+    source: JobSource,
+    tables: JobReaperTables,
+    settings: Settings,
+    view: LivenessView,
+    *,
+    dry_run: bool,
+    now: datetime,
+    run_id: int | None,
+) -> BulkSettler | None:
+    """A :class:`BulkSettler` for *source* if SQL can decide all its rows, else ``None``."""
+    if not ENABLED or dry_run or conn.dialect.name != "postgresql":
+        return None
+    if source.has_owner or source.has_task_id:
+        return None
+    cols: dict[str, Any] | None = getattr(source, "cols", None)
+    if cols is None or source.target.guards:
+        return None  # not a user table (tracked jobs have owners anyway)
+    kind = cols.get("kind")
+    started = cols.get("started_at")
+    if not (_plain_text(cols["status"]) and _id_as_text(cols["id"])):
+        return None
+    if kind is not None and not _plain_text(kind):
+        return None
+    error = source.target.error
+    if error is not None and not _plain_text(error):
+        return None
+    if started is not None and not isinstance(started.type, DateTime):
+        return None  # a DATE column: leave it to the Python path (and its behaviour)
+    ignore: list[tuple[str, bool]] = []
+    if kind is not None:
+        rules = list(settings.policies)
+        while rules and rules[-1][1] != "ignore":
+            rules.pop()  # trailing 'fail' globs change nothing: 'fail' is the default
+        for pattern, action in rules:
+            like = _glob_to_like(pattern)
+            if like is None:
+                return None
+            ignore.append((like, action == "ignore"))
+    return BulkSettler(
+        source,
+        tables,
+        settings,
+        view,
+        now=now,
+        run_id=run_id,
+        kind=kind,
+        started=started,
+        ignore=ignore,
+    )
+
+
+def _plain_text(column: Any) -> bool:
+    """A string column whose Python value and ``CAST(… AS TEXT)`` agree."""
+    t = column.type
+    return (
+        isinstance(t, String)
+        and not isinstance(t, CHAR)  # blank-padded: comparisons and casts trim
+        and getattr(t, "enum_class", None) is None  # Python enum members, not their labels
+    )
+
+
+def _id_as_text(column: Any) -> bool:
+    """An id whose ``str()`` in Python equals its ``CAST(… AS TEXT)`` in PostgreSQL."""
+    return isinstance(column.type, (Integer, Uuid)) or _plain_text(column)
+
+
+def _glob_to_like(pattern: str) -> str | None:
+    """An fnmatch glob as a LIKE pattern (escape ``\\``), or ``None`` if it has ``[``."""
+    if "[" in pattern:
+        return None
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in ("%", "_", _LIKE_ESCAPE):
+            out.append(_LIKE_ESCAPE + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class BulkSettler:
+    """Settles one source's stale rows batch by batch, one statement per batch."""
+
+    def __init__(
+        self,
+        source: JobSource,
+        tables: JobReaperTables,
+        settings: Settings,
+        view: LivenessView,
+        *,
+        now: datetime,
+        run_id: int | None,
+        kind: Any,
+        started: Any,
+        ignore: Sequence[tuple[str, bool]],
+    ) -> None:
+        self.source = source
+        self.target = source.target
+        self.events = tables.events
+        self.batch_size = settings.batch_size
+        self.kind = kind
+        self.started = started
+        self.ignore = ignore
+        none_live = view.other_live_workers == 0
+        #: the *where* of every failure in this run (``None``: the rule fails no row)
+        self.where: str | None = NO_LIVE_WORKER_LEFT if none_live else None
+        if not none_live and settings.max_age is not None:
+            self.where = older_than_max_age(settings.max_age)
+        self.none_live = none_live
+        self.has_max_age = settings.max_age is not None
+        self.params: dict[str, Any] = {
+            "jr_now": now,
+            "jr_young_after": now - timedelta(seconds=settings.grace),
+            "jr_run_id": run_id,
+        }
+        if settings.max_age is not None:
+            self.params["jr_old_before"] = now - timedelta(seconds=settings.max_age)
+        if self.target.completed_at is not None:
+            self.params["jr_completed"] = now
+        self._statements: dict[tuple[bool, bool], Any] = {}
+
+    def batch(self, conn: Connection, after: Any, *, detail: bool = True) -> BatchResult:
+        """Settle the next batch of rows with an id above *after* (``None``: from the start).
+
+        Call inside a transaction. With *detail*, the settled jobs come back as ``rows`` (for
+        logs and signals; see :meth:`decisions`), else only their number. When the rule can
+        fail no row, every row is counted at once (and ``more`` is false).
+        """
+        if self.where is None:
+            return self._count_all(conn)
+        key = (after is not None, detail)
+        stmt = self._statements.get(key)
+        if stmt is None:
+            stmt = self._statements[key] = self._batch_statement(*key)
+        params = self.params if after is None else {**self.params, "jr_after": after}
+        seen = settled = 0
+        last = None
+        rows: list[Any] = []
+        left: Counter[str] = Counter()
+        for row in conn.execute(stmt, params).all():
+            tag = row[0]
+            if tag == _SETTLED:
+                if detail:
+                    rows.append(row[1:6])
+                    settled += 1
+                else:
+                    settled = row[6]
+            elif tag == _PAGE:
+                seen, last = row[6], row[1]
+            else:
+                left[_reason(tag, row[3])] += row[6]
+        return BatchResult(seen, settled, left, seen >= self.batch_size, last, rows)
+
+    def decisions(self, rows: list[Any]) -> list[Decision]:
+        """The planner's decisions for the settled *rows* of a batch."""
+        name, where = self.source.name, self.where
+        assert where is not None
+        return [
+            Decision(Candidate(name, job_id, status, kind, started), "fail", where, error)
+            for job_id, status, kind, started, error in rows
+        ]
+
+    def _count_all(self, conn: Connection) -> BatchResult:
+        rows = (
+            select(self._kind_text().label("jr_kind"), self._verdict().label("jr_verdict"))
+            .where(self._stale(after=False))
+            .subquery("jr_rows")
+        )
+        stmt = select(rows.c.jr_verdict, rows.c.jr_kind, func.count()).group_by(
+            rows.c.jr_verdict, rows.c.jr_kind
+        )
+        left: Counter[str] = Counter()
+        for verdict, kind, count in conn.execute(stmt, self.params):
+            left[_reason(verdict, kind)] += count
+        return BatchResult(sum(left.values()), 0, left, more=False, last=None)
+
+    # -- the planner's rule for rows without owner, in SQL ----------------------------------
+
+    def _started_utc(self) -> ColumnElement[Any] | None:
+        """started_at as naive UTC (what ``clock.as_naive_utc`` makes of it in Python)."""
+        if self.started is None:
+            return None
+        if getattr(self.started.type, "timezone", False):
+            return func.timezone(literal("UTC", Text), self.started)
+        return self.started  # type: ignore[no-any-return]
+
+    def _ignored(self) -> ColumnElement[bool]:
+        """The first policy glob matching the kind says 'ignore' (``fnmatchcase`` as LIKE)."""
+        if not any(is_ignore for _, is_ignore in self.ignore):
+            return false()
+        kind = cast(self.kind, Text)
+        return case(
+            *(
+                (kind.like(like, escape=_LIKE_ESCAPE), true() if is_ignore else false())
+                for like, is_ignore in self.ignore
+            ),
+            else_=false(),
+        )
+
+    def _young(self) -> ColumnElement[bool]:
+        """``now - started_at < grace``; never for a NULL started_at."""
+        started = self._started_utc()
+        if started is None:
+            return false()
+        return and_(started.is_not(None), started > bindparam("jr_young_after", type_=DateTime()))
+
+    def _provably_stale(self) -> ColumnElement[bool]:
+        """No other live worker, or ``now - started_at > max_age``."""
+        started = self._started_utc()
+        if self.none_live:
+            return true()
+        if started is None or not self.has_max_age:
+            return false()
+        return and_(started.is_not(None), started < bindparam("jr_old_before", type_=DateTime()))
+
+    def _verdict(self) -> ColumnElement[int]:
+        return cast(
+            case(
+                (self._ignored(), literal(_IGNORED)),
+                (self._young(), literal(_YOUNG)),
+                (self._provably_stale(), literal(_FAIL)),
+                else_=literal(_UNPROVABLE),
+            ),
+            Integer,
+        )
+
+    def _error_text(self, status: ColumnElement[Any]) -> ColumnElement[Any]:
+        """planner._fail's error text for a row of the table that has (had) *status*.
+
+        The constant pieces are cut out of :func:`~celery_jobreaper.planner.failure_error`
+        itself, so the two paths cannot drift apart.
+        """
+        assert self.where is not None
+        s, a = "\x00status\x00", "\x00age\x00"
+        head, rest = failure_error(s, a, self.where).split(s)
+        mid, tail = rest.split(a)
+        bare_head, bare_tail = failure_error(s, None, self.where).split(s)
+        status_text = cast(status, Text)
+        bare = _text(bare_head) + status_text + _text(bare_tail)
+        started = self._started_utc()
+        if started is None:
+            return bare
+        age = _format_age(bindparam("jr_now", type_=DateTime()) - started)
+        aged = _text(head) + status_text + _text(mid) + age + _text(tail)
+        return case((started.is_(None), bare), else_=aged)
+
+    def _fit(self, text: ColumnElement[str]) -> ColumnElement[str]:
+        """The error text cut to the error column's length, as ``apply._fit`` does."""
+        length = error_length(self.target)
+        if length is None:
+            return text
+        cut = func.left(text, literal(max(0, length - 1))) + _text(CUT_MARK)
+        return case((func.char_length(text) > literal(length), cut), else_=text)
+
+    # -- statements --------------------------------------------------------------------------
+
+    def _stale(self, *, after: bool) -> ColumnElement[bool]:
+        t = self.target
+        where: ColumnElement[bool] = t.status.in_(t.stale_statuses)
+        if after:
+            where = and_(where, t.id > bindparam("jr_after", type_=t.id.type))
+        return where
+
+    def _kind_text(self) -> ColumnElement[Any]:
+        return cast(null(), Text) if self.kind is None else cast(self.kind, Text)
+
+    def _batch_statement(self, after: bool, detail: bool) -> Any:
+        target, ev = self.target, self.events
+        # Locking the page itself (LIMIT over the rows not locked by another reaper) keeps
+        # the keyset exact: a page shorter than the batch size means no unlocked stale row
+        # is left after it. Rows changed since the statement began are re-checked as locked.
+        # PostgreSQL's row address (a system column, not from configuration):
+        ctid: ColumnElement[Any] = column("ctid", _selectable=target.table)
+        page = (
+            select(
+                ctid.label("jr_ctid"),
+                target.id.label("jr_id"),
+                target.status.label("jr_status"),
+                self._kind_text().label("jr_kind"),
+                self._verdict().label("jr_verdict"),
+            )
+            .where(self._stale(after=after))
+            .order_by(target.id)
+            .limit(self.batch_size)
+            .with_for_update(skip_locked=True)
+            .cte("jr_page")
+        )
+        # In SET the row's columns are the old values, in RETURNING the new ones: the old
+        # status comes from the page (the row is locked: it is the same).
+        values: dict[str, Any] = {
+            target.status.name: literal(target.failed_status, target.status.type),
+            **target.extra_values,
+        }
+        if target.completed_at is not None:
+            values[target.completed_at.name] = bindparam(
+                "jr_completed", type_=target.completed_at.type
+            )
+        if target.error is not None:
+            values[target.error.name] = self._fit(self._error_text(target.status))
+        if target.error is not None and error_length(target) is None:
+            error = target.error  # the text as stored is the whole text
+        else:
+            error = self._error_text(page.c.jr_status)
+        upd = (
+            update(target.table)
+            # By address: the row version locked above, without a second index search. The
+            # id and the status are compared too: a row that moved is skipped, never mistaken.
+            .where(
+                ctid == page.c.jr_ctid,
+                target.id == page.c.jr_id,
+                page.c.jr_verdict == literal(_FAIL),
+                self._stale(after=False),
+            )
+            .values(**values)
+            .returning(
+                target.id.label("jr_id"),
+                page.c.jr_status,
+                self._kind_text().label("jr_kind"),
+                (null() if self.started is None else self.started).label("jr_started"),
+                error.label("jr_error"),
+            )
+            .cte("jr_upd")
+        )
+        event: dict[str, Any] = {
+            "run_id": bindparam("jr_run_id", type_=ev.c.run_id.type),
+            "at": bindparam("jr_now", type_=DateTime()),
+            "source": literal(self.source.name, ev.c.source.type),
+            "job_id": cast(upd.c.jr_id, Text),
+            "task_id": null(),
+            "kind": upd.c.jr_kind,
+            "previous_status": cast(upd.c.jr_status, Text),
+            "new_status": literal(target.failed_status, ev.c.new_status.type),
+            "action": literal(SETTLED, ev.c.action.type),
+            "reason": upd.c.jr_error,
+            "owner": null(),
+        }
+        ins = insert(ev).from_select(list(event), select(*event.values()).select_from(upd))
+        no_id = cast(null(), target.id.type)
+        if detail:
+            settled = select(
+                _tag(_SETTLED).label("jr_tag"),
+                upd.c.jr_id,
+                upd.c.jr_status,
+                upd.c.jr_kind,
+                upd.c.jr_started,
+                upd.c.jr_error,
+                cast(null(), BigInteger).label("jr_count"),
+            )
+        else:
+            settled = select(
+                _tag(_SETTLED).label("jr_tag"),
+                no_id.label("jr_id"),
+                null(),
+                null(),
+                null(),
+                null(),
+                cast(func.count(), BigInteger).label("jr_count"),
+            ).select_from(upd)
+        left = (
+            select(
+                page.c.jr_verdict,
+                no_id,
+                null(),
+                page.c.jr_kind,
+                null(),
+                null(),
+                cast(func.count(), BigInteger),
+            )
+            .where(page.c.jr_verdict != literal(_FAIL))
+            .group_by(page.c.jr_verdict, page.c.jr_kind)
+        )
+        last = select(page.c.jr_id).order_by(page.c.jr_id.desc()).limit(1).scalar_subquery()
+        summary = select(
+            _tag(_PAGE), last, null(), null(), null(), null(), cast(func.count(), BigInteger)
+        ).select_from(page)
+        return union_all(settled, left, summary).add_cte(ins.cte("jr_ins"))
+
+
+def _reason(verdict: int, kind: str | None) -> str:
+    """The planner's reason for leaving a row alone, by verdict."""
+    if verdict == _IGNORED:
+        return policy_ignored(kind)
+    if verdict == _YOUNG:
+        return YOUNGER_THAN_GRACE
+    return UNOWNED_WHILE_WORKERS_LIVE
+
+
+def _tag(value: int) -> ColumnElement[int]:
+    return cast(literal(value), Integer)
+
+
+def _text(value: str) -> ColumnElement[str]:
+    return literal(value, Text)
+
+
+def _format_age(age: ColumnElement[Any]) -> ColumnElement[str]:
+    """:func:`~celery_jobreaper.clock.format_age` in SQL: ``str(timedelta)`` in whole seconds.
+
+    A difference of two timestamps is an interval of days and a time under 24 hours, which
+    ``to_char`` writes as Python does (``SS`` drops the fraction, ``FM`` the zero padding):
+    ``0:00:05``, ``2:03:04``, ``1 day, 0:00:00``, ``3 days, 4:05:06``. A negative age is 0.
+    """
+    return case(
+        (age < _interval(timedelta(0)), _text(format_age(timedelta(0)))),
+        (age < _interval(timedelta(days=1)), func.to_char(age, _text("FMHH24:MI:SS"))),
+        (age < _interval(timedelta(days=2)), func.to_char(age, _text('"1 day, "FMHH24:MI:SS'))),
+        else_=func.to_char(age, _text('FMDD" days, "FMHH24:MI:SS')),
+    )
+
+
+def _interval(value: timedelta) -> ColumnElement[timedelta]:
+    return literal(value, Interval())
