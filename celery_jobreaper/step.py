@@ -44,6 +44,7 @@ class JobReaperStep(bootsteps.StartStopStep):
     ) -> None:
         super().__init__(parent, **kwargs)
         self.service: ReaperService | None = None
+        self.tracker: Tracker | None = None
         if without_jobreaper:
             self.enabled = False
             return
@@ -58,7 +59,8 @@ class JobReaperStep(bootsteps.StartStopStep):
         self.service = ReaperService(reaper, me)
         if self.settings.track_tasks:
             # Made before the pool forks, so pool processes inherit it.
-            set_tracker(Tracker(db, tables, self.settings, me))
+            self.tracker = Tracker(db, tables, self.settings, me)
+            set_tracker(self.tracker)
             connect_signals()
         install_sweep(parent.app, reaper)
         self.service.revoked_sync = RevokedSync(db, tables, self.settings, me.node)
@@ -91,16 +93,24 @@ class JobReaperStep(bootsteps.StartStopStep):
         celery_signals.worker_shutdown.connect(self._on_shutdown, sender=parent, weak=False)
 
     def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
+        self._flush_tracking()
         if self.service is not None:
             self.service.stop()
 
+    def _flush_tracking(self) -> None:
+        """Write the task records this process still holds (solo and threads pools)."""
+        if self.tracker is not None:
+            self.tracker.flush_before_exit("the worker stops")
+
     def stop(self, parent: Any) -> None:
         """Warm shutdown: stop reaping, mark the incarnation draining while tasks finish."""
+        self._flush_tracking()
         if self.service is not None:
             self.service.drain()
 
     def terminate(self, parent: Any) -> None:
         """Cold shutdown: stop the threads and mark the incarnation stopped now."""
+        self._flush_tracking()
         if self.service is not None:
             self.service.stop()
 

@@ -162,6 +162,10 @@ def test_acks_late_dead_worker_unacked_dropped_or_restored_now(
         30,
         "both messages to be held unacked",
     )
+    jobs = engine_for(pg_url)
+    row = select(tables.jobs.c.task_id).where(tables.jobs.c.task_id == running.id)
+    with jobs.connect() as conn:  # its start is written by the pool process's tracking writer
+        wait_until(lambda: conn.execute(row).first(), 10, "the running task's tracked row")
     first.kill()
 
     second = start_worker(node, env=env)  # same node name: its old self is dead at once

@@ -87,8 +87,10 @@ class Cluster:
     def wait_running(self, tag: str, task_id: str) -> Row[Any]:
         """Wait until the task body runs (marker file) and return its tracked row."""
         wait_until(lambda: self.marker(f"started-{tag}").exists(), 60, f"task {tag} to start")
-        row = self.job(task_id)
-        assert row is not None, "the task runs but jobreaper_jobs has no row for it"
+        # The pool process's tracking writer records the start within a few milliseconds.
+        row: Row[Any] = wait_until(
+            lambda: self.job(task_id), 10, "jobreaper_jobs to have a row for the running task"
+        )
         assert row.status == "running"
         return row
 
