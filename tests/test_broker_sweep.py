@@ -268,9 +268,7 @@ def test_rabbitmq_revoked_messages_removed_and_others_run_in_order(
     revoked = [sent[i][0] for i in range(5, 1_000, 20)]
     celery_jobreaper.revoke(app, revoked)  # no worker online
     try:
-        worker = start_worker(
-            f"amqp-{unique}@h", pool="solo", env=_env(AMQP_URL, pg_url, queue, prefix)
-        )
+        worker = start_worker(f"amqp-{unique}@h", env=_env(AMQP_URL, pg_url, queue, prefix))
         log = worker.wait_for(r" ready\.")
         assert f"jobreaper: removed {len(revoked)} message(s) from {queue}" in log
         wait_until(lambda: rclient.llen(record_key) >= 1_000 - len(revoked), 120, "tasks run")
