@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -272,12 +272,3 @@ def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> 
         conn.execute(
             update(t).where(t.c.id.in_(ids), t.c.state.in_((RUNNING, DRAINING))).values(state=DEAD)
         )
-
-
-def summarize(view: LivenessView) -> Mapping[str, Any]:
-    """A small dict for logs and reports."""
-    return {
-        "dead": len(view.dead_incarnations),
-        "live": len(view.live_incarnations),
-        "refused_nodes": sorted(view.refused_nodes),
-    }

@@ -944,11 +944,6 @@ def set_tracker(tracker: Tracker | None) -> None:
     _tracker = tracker
 
 
-def current_tracker() -> Tracker | None:
-    """The tracker of this worker, if tracking is on."""
-    return _tracker
-
-
 #: Seconds tracking stays off in a process after a synchronous write failed (so tasks do not
 #: each wait for a connect timeout while the database is down); also the longest pause between
 #: the writer thread's retries.
