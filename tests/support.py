@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -95,3 +96,15 @@ def make_app(url: str, **conf: Any) -> Celery:
     for key, value in conf.items():
         app.conf[f"jobreaper_{key}"] = value
     return app
+
+
+def worker_env(
+    db_url: str, queue: str, *, broker: str = REDIS_URL, **settings: Any
+) -> dict[str, str]:
+    """Environment for a ``workerapp`` worker: broker, database, queue, ``jobreaper_*`` settings."""
+    return {
+        "JR_BROKER_URL": broker,
+        "JR_DATABASE_URL": db_url,
+        "JR_QUEUE": queue,
+        "JR_SETTINGS": json.dumps(settings),
+    }

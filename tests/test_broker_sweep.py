@@ -17,7 +17,7 @@ from celery import Celery
 from kombu import Connection
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from support import AMQP_URL, REDIS_URL, TESTS, WorkerProcess, wait_until
+from support import AMQP_URL, REDIS_URL, TESTS, WorkerProcess, wait_until, worker_env
 
 import celery_jobreaper
 from celery_jobreaper.schema import tables
@@ -54,13 +54,10 @@ def _sender(broker: str, db_url: str, queue: str, prefix: str) -> Celery:
 
 def _env(broker: str, db_url: str, queue: str, prefix: str, **settings: Any) -> dict[str, str]:
     return {
-        "JR_BROKER_URL": broker,
-        "JR_DATABASE_URL": db_url,
-        "JR_QUEUE": queue,
+        **worker_env(db_url, queue, broker=broker, **settings),
         "JR_RECORD_URL": REDIS_URL,
         "JR_RECORD_KEY": f"{prefix}record",
         "JR_KEYPREFIX": prefix,
-        "JR_SETTINGS": json.dumps(settings),
     }
 
 

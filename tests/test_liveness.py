@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from support import REDIS_URL, WorkerProcess, wait_until
+from support import REDIS_URL, WorkerProcess, wait_until, worker_env
 
 from celery_jobreaper.schema import tables
-
-
-def _env(pg_url: str, queue: str) -> dict[str, str]:
-    return {
-        "JR_BROKER_URL": REDIS_URL,
-        "JR_DATABASE_URL": pg_url,
-        "JR_QUEUE": queue,
-        "JR_SETTINGS": json.dumps({}),
-    }
 
 
 def _sender() -> Celery:
@@ -36,13 +26,13 @@ def test_duplicate_live_node_name_is_refused(
 ) -> None:
     engine = engine_for(pg_url)
     queue, node = f"q-{unique}", f"dup-{unique}@h"
-    first = start_worker(node, env=_env(pg_url, queue))
+    first = start_worker(node, env=worker_env(pg_url, queue))
     first.wait_for(r" ready\.")
     sender = _sender()
     result = sender.send_task("jr.sleep", args=(60,), kwargs={"tag": "long"}, queue=queue)
     wait_until((tmp_path / "started-long").exists, what="the long task to start")
 
-    second = start_worker(node, env=_env(pg_url, f"other-{unique}"))
+    second = start_worker(node, env=worker_env(pg_url, f"other-{unique}"))
     log = second.wait_for(r" ready\.")
     assert f"jobreaper: refusing to settle jobs of {node}" in log
     assert "node names must be unique" in log
@@ -63,7 +53,7 @@ def test_warm_shutdown_marks_draining_then_stopped_and_task_completes(
 ) -> None:
     engine = engine_for(pg_url)
     queue = f"q-{unique}"
-    worker = start_worker(f"warm-{unique}@h", env=_env(pg_url, queue))
+    worker = start_worker(f"warm-{unique}@h", env=worker_env(pg_url, queue))
     worker.wait_for(r" ready\.")
     sender = _sender()
     result = sender.send_task("jr.sleep", args=(4,), kwargs={"tag": "t"}, queue=queue)

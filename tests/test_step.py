@@ -8,14 +8,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from jobtables import SEED_SOURCE, create_seed
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from support import REDIS_URL, ROOT, TESTS, WorkerProcess
+from support import REDIS_URL, ROOT, TESTS, WorkerProcess, worker_env
 
 from celery_jobreaper import JobReaperStep
 from celery_jobreaper.schema import tables
@@ -49,15 +48,6 @@ def test_step_added_by_hand_reaps_at_start_and_marks_stopped(
         assert conn.execute(select(tables.incarnations.c.state)).scalar() == "stopped"
 
 
-def _env(pg_url: str, unique: str, **settings: Any) -> dict[str, str]:
-    return {
-        "JR_BROKER_URL": REDIS_URL,
-        "JR_DATABASE_URL": pg_url,
-        "JR_QUEUE": f"q-{unique}",
-        "JR_SETTINGS": json.dumps(settings),
-    }
-
-
 def _celery(args: list[str], env: dict[str, str], cwd: Path) -> str:
     full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
     out = subprocess.run(
@@ -82,7 +72,7 @@ def test_dry_run_option_inspect_and_cli(
 ) -> None:
     engine = engine_for(pg_url)
     table = create_seed(engine, [{"job_id": "scan_library_123abc"}])
-    env = _env(pg_url, unique, sources=[SEED_SOURCE])
+    env = worker_env(pg_url, f"q-{unique}", sources=[SEED_SOURCE])
     worker = start_worker(f"dry-{unique}@h", env=env, args=("--jobreaper-dry-run",))
     log = worker.wait_for(r" ready\.")
     assert "jobreaper: [dry run] would clear job: scan_library_123abc (library_scan)" in log
@@ -120,7 +110,7 @@ def test_without_jobreaper_option_disables_the_step(
     table = create_seed(engine, [{"job_id": "stuck"}])
     worker = start_worker(
         f"off-{unique}@h",
-        env=_env(pg_url, unique, sources=[SEED_SOURCE]),
+        env=worker_env(pg_url, f"q-{unique}", sources=[SEED_SOURCE]),
         args=("--without-jobreaper",),
     )
     log = worker.wait_for(r" ready\.")
