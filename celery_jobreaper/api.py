@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .database import Database
+from .extras import check_broker_transport
 from .reaper import Reaper
 from .report import Report
 from .settings import Settings
@@ -19,6 +20,7 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **override
     ``jobreaper_max_age``). *overrides* take precedence over ``app.conf`` (e.g. ``max_age=3600``).
     """
     settings = Settings.from_app(app, **overrides)
+    check_broker_transport(app)
     db = Database.from_settings(settings)
     try:
         reaper = Reaper(app, settings, db)

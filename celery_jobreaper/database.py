@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigurationError
+from .extras import driver_hint
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Database:
         except (ArgumentError, NoSuchModuleError, ImportError) as error:
             hint = ""
             if isinstance(error, ImportError):
-                hint = " (install its driver, e.g. celery_jobreaper[postgres] or [mysql])"
+                hint = driver_hint(error, settings.database_url)
             raise ConfigurationError(
                 "jobreaper_database_url",
                 f"cannot use {maybe_sanitize_url(settings.database_url)!r}: {error}{hint}",

@@ -181,20 +181,48 @@ def main(argv: list[str] | None = None) -> int:
     print("demo: the new worker's jobreaper log lines:")
     for line in lines:
         print("   ", line.split("] ", 1)[-1])
-    _print_report(engine)
+    settled, statuses = _print_report(engine)
     engine.dispose()
-    return 0
+    return _verdict(settled, statuses)
 
 
-def _print_report(engine: Any) -> None:
+#: What the demo promises: both stale jobs failed by the startup reap, the finished one kept.
+EXPECTED_SETTLED = {"scan_library_123abc", "identify_456def"}
+EXPECTED_STATUSES = {
+    "scan_library_123abc": "failed",
+    "identify_456def": "failed",
+    "titledb_update_789ghi": "completed",
+}
+
+
+def _verdict(settled: set[str], statuses: dict[str, str]) -> int:
+    """Check the promise; print one line saying whether it held, and return the exit status."""
+    if settled == EXPECTED_SETTLED and statuses == EXPECTED_STATUSES:
+        print(
+            f"demo: OK: the startup reap settled {len(settled)} stale jobs "
+            f"({', '.join(sorted(settled))}) and left the finished one alone"
+        )
+        return 0
+    print(
+        f"demo: FAILED: expected {sorted(EXPECTED_SETTLED)} settled and statuses "
+        f"{EXPECTED_STATUSES}; got {sorted(settled)} and {statuses}"
+    )
+    return 1
+
+
+def _print_report(engine: Any) -> tuple[set[str], dict[str, str]]:
+    """Print the startup run's report; return the job ids it settled and every job's status."""
     with engine.connect() as conn:
         run = conn.execute(
             select(tables.runs)
             .where(tables.runs.c.trigger == "startup")
             .order_by(tables.runs.c.id.desc())
         ).first()
-        events = conn.execute(select(tables.events).where(tables.events.c.run_id == run.id)).all()
         jobs = conn.execute(select(system_jobs)).all()
+        if run is None:
+            print("demo: the new worker recorded no startup reap (see its log above)")
+            return set(), {str(j.job_id): str(j.status) for j in jobs}
+        events = conn.execute(select(tables.events).where(tables.events.c.run_id == run.id)).all()
     print(
         f"demo: report of the startup reap (run #{run.id} on {run.node}): "
         f"{run.settled} settled, {run.left_alone} left alone, {run.duration:.3f} s"
@@ -207,6 +235,8 @@ def _print_report(engine: Any) -> None:
     print("demo: system_jobs now:")
     for j in jobs:
         print(f"    {j.job_id:24} {j.status:10} {j.error or ''}")
+    settled = {str(e.job_id) for e in events if (e.source, e.action) == ("system_jobs", "settled")}
+    return settled, {str(j.job_id): str(j.status) for j in jobs}
 
 
 if __name__ == "__main__":

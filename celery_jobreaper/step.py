@@ -11,6 +11,7 @@ from celery import signals as celery_signals
 
 from .database import Database
 from .errors import ConfigurationError, StartupReapError
+from .extras import check_broker_transport
 from .liveness import Incarnation
 from .reaper import Reaper
 from .revoked import RevokedSync
@@ -135,6 +136,9 @@ def install(app: Any) -> Any:
     from . import control  # noqa: F401  (registers the remote-control command)
 
     app.steps["worker"].add(JobReaperStep)
+    celery_signals.celeryd_init.connect(
+        _check_broker_before_worker_connects, weak=False, dispatch_uid="jobreaper.broker-check"
+    )
     options = app.user_options["worker"]
     names = {opt.name for opt in options}
     if "without_jobreaper" not in names:
@@ -156,3 +160,18 @@ def install(app: Any) -> Any:
             )
         )
     return app
+
+
+def _check_broker_before_worker_connects(instance: Any = None, **_: Any) -> None:
+    """``celeryd_init``: stop with one clear line if the broker's client library is missing.
+
+    The worker opens its broker connection before any bootstep is made, so without this a
+    missing extra ends in a traceback from deep inside kombu. ``SystemExit`` is not swallowed
+    by Celery's signal dispatch (an ``Exception`` would only be logged).
+    """
+    if instance is None:
+        return
+    try:
+        check_broker_transport(instance.app)
+    except ConfigurationError as error:
+        raise SystemExit(str(error)) from error

@@ -3,7 +3,9 @@
 #   1. installs what the tests need: Python packages into .venv, and — as root on Debian — any
 #      missing local service (PostgreSQL, MariaDB, Redis, RabbitMQ);
 #   2. starts each local service that is installed but not running;
-#   3. runs lint (ruff), formatting check, types (mypy --strict) and the whole pytest suite.
+#   3. runs lint (ruff), formatting check, types (mypy --strict), the first-run check of a new
+#      user (scripts/check_fresh_install.sh: plain `pip install .` in a throwaway venv, import,
+#      the README's demo end to end) and the whole pytest suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,5 +105,6 @@ log "installing Python packages"
 log "ruff check"; .venv/bin/ruff check .
 log "ruff format --check"; .venv/bin/ruff format --check .
 log "mypy --strict"; .venv/bin/mypy
+log "fresh install and demo"; PYTHON="$PY" ./scripts/check_fresh_install.sh
 log "pytest"
 exec .venv/bin/python -m pytest "$@"
