@@ -36,6 +36,7 @@ ROOT = HERE.parent
 def enqueue(queue: str, n: int) -> None:
     """Put *n* ``bench.noop`` messages on *queue* (producer only: the app module, no worker)."""
     os.environ["JR_BENCH_QUEUE"] = queue
+    os.environ["JR_BENCH_BROKER"] = REDIS_URL  # the workers' broker (JR_BENCH_REDIS)
     from benchapp import app
 
     with app.producer_or_acquire() as producer:

@@ -11,10 +11,12 @@ JR_BENCH_SOURCE        "1": add the seed-shaped ``system_jobs`` table as a sourc
 JR_BENCH_INSTALL       "0": do not install celery_jobreaper at all
 JR_BENCH_COUNTER       Redis key the ``bench.noop`` task increments (default ``jrbench:done``)
 JR_BENCH_READY_KEY     Redis key set when the worker is ready (so it can log at WARNING)
+JR_BENCH_SETTINGS      JSON of extra ``jobreaper_*`` settings, keys without the prefix
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -35,6 +37,8 @@ app.conf.update(
     jobreaper_database_url=DATABASE_URL or None,
     jobreaper_track_tasks=os.environ.get("JR_BENCH_TRACK", "1") == "1",
 )
+for key, value in json.loads(os.environ.get("JR_BENCH_SETTINGS", "{}")).items():
+    app.conf[f"jobreaper_{key}"] = value
 if os.environ.get("JR_BENCH_SOURCE") == "1":
     app.conf.jobreaper_sources = [
         {
@@ -72,6 +76,13 @@ def _counter() -> Any:
 def noop() -> None:
     """Count one completion (one Redis INCR) and nothing else."""
     _counter().incr(COUNTER)
+
+
+@app.task(name="bench.sleep", bind=True)
+def sleep(self: Any, seconds: float) -> None:
+    """Publish this pool process's pid under the task id, then sleep (a long job to kill)."""
+    _counter().set(f"{COUNTER}:pid:{self.request.id}", os.getpid())
+    time.sleep(seconds)
 
 
 @signals.worker_ready.connect
