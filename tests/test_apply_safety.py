@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from support import make_app
+from support import WorkerProcess, make_app, worker_env
 
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError
@@ -451,3 +451,70 @@ def test_job_id_and_kind_are_logged_escaped_on_one_line(
     assert any(
         "Clearing job: evil\\nforged line\\x1b[31mred (kind\\x1b[0m\\n)" in m for m in messages
     ), messages
+
+
+# -- real workers ------------------------------------------------------------------------------
+
+
+def test_worker_refuses_a_source_whose_id_is_not_unique(
+    pg_url: str,
+    engine_for: Callable[[str], Engine],
+    start_worker: Callable[..., WorkerProcess],
+    unique: str,
+) -> None:
+    """A real worker stops at start, naming ``jobreaper_sources[0].id``; no row is touched."""
+    engine = engine_for(pg_url)
+    table = _jobs_table()
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(table),
+            [
+                {"job_id": "same", "status": "running", "owner": "dead@h"},
+                {"job_id": "same", "status": "running", "owner": "live@h"},
+            ],
+        )
+    sources = [{"table": "jobs", "id": "job_id", "owner": "owner"}]
+    worker = start_worker(f"dup-{unique}@h", env=worker_env(pg_url, f"q-{unique}", sources=sources))
+    code = worker.proc.wait(timeout=60)
+    out = worker.output()
+    assert code != 0, out
+    assert "ready." not in out
+    assert "jobreaper: invalid setting jobreaper_sources[0].id" in out, out
+    with engine.connect() as conn:
+        assert conn.execute(select(table.c.status)).scalars().all() == ["running", "running"]
+
+
+def test_worker_start_reads_naive_times_in_the_source_zone(
+    db_url: str,
+    engine_for: Callable[[str], Engine],
+    start_worker: Callable[..., WorkerProcess],
+    unique: str,
+) -> None:
+    """A worker's startup reap with ``grace`` one hour, a table written in Tokyo time.
+
+    Read as UTC, the job started 10 minutes ago (Tokyo time) would look 9 hours old and be
+    failed; read in Asia/Tokyo it is younger than the grace and left alone.
+    """
+    engine = engine_for(db_url)
+    tokyo_now = utcnow().replace(tzinfo=ZoneInfo("UTC")).astimezone(ZoneInfo("Asia/Tokyo"))
+    tokyo_now = tokyo_now.replace(tzinfo=None)
+    table = create_seed(
+        engine,
+        [
+            {"job_id": "ten-minutes", "started_at": tokyo_now - timedelta(minutes=10)},
+            {"job_id": "two-hours", "started_at": tokyo_now - timedelta(hours=2)},
+        ],
+    )
+    sources = [{**SEED_SOURCE, "timezone": "Asia/Tokyo"}]
+    worker = start_worker(
+        f"tz-{unique}@h",
+        env=worker_env(db_url, f"q-{unique}", sources=sources, grace=3600, track_tasks=False),
+    )
+    out = worker.wait_for(r"ready\.", timeout=90)
+    assert "Clearing job: two-hours" in out, out
+    with engine.connect() as conn:
+        got = {r.job_id: r for r in conn.execute(select(table))}
+    assert got["ten-minutes"].status == "running"
+    assert got["two-hours"].status == "failed" and "was running for 2:00:" in got["two-hours"].error
+    worker.stop()
