@@ -22,6 +22,9 @@ class Database:
     """An engine plus what jobreaper needs to know about it (ownership, dialect abilities)."""
 
     def __init__(self, engine: Engine, *, owned: bool) -> None:
+        if not owned and engine.dialect.name == "sqlite":
+            # jobreaper's own engines get this in make_engine; a borrowed one through a view
+            engine = borrowed_sqlite_begin_immediate(engine)
         self.engine = engine
         self.owned = owned
         self._pid = os.getpid()
@@ -47,8 +50,6 @@ class Database:
                     engine = engine()
             if not isinstance(engine, Engine):
                 raise ConfigurationError("jobreaper_engine", f"not an Engine: {engine!r}")
-            if engine.dialect.name == "sqlite":
-                engine = borrowed_sqlite_begin_immediate(engine)
             return cls(engine, owned=False)
         assert settings.database_url is not None
         try:
