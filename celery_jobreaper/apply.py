@@ -107,8 +107,11 @@ def _lock_and_check(
         match = target.id.in_(list(by_id))
     guards = list(target.guards.items())
     stored = [_stored(conn, col) for _, col in guards]
-    lock = select(target.id, target.status, *(col for _, col in guards), *stored).where(
-        match, target.status.in_(target.stale_statuses)
+    # In id order: concurrent reapers without row locks then update rows in one order too.
+    lock = (
+        select(target.id, target.status, *(col for _, col in guards), *stored)
+        .where(match, target.status.in_(target.stale_statuses))
+        .order_by(target.id)
     )
     if db.skip_locked:
         lock = lock.with_for_update(skip_locked=True)

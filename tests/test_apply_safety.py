@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from support import WorkerProcess, make_app, worker_env
 
 import celery_jobreaper
-from celery_jobreaper import ConfigurationError
+from celery_jobreaper import ConfigurationError, bulk
 from celery_jobreaper.apply import settle_batch
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.database import Database
@@ -518,3 +518,54 @@ def test_worker_start_reads_naive_times_in_the_source_zone(
     assert got["ten-minutes"].status == "running"
     assert got["two-hours"].status == "failed" and "was running for 2:00:" in got["two-hours"].error
     worker.stop()
+
+
+@pytest.mark.parametrize("url_fixture", ["mysql_url", "pg_url"])
+def test_concurrent_reapers_without_row_locks_settle_each_job_once(
+    url_fixture: str,
+    request: pytest.FixtureRequest,
+    engine_for: Callable[[str], Engine],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As on a database without ``FOR UPDATE``: only the compare-and-set keeps it exact.
+
+    (On PostgreSQL the set-based path, which locks in its one statement, is switched off.)
+    """
+    n = 600
+    url = str(request.getfixturevalue(url_fixture))
+    monkeypatch.setattr(bulk, "ENABLED", False)
+    engine = engine_for(url)
+    table = create_seed(engine, [{"job_id": f"j{i:04d}"} for i in range(n)])
+    create_all(engine)
+    original = Database.__init__
+
+    def without_row_locks(self: Database, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.skip_locked = False
+
+    monkeypatch.setattr(Database, "__init__", without_row_locks)
+    barrier = threading.Barrier(4)
+    reports: list[Report] = []
+    errors: list[BaseException] = []
+
+    def reaper() -> None:
+        try:
+            app = make_app(url, batch_size=50)
+            barrier.wait()
+            reports.append(celery_jobreaper.reap(app))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=reaper) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sum(r.settled for r in reports) == n
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).where(table.c.status == "failed")).scalar() == n
+    per_job: dict[str, int] = {}
+    for e in events(engine):
+        per_job[e.job_id] = per_job.get(e.job_id, 0) + 1
+    assert len(per_job) == n and set(per_job.values()) == {1}
