@@ -33,6 +33,7 @@ from .database import Database
 from .planner import Decision
 from .schema import JobReaperTables
 from .sources.base import SettleTarget
+from .textsafe import safe
 from .timezones import localize
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,17 @@ def settle_batch(
         return []
     done = _update(conn, target, confirmed, now)
     record_events(conn, tables, done, now=now, run_id=run_id, new_status=target.failed_status)
+    if len(done) < len(decisions):
+        settled = {d.candidate.job_id for d in done}
+        moved = [d.candidate.job_id for d in decisions if d.candidate.job_id not in settled]
+        logger.debug(
+            "jobreaper: left %d job(s) of %s alone that changed since they were judged "
+            "(finished, started again, or settled by another reaper): %s%s",
+            len(moved),
+            safe(target.table.name),
+            ", ".join(safe(i) for i in moved[:10]),
+            " …" if len(moved) > 10 else "",
+        )
     return done
 
 
@@ -341,6 +353,14 @@ def _fit_ledger(table: Table, per_event: dict[str, list[Any]]) -> None:
             if isinstance(value, str) and len(value) > length:
                 values[i] = value[: max(0, length - 1)] + CUT_MARK
                 reasons[i] = (reasons[i] or "") + ledger_cut_note(name, value)
+                logger.warning(
+                    "jobreaper: ledger %s of %d characters cut to its column's %d (the whole "
+                    "value is in the event's reason): %s",
+                    name,
+                    len(value),
+                    length,
+                    safe(value[:80] + ("…" if len(value) > 80 else "")),
+                )
 
 
 def _insert_unnest(

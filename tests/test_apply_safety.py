@@ -152,7 +152,10 @@ def _decisions(source: UserTableSource, conn: Connection) -> list[Decision]:
 
 @pytest.mark.parametrize("locks", [True, False], ids=["row-locks", "no-row-locks"])
 def test_job_restarted_between_read_and_apply_is_not_settled(
-    locks: bool, db_url: str, engine_for: Callable[[str], Engine]
+    locks: bool,
+    db_url: str,
+    engine_for: Callable[[str], Engine],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The job finished and started again (same status, new started_at): no settle, no event.
 
@@ -167,6 +170,7 @@ def test_job_restarted_between_read_and_apply_is_not_settled(
     db.skip_locked = db.skip_locked and locks
     other = engine_for(db_url)
     restarted = utcnow().replace(microsecond=0)
+    caplog.set_level(logging.DEBUG, logger="celery_jobreaper.apply")
 
     def restart() -> None:
         with other.begin() as c:
@@ -208,6 +212,7 @@ def test_job_restarted_between_read_and_apply_is_not_settled(
             if hook is not None:
                 event.remove(conn, "after_cursor_execute", hook)
     assert [d.candidate.job_id for d in done] == ["b"]
+    assert "changed since they were judged (finished, started again" in caplog.text
     with engine.connect() as conn:
         got = {r.job_id: r for r in conn.execute(select(table))}
     assert got["a"].status == "running" and got["a"].error is None
@@ -376,7 +381,7 @@ def test_unknown_time_zone_names_the_key(sqlite_url: str) -> None:
 
 
 def test_task_id_longer_than_the_ledger_column(
-    db_url: str, engine_for: Callable[[str], Engine]
+    db_url: str, engine_for: Callable[[str], Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = engine_for(db_url)
     long_task = "t" * 299 + "Z"
@@ -417,6 +422,8 @@ def test_task_id_longer_than_the_ledger_column(
     assert ev.task_id[:-1] == long_task[: len(ev.task_id) - 1]
     assert len(ev.job_id) <= 191 and ev.job_id.endswith("…")
     assert long_task in ev.reason and long_job in ev.reason  # the whole values are kept
+    cut = [r.getMessage() for r in caplog.records if "cut to its column" in r.getMessage()]
+    assert any("ledger task_id of 300 characters cut to its column's 191" in m for m in cut), cut
 
 
 # -- log lines ---------------------------------------------------------------------------------
