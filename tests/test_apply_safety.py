@@ -576,3 +576,20 @@ def test_concurrent_reapers_without_row_locks_settle_each_job_once(
     for e in events(engine):
         per_job[e.job_id] = per_job.get(e.job_id, 0) + 1
     assert len(per_job) == n and set(per_job.values()) == {1}
+
+
+@pytest.mark.parametrize("url_fixture", ["pg_url", "sqlite_url"])
+def test_a_partial_unique_index_does_not_make_the_id_unique(
+    url_fixture: str, request: pytest.FixtureRequest, engine_for: Callable[[str], Engine]
+) -> None:
+    """Unique only among some rows (``… WHERE status = 'running'``): two rows may share an id."""
+    url = str(request.getfixturevalue(url_fixture))
+    engine = engine_for(url)
+    where = text("status = 'running'")
+    _jobs_table(
+        Index("ix_jobs_job_id", "job_id", unique=True, postgresql_where=where, sqlite_where=where)
+    ).create(engine)
+    app = make_app(url, sources=[{"table": "jobs", "id": "job_id"}])
+    with pytest.raises(ConfigurationError, match="primary key or unique") as info:
+        celery_jobreaper.reap(app)
+    assert info.value.key == "jobreaper_sources[0].id"
