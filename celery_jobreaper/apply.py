@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -9,6 +10,8 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Date,
+    DateTime,
     String,
     Table,
     Text,
@@ -18,8 +21,10 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    type_coerce,
     update,
 )
+from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.types import TypeDecorator
@@ -28,6 +33,8 @@ from .database import Database
 from .planner import Decision
 from .schema import JobReaperTables
 from .sources.base import SettleTarget
+from .textsafe import safe
+from .timezones import localize
 
 logger = logging.getLogger(__name__)
 
@@ -47,28 +54,62 @@ def settle_batch(
     """Fail the jobs of *decisions* that are still as the planner saw them; return those.
 
     Call inside a transaction. Rows are locked first (``FOR UPDATE SKIP LOCKED`` where the
-    database has it; SQLite's ``BEGIN IMMEDIATE`` serialises writers), re-checked against the
-    stale predicate and the owner the planner judged, then updated together with one ledger
-    event each. A row another reaper holds or has already settled is skipped, so any number of
-    concurrent reapers settle each job exactly once.
+    database has it; SQLite's ``BEGIN IMMEDIATE`` serialises writers) and re-checked: still
+    in the status the planner saw, with the owner it judged and the ``started_at`` it read (a
+    job that finished and started again since is a new run). The UPDATE then compares and sets
+    on all of that again, so a database without row locks is exact too, and only the rows it
+    really changed (``RETURNING`` on PostgreSQL, each statement's rowcount elsewhere) get a
+    ledger event and are returned. Any number of concurrent reapers settle each job once.
 
     On PostgreSQL each step is one statement whatever the batch size: the ids, error texts and
-    ledger columns travel as arrays (``= ANY(:ids)``, ``unnest(…)``), in binary with psycopg 3.
+    compared values travel as arrays (``= ANY(:ids)``, ``unnest(…)``), in binary with psycopg 3.
     """
     if not decisions:
         return []
     confirmed = _lock_and_check(conn, db, target, decisions)
     if not confirmed:
         return []
-    _update(conn, target, confirmed, now)
-    record_events(conn, tables, confirmed, now=now, run_id=run_id, new_status=target.failed_status)
-    return confirmed
+    done = _update(conn, target, confirmed, now)
+    record_events(conn, tables, done, now=now, run_id=run_id, new_status=target.failed_status)
+    if len(done) < len(decisions):
+        settled = {d.candidate.job_id for d in done}
+        moved = [d.candidate.job_id for d in decisions if d.candidate.job_id not in settled]
+        logger.debug(
+            "jobreaper: left %d job(s) of %s alone that changed since they were judged "
+            "(finished, started again, or settled by another reaper): %s%s",
+            len(moved),
+            safe(target.table.name),
+            ", ".join(safe(i) for i in moved[:10]),
+            " …" if len(moved) > 10 else "",
+        )
+    return done
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Checked:
+    """A decision whose row still matched, with the stored values to compare-and-set on."""
+
+    decision: Decision
+    status: Any
+    guards: tuple[Any, ...]  #: per guard of the target, as :func:`_stored` reads it
+
+
+def _stored(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """*column* as stored, for comparing with itself in a later statement.
+
+    SQLite keeps date/time values as text that SQLAlchemy parses on the way out and formats
+    on the way in, possibly differently (``…T12:00:00`` read, ``… 12:00:00.000000`` written):
+    there the text itself is compared.
+    """
+    if conn.dialect.name == "sqlite" and isinstance(column.type, (DateTime, Date)):
+        return type_coerce(column, String())
+    return column
 
 
 def _lock_and_check(
     conn: Connection, db: Database, target: SettleTarget, decisions: Sequence[Decision]
-) -> list[Decision]:
-    """Lock the rows still stale; keep the decisions whose guard columns are unchanged."""
+) -> list[_Checked]:
+    """Lock the rows still stale; keep the decisions whose status and guards are unchanged."""
     by_id = {d.candidate.job_id: d for d in decisions}
     if _is_postgresql(conn):
         _send_arrays_in_binary(conn)
@@ -76,52 +117,108 @@ def _lock_and_check(
         match: ColumnElement[bool] = target.id == any_(ids)
     else:
         match = target.id.in_(list(by_id))
-    lock = select(target.id, *target.guards.values()).where(
-        match, target.status.in_(target.stale_statuses)
+    guards = list(target.guards.items())
+    stored = [_stored(conn, col) for _, col in guards]
+    # In id order: concurrent reapers without row locks then update rows in one order too.
+    lock = (
+        select(target.id, target.status, *(col for _, col in guards), *stored)
+        .where(match, target.status.in_(target.stale_statuses))
+        .order_by(target.id)
     )
     if db.skip_locked:
         lock = lock.with_for_update(skip_locked=True)
-    guards = list(target.guards.items())
-    confirmed: list[Decision] = []
+    n = len(guards)
+    confirmed: list[_Checked] = []
     for row in conn.execute(lock).all():
         decision = by_id.get(row[0])
         if decision is None:
             continue
         observed = decision.candidate
-        if all(row[i] == getattr(observed, role) for i, (role, _) in enumerate(guards, 1)):
-            confirmed.append(decision)
+        if row[1] != observed.status:
+            continue
+        if all(
+            _as_read(role, row[2 + i], target) == getattr(observed, role)
+            for i, (role, _) in enumerate(guards)
+        ):
+            confirmed.append(_Checked(decision, row[1], tuple(row[2 + n : 2 + 2 * n])))
     return confirmed
 
 
+def _as_read(role: str, value: Any, target: SettleTarget) -> Any:
+    """A guard value as the source put it on the candidate (``started_at`` in its zone)."""
+    return localize(value, target.zone) if role == "started_at" else value
+
+
 def _update(
-    conn: Connection, target: SettleTarget, confirmed: list[Decision], now: datetime
-) -> None:
+    conn: Connection, target: SettleTarget, confirmed: list[_Checked], now: datetime
+) -> list[Decision]:
+    """Compare-and-set every confirmed row; return the decisions whose row really changed."""
     values: dict[str, Any] = {target.status.name: target.failed_status, **target.extra_values}
     if target.completed_at is not None:
         values[target.completed_at.name] = now
-    errors = _fit_all(target, confirmed)
-    ids = [d.candidate.job_id for d in confirmed]
-    where = target.status.in_(target.stale_statuses)
+    errors = _fit_all(target, [c.decision for c in confirmed])
+    guard_cols = [_stored(conn, col) for col in target.guards.values()]
+    still_stale = or_(*(target.status == s for s in target.stale_statuses))
     if _is_postgresql(conn):
-        # One set-based statement: UPDATE … FROM unnest(:ids, :errors) AS v(id, error).
+        # One set-based statement: UPDATE … FROM unnest(:ids, :errors, …) AS v(id, error, …).
+        arrays: dict[str, tuple[list[Any], Any]] = {
+            "id": ([c.decision.candidate.job_id for c in confirmed], target.id.type),
+            "error": (errors, Text()),
+        }
+        plain_status = isinstance(target.status.type, String) and not isinstance(
+            target.status.type, SAEnum
+        )
+        if plain_status:
+            arrays["status"] = ([c.status for c in confirmed], target.status.type)
+        for i, col in enumerate(guard_cols):
+            arrays[f"g{i}"] = ([c.guards[i] for c in confirmed], col.type)
         v = (
             func.unnest(
-                bindparam("jr_ids", ids, type_=_Array(target.id.type)),
-                bindparam("jr_errors", errors, type_=_Array(Text())),
+                *(
+                    bindparam(f"jr_{name}", vals, type_=_Array(type_))
+                    for name, (vals, type_) in arrays.items()
+                )
             )
-            .table_valued("id", "error")
+            .table_valued(*arrays)
             .render_derived(name="jr_v")
         )
         if target.error is not None:
             values[target.error.name] = v.c.error
-        conn.execute(update(target.table).where(target.id == v.c.id, where).values(**values))
-        return
+        cas = [target.id == v.c.id, still_stale]
+        if plain_status:
+            cas.append(target.status == v.c.status)
+        cas += [col.is_not_distinct_from(v.c[f"g{i}"]) for i, col in enumerate(guard_cols)]
+        changed = {
+            row[0]
+            for row in conn.execute(
+                update(target.table).where(*cas).values(**values).returning(target.id)
+            )
+        }
+        return [c.decision for c in confirmed if c.decision.candidate.job_id in changed]
     if target.error is not None:
         values[target.error.name] = bindparam("jr_error")
-    # executemany cannot expand IN lists; the rows are locked and confirmed anyway.
-    still_stale = or_(*(target.status == s for s in target.stale_statuses))
-    stmt = update(target.table).where(target.id == bindparam("jr_id"), still_stale).values(**values)
-    conn.execute(stmt, [{"jr_id": i, "jr_error": e} for i, e in zip(ids, errors, strict=True)])
+    stmt = (
+        update(target.table)
+        .where(
+            target.id == bindparam("jr_id"),
+            still_stale,
+            target.status == bindparam("jr_status"),
+            *(
+                col.is_not_distinct_from(bindparam(f"jr_g{i}", type_=col.type))
+                for i, col in enumerate(guard_cols)
+            ),
+        )
+        .values(**values)
+    )
+    done: list[Decision] = []
+    # One statement per row: each rowcount says whether that row was still as judged
+    # (an executemany's rowcount is only a total).
+    for c, error in zip(confirmed, errors, strict=True):
+        params = {"jr_id": c.decision.candidate.job_id, "jr_error": error, "jr_status": c.status}
+        params.update({f"jr_g{i}": value for i, value in enumerate(c.guards)})
+        if conn.execute(stmt, params).rowcount == 1:
+            done.append(c.decision)
+    return done
 
 
 def _fit_all(target: SettleTarget, decisions: Sequence[Decision]) -> list[str]:
@@ -213,6 +310,7 @@ def record_events(
         "reason": [d.error or d.reason for d in decisions],
         "owner": [d.candidate.owner for d in decisions],
     }
+    _fit_ledger(tables.events, per_event)
     if _is_postgresql(conn) and len(decisions) > 1:
         _insert_unnest(conn, tables.events, fixed, per_event)
         return
@@ -223,6 +321,46 @@ def record_events(
             for i in range(len(decisions))
         ],
     )
+
+
+def ledger_cut_note(name: str, whole: str) -> str:
+    """Appended to an event's reason when *name* was cut to fit its column (the whole value).
+
+    :mod:`celery_jobreaper.bulk` builds the same text in SQL.
+    """
+    return f" [{name} cut to fit the ledger; whole: {whole}]"
+
+
+def ledger_length(column: ColumnElement[Any]) -> int | None:
+    """The length limit of a ledger column, if it is a ``String`` with one."""
+    length = getattr(column.type, "length", None)
+    return int(length) if isinstance(column.type, String) and length else None
+
+
+def _fit_ledger(table: Table, per_event: dict[str, list[Any]]) -> None:
+    """Cut values longer than their ledger column (with :data:`CUT_MARK`), in place.
+
+    A task id or job id longer than the column would otherwise fail the insert (PostgreSQL,
+    strict MySQL) and with it the whole batch, every run. The whole value goes into the
+    event's reason (a ``Text``), so nothing is lost.
+    """
+    reasons = per_event["reason"]
+    for name, values in per_event.items():
+        length = ledger_length(table.c[name])
+        if length is None:
+            continue
+        for i, value in enumerate(values):
+            if isinstance(value, str) and len(value) > length:
+                values[i] = value[: max(0, length - 1)] + CUT_MARK
+                reasons[i] = (reasons[i] or "") + ledger_cut_note(name, value)
+                logger.warning(
+                    "jobreaper: ledger %s of %d characters cut to its column's %d (the whole "
+                    "value is in the event's reason): %s",
+                    name,
+                    len(value),
+                    length,
+                    safe(value[:80] + ("…" if len(value) > 80 else "")),
+                )
 
 
 def _insert_unnest(

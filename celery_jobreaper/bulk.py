@@ -70,7 +70,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from .apply import CUT_MARK, SETTLED, error_length
+from .apply import CUT_MARK, SETTLED, error_length, ledger_cut_note, ledger_length
 from .clock import format_age
 from .liveness import LivenessView
 from .planner import (
@@ -85,6 +85,7 @@ from .planner import (
 from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate, JobSource
+from .timezones import localize
 
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True
@@ -126,7 +127,7 @@ def settler_for(
     if source.has_owner or source.has_task_id:
         return None
     cols: dict[str, Any] | None = getattr(source, "cols", None)
-    if cols is None or source.target.guards:
+    if cols is None or set(source.target.guards) - {"started_at"}:
         return None  # not a user table (tracked jobs have owners anyway)
     kind = cols.get("kind")
     started = cols.get("started_at")
@@ -269,10 +270,12 @@ class BulkSettler:
 
     def decisions(self, rows: list[Any]) -> list[Decision]:
         """The planner's decisions for the settled *rows* of a batch."""
-        name, where = self.source.name, self.where
+        name, where, zone = self.source.name, self.where, self.target.zone
         assert where is not None
         return [
-            Decision(Candidate(name, job_id, status, kind, started), "fail", where, error)
+            Decision(
+                Candidate(name, job_id, status, kind, localize(started, zone)), "fail", where, error
+            )
             for job_id, status, kind, started, error in rows
         ]
 
@@ -293,11 +296,19 @@ class BulkSettler:
     # -- the planner's rule for rows without owner, in SQL ----------------------------------
 
     def _started_utc(self) -> ColumnElement[Any] | None:
-        """started_at as naive UTC (what ``clock.as_naive_utc`` makes of it in Python)."""
+        """started_at as naive UTC (what ``clock.as_naive_utc`` makes of it in Python).
+
+        A naive column is read in the source's zone, as :func:`~celery_jobreaper.timezones.
+        localize` does (``timezone(zone, ts)`` takes the later instant of an ambiguous time).
+        """
         if self.started is None:
             return None
         if getattr(self.started.type, "timezone", False):
             return func.timezone(literal("UTC", Text), self.started)
+        zone = self.target.zone
+        if zone is not None:
+            local = func.timezone(literal(str(zone), Text), self.started)
+            return func.timezone(literal("UTC", Text), local)
         return self.started  # type: ignore[no-any-return]
 
     def _ignored(self) -> ColumnElement[bool]:
@@ -437,17 +448,33 @@ class BulkSettler:
             )
             .cte("jr_upd")
         )
+        # Values longer than their ledger column are cut and the whole value noted in the
+        # reason, as apply._fit_ledger does (only where the source column can be longer).
+        notes: list[ColumnElement[Any]] = []
+        fitted: dict[str, ColumnElement[Any]] = {}
+        for name, value, source_type in (
+            ("job_id", cast(upd.c.jr_id, Text), target.id.type),
+            ("source", literal(self.source.name, Text), String(len(self.source.name))),
+            ("kind", upd.c.jr_kind, String(1) if self.kind is None else self.kind.type),
+            ("previous_status", cast(upd.c.jr_status, Text), target.status.type),
+        ):
+            fitted[name], note = _fit_ledger(value, ledger_length(ev.c[name]), source_type, name)
+            if note is not None:
+                notes.append(note)
+        reason: ColumnElement[Any] = upd.c.jr_error
+        for note in notes:
+            reason = reason + note
         event: dict[str, Any] = {
             "run_id": bindparam("jr_run_id", type_=ev.c.run_id.type),
             "at": bindparam("jr_now", type_=DateTime()),
-            "source": literal(self.source.name, ev.c.source.type),
-            "job_id": cast(upd.c.jr_id, Text),
+            "source": fitted["source"],
+            "job_id": fitted["job_id"],
             "task_id": null(),
-            "kind": upd.c.jr_kind,
-            "previous_status": cast(upd.c.jr_status, Text),
+            "kind": fitted["kind"],
+            "previous_status": fitted["previous_status"],
             "new_status": literal(target.failed_status, ev.c.new_status.type),
             "action": literal(SETTLED, ev.c.action.type),
-            "reason": upd.c.jr_error,
+            "reason": reason,
             "owner": null(),
         }
         ins = insert(ev).from_select(list(event), select(*event.values()).select_from(upd))
@@ -490,6 +517,29 @@ class BulkSettler:
             _tag(_PAGE), last, null(), null(), null(), null(), cast(func.count(), BigInteger)
         ).select_from(page)
         return union_all(settled, left, summary).add_cte(ins.cte("jr_ins"))
+
+
+def _fit_ledger(
+    value: ColumnElement[Any], length: int | None, source_type: Any, name: str
+) -> tuple[ColumnElement[Any], ColumnElement[Any] | None]:
+    """*value* cut to a ledger column of *length*, and the note for the reason (or ``None``).
+
+    No SQL is added when the source column cannot be longer than the ledger's (an integer
+    or UUID id, a string column no longer than it).
+    """
+    if length is None:
+        return value, None
+    if isinstance(source_type, (Integer, Uuid)) and length >= 36:
+        return value, None
+    source_length = getattr(source_type, "length", None)
+    if isinstance(source_type, String) and source_length and source_length <= length:
+        return value, None
+    too_long = func.char_length(value) > literal(length)
+    cut = func.left(value, literal(max(0, length - 1))) + _text(CUT_MARK)
+    mark = "\x00value\x00"
+    head, tail = ledger_cut_note(name, mark).split(mark)
+    note = case((too_long, _text(head) + value + _text(tail)), else_=_text(""))
+    return case((too_long, cut), else_=value), note
 
 
 def _reason(verdict: int, kind: str | None) -> str:

@@ -23,6 +23,9 @@ class Database:
     """An engine plus what jobreaper needs to know about it (ownership, dialect abilities)."""
 
     def __init__(self, engine: Engine, *, owned: bool) -> None:
+        if not owned and engine.dialect.name == "sqlite":
+            # jobreaper's own engines get this in make_engine; a borrowed one through a view
+            engine = borrowed_sqlite_begin_immediate(engine)
         self.engine = engine
         self.owned = owned
         self._pid = os.getpid()
@@ -98,6 +101,27 @@ def make_engine(url: str, settings: Settings) -> Engine:
     if engine.dialect.name == "sqlite":
         _sqlite_begin_immediate(engine)
     return engine
+
+
+def borrowed_sqlite_begin_immediate(engine: Engine) -> Engine:
+    """A view of the application's SQLite *engine* whose transactions take the write lock.
+
+    The view shares the engine's pool and settings (``Engine.execution_options``); its
+    ``begin`` listener is its own, so the application's transactions stay as they were. A
+    connection already in a transaction at BEGIN (the application's own ``begin`` listener
+    issued one) is left as it is: the compare-and-set of :mod:`celery_jobreaper.apply` still
+    settles each job once there, a concurrent writer then gets "database is locked" instead of
+    waiting.
+    """
+    view = engine.execution_options()
+
+    @event.listens_for(view, "begin")
+    def _begin_immediate(conn: Connection) -> None:
+        dbapi_connection = conn.connection.dbapi_connection
+        if not getattr(dbapi_connection, "in_transaction", False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return view
 
 
 def _sqlite_begin_immediate(engine: Engine) -> None:

@@ -20,6 +20,7 @@ from .report import Report
 from .schema import JobReaperTables, check_version, create_all, tables
 from .settings import Settings
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
+from .textsafe import safe
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Reaper:
                 ).inserted_primary_key
                 report.run_id = None if key is None else int(key[0])
             for node, why in view.refused_nodes.items():
-                logger.error("jobreaper: refusing to settle jobs of %s: %s", node, why)
+                logger.error("jobreaper: refusing to settle jobs of %s: %s", safe(node), safe(why))
             settled_task_ids: set[str] = set()
             for source in sources:
                 self._reap_source(conn, source, view, report, settled_task_ids)
@@ -191,9 +192,9 @@ class Reaper:
                 for d in fails:
                     logger.info(
                         "jobreaper: [dry run] would clear job: %s (%s): %s",
-                        d.candidate.job_id,
-                        d.candidate.kind,
-                        d.reason,
+                        safe(d.candidate.job_id),
+                        safe(d.candidate.kind),
+                        safe(d.reason),
                     )
                     if len(report.planned) < MAX_PLANNED_IN_REPORT:
                         report.planned.append(_planned(d))
@@ -258,7 +259,7 @@ class Reaper:
                 try:
                     view.queued_task_ids = self.queued_ids()
                 except Exception as error:
-                    logger.warning("jobreaper: could not read the queues (%s)", error)
+                    logger.warning("jobreaper: could not read the queues (%s)", safe(error))
         nodes = {
             view.incarnation_nodes[i] for i in view.live_incarnations if i in view.incarnation_nodes
         } | view.live_nodes
@@ -273,7 +274,7 @@ class Reaper:
                     "leaving those jobs alone this time",
                     sorted(nodes),
                     len(task_ids),
-                    error,
+                    safe(error),
                 )
                 return [
                     Decision(d.candidate, "leave", "could not ask live workers about its task")
@@ -293,10 +294,10 @@ class Reaper:
         for d in done:
             logger.info(
                 "jobreaper: Clearing job: %s (%s) from %s: %s",
-                d.candidate.job_id,
-                d.candidate.kind,
-                source.name,
-                d.reason,
+                safe(d.candidate.job_id),
+                safe(d.candidate.kind),
+                safe(source.name),
+                safe(d.reason),
             )
             if d.candidate.task_id:
                 task_ids.add(d.candidate.task_id)
@@ -332,7 +333,7 @@ class Reaper:
                 "jobreaper: %s reap failed after %.3f s: %s (settled %d before that)",
                 report.trigger,
                 report.duration,
-                report.error,
+                safe(report.error),
                 report.settled,
             )
         elif report.settled or report.would_settle:
@@ -356,7 +357,7 @@ class Reaper:
             )
         for reason, count in report.left_alone.items():
             level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
-            logger.log(level, "jobreaper: left %d job(s) alone: %s", count, reason)
+            logger.log(level, "jobreaper: left %d job(s) alone: %s", count, safe(reason))
 
 
 def _planned(d: Decision) -> dict[str, Any]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from celery.utils.time import maybe_timedelta
 
 from .errors import ConfigurationError
+from .timezones import zone_named
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -62,6 +63,10 @@ class SourceSpec:
     stale_statuses: tuple[str, ...]
     failed_status: str
     schema: str | None = None
+    #: IANA name of the zone naive ``started_at`` values are written in (default ``"UTC"``)
+    timezone: str = "UTC"
+    #: that zone, or ``None`` for UTC (naive values are then taken as UTC, as they are)
+    zone: tzinfo | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +287,15 @@ def _sources(value: Any) -> list[SourceSpec]:
 def _source(key: str, raw: Any) -> SourceSpec:
     if not isinstance(raw, Mapping):
         raise ConfigurationError(key, "expected a mapping with at least 'table', 'id', 'status'")
-    known = {"table", "name", "schema", "stale_statuses", "failed_status", *COLUMN_ROLES}
+    known = {
+        "table",
+        "name",
+        "schema",
+        "stale_statuses",
+        "failed_status",
+        "timezone",
+        *COLUMN_ROLES,
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigurationError(f"{key}.{unknown[0]}", f"unknown key; known: {sorted(known)}")
@@ -311,6 +324,8 @@ def _source(key: str, raw: Any) -> SourceSpec:
     schema = raw.get("schema")
     if schema is not None and not isinstance(schema, str):
         raise ConfigurationError(f"{key}.schema", f"expected a schema name, got {schema!r}")
+    timezone = raw.get("timezone", "UTC")
+    zone = zone_named(f"{key}.timezone", timezone)
     name = raw.get("name") or _table_label(table)
     return SourceSpec(
         key=key,
@@ -320,6 +335,8 @@ def _source(key: str, raw: Any) -> SourceSpec:
         stale_statuses=tuple(stale),
         failed_status=failed,
         schema=schema,
+        timezone=timezone,
+        zone=zone,
     )
 
 

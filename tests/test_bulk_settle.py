@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from fnmatch import fnmatchcase
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from jobtables import SEED_SOURCE
@@ -70,12 +71,15 @@ def ago(**delta: float) -> datetime:
     return NOW - timedelta(**delta)
 
 
-def job_table(*, int_ids: bool = False, error_length: int | None = None, tz: bool = False) -> Table:
+def job_table(
+    *, int_ids: bool = False, error_length: int | None = None, tz: bool = False, long: bool = False
+) -> Table:
+    text_type = String(300) if long else String(64)
     return Table(
         "system_jobs",
         MetaData(),
-        Column("job_id", Integer if int_ids else String(64), primary_key=True, autoincrement=False),
-        Column("job_type", String(64)),
+        Column("job_id", Integer if int_ids else text_type, primary_key=True, autoincrement=False),
+        Column("job_type", text_type),
         Column("status", String(16), nullable=False),
         Column("started_at", DateTime(timezone=tz)),
         Column("completed_at", DateTime),
@@ -126,6 +130,37 @@ def mixed_rows(int_ids: bool = False) -> list[dict[str, Any]]:
                 "error": None,
             }
         )
+    return rows
+
+
+TOKYO_SOURCE = {**SEED_SOURCE, "timezone": "Asia/Tokyo"}
+NEW_YORK_SOURCE = {**SEED_SOURCE, "timezone": "America/New_York"}
+
+
+def shaped_rows(shape: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`mixed_rows`, in a local zone's wall-clock time or with long values, by *shape*."""
+    rows = mixed_rows(int_ids=bool(shape.get("int_ids")))
+    zone = shape.get("zone")
+    if zone is not None:
+        local = ZoneInfo(zone)
+        for r in rows:
+            if r["started_at"] is not None:
+                aware = r["started_at"].replace(tzinfo=timezone.utc).astimezone(local)
+                r["started_at"] = aware.replace(tzinfo=None)
+    if shape.get("dst"):
+        for i, started in enumerate(
+            [
+                datetime(2024, 11, 3, 1, 30),  # happens twice in New York
+                datetime(2024, 3, 10, 2, 30),  # never happens in New York
+                datetime(2024, 11, 3, 0, 59, 59),
+                datetime(2024, 11, 3, 2, 0, 0),
+            ]
+        ):
+            rows.append({**rows[2], "job_id": f"dst-{i}", "started_at": started})
+    if shape.get("long"):
+        rows.append({**rows[5], "job_id": "L" * 250, "job_type": "k" * 280})
+        rows.append({**rows[5], "job_id": "M" * 191, "job_type": "m" * 191})
+        rows.append({**rows[5], "job_id": "N" * 192, "job_type": None})
     return rows
 
 
@@ -283,6 +318,20 @@ SCENARIOS = {
     "short-error-column": ({"max_age": 60, "batch_size": 7}, True, {"error_length": 80}),
     # started_at WITH TIME ZONE: ages are computed in UTC.
     "timestamptz": ({"grace": 60, "batch_size": 6}, False, {"tz": True}),
+    # Naive started_at written in Tokyo's local time (the source's timezone key).
+    "naive-tokyo": (
+        {"grace": 60, "max_age": 3600, "batch_size": 6, "sources": [TOKYO_SOURCE]},
+        True,
+        {"zone": "Asia/Tokyo"},
+    ),
+    # Naive started_at in New York time, ambiguous and skipped wall-clock times included.
+    "naive-new-york-dst": (
+        {"grace": 60, "batch_size": 5, "sources": [NEW_YORK_SOURCE]},
+        False,
+        {"zone": "America/New_York", "dst": True},
+    ),
+    # Job ids and kinds longer than the ledger's columns: cut, the whole values in the reason.
+    "longer-than-the-ledger": ({"batch_size": 4}, False, {"long": True}),
 }
 
 
@@ -296,12 +345,13 @@ def test_set_based_path_settles_exactly_like_the_python_path(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     conf, live, shape = SCENARIOS[scenario]
-    rows = mixed_rows(int_ids=bool(shape.get("int_ids")))
+    rows = shaped_rows(shape)
+    table_shape = {k: v for k, v in shape.items() if k not in ("zone", "dst")}
     outcomes = [
         reap_once(
             fresh_pg(),
             fast=fast,
-            table=job_table(**shape),
+            table=job_table(**table_shape),
             rows=rows,
             conf=conf,
             other_live_worker=live,
@@ -349,6 +399,23 @@ def test_set_based_path_settles_exactly_like_the_python_path(
         )
     if scenario == "live-worker-no-max-age":
         assert slow.report["settled"] == 0 and sum(left.values()) == slow.report["candidates"]
+    if scenario == "naive-tokyo":
+        assert "older than jobreaper_max_age (3600 s)" in slow.rows["one-day-05"][2]
+        assert "was running for 1 day, 0:00:00" in slow.rows["one-day-05"][2]
+        assert slow.rows["two-minutes-02"][0] == "running"  # 2 minutes, not 9 hours, old
+        assert slow.rows["fresh-00"][0] == "running"
+    if scenario == "naive-new-york-dst":
+        assert slow.rows["hours-03"][0] == "failed"
+        assert "was running for 2:03:04" in slow.rows["hours-03"][2]
+        assert all(slow.rows[f"dst-{i}"][0] == "failed" for i in range(4))
+    if scenario == "longer-than-the-ledger":
+        ledger = {e[2]: e for e in slow.events}
+        cut = "L" * 190 + "…"
+        assert ledger[cut][4] == "k" * 190 + "…"
+        assert ("whole: " + "L" * 250 + "]") in ledger[cut][8]
+        assert ("whole: " + "k" * 280 + "]") in ledger[cut][8]
+        assert "M" * 191 in ledger and "cut to fit" not in ledger["M" * 191][8]
+        assert "N" * 190 + "…" in ledger
     if scenario == "short-error-column":
         cut = [v[2] for v in slow.rows.values() if v[2] is not None]
         assert cut and all(len(e) == 80 and e.endswith("…") for e in cut)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Table, select
@@ -40,6 +40,8 @@ class SettleTarget:
     guards: Mapping[str, ColumnElement[Any]]
     #: extra SET values (column name -> value or SQL expression)
     extra_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: zone of naive ``started_at`` values (the candidates carry them localized), or ``None``
+    zone: tzinfo | None = None
 
 
 class JobSource(Protocol):

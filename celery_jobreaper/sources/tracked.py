@@ -32,7 +32,8 @@ class TrackedJobsSource:
             failed_status=FAILED,
             completed_at=t.c.completed_at,
             error=t.c.error,
-            guards={"incarnation_id": t.c.incarnation_id},
+            # a retry of the same task id starts a new run: started_at tells them apart
+            guards={"incarnation_id": t.c.incarnation_id, "started_at": t.c.started_at},
             extra_values={"fence": None, "times_reaped": t.c.times_reaped + 1},
         )
 

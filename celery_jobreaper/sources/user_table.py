@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
-from sqlalchemy import Column, DateTime, Enum, MetaData, Table, exc, inspect, select
+from sqlalchemy import Column, ColumnElement, DateTime, Enum, MetaData, Table, exc, inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import Date
 
 from ..errors import ConfigurationError
 from ..settings import SourceSpec
+from ..timezones import localize
 from .base import Candidate, SettleTarget, keyset_batch
 
 
 def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     """Turn ``table`` (name, ``Table``, declarative model or ``"pkg.mod:attr"``) into a ``Table``.
 
-    Names are reflected from the database, so configuration never reaches SQL as text.
+    Names are reflected from the database, so configuration never reaches SQL as text. The id
+    column must be a primary key or unique in the database (see :func:`check_unique_id`).
     """
     key = f"{spec.key}.table"
     table: Any = spec.table
@@ -28,11 +30,12 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
             raise ConfigurationError(key, f"cannot import {spec.table!r}: {error}") from error
     table = getattr(table, "__table__", table)
     if isinstance(table, Table):
+        check_unique_id(spec, table, conn)
         return table
     if not isinstance(table, str):
         raise ConfigurationError(key, f"expected a table name, Table or model, got {table!r}")
-    # Only names, types and the primary key are read (not indexes, constraints, comments):
-    # that is all jobreaper needs, and a worker start pays for every reflection query.
+    # Only names, types and the primary key are read (not indexes, constraints, comments,
+    # unless the id is not the primary key): a worker start pays for every reflection query.
     inspector = inspect(conn)
     try:
         columns = inspector.get_columns(table, schema=spec.schema)
@@ -40,14 +43,63 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     except exc.NoSuchTableError:
         columns = []
     if not columns:
-        where = f" in schema {spec.schema!r}" if spec.schema else ""
-        raise ConfigurationError(key, f"no table named {table!r}{where} in the database")
-    keys = set(primary.get("constrained_columns") or ())
-    return Table(
+        raise _no_table(spec, table)
+    keys = list(primary.get("constrained_columns") or ())
+    reflected = Table(
         table,
         MetaData(),
         *(Column(c["name"], c["type"], primary_key=c["name"] in keys) for c in columns),
         schema=spec.schema,
+    )
+    check_unique_id(spec, reflected, conn, primary_key=keys)
+    return reflected
+
+
+def _no_table(spec: SourceSpec, name: str) -> ConfigurationError:
+    where = f" in schema {spec.schema!r}" if spec.schema else ""
+    return ConfigurationError(
+        f"{spec.key}.table", f"no table named {name!r}{where} in the database"
+    )
+
+
+def check_unique_id(
+    spec: SourceSpec, table: Table, conn: Connection, *, primary_key: list[str] | None = None
+) -> None:
+    """Refuse an id column that the database does not keep unique.
+
+    A decision is applied by id: with two rows under one id, settling one job (judged for its
+    dead owner) would fail the other (perhaps a live owner's) too. The database is asked, not
+    the ``Table`` a model declares: a primary key of that one column, or a unique constraint or
+    unique index (without ``WHERE``) on exactly that column.
+    """
+    id_name = spec.columns.get("id")
+    if id_name is None or id_name not in table.c:
+        return  # UserTableSource names the missing column
+    name = table.c[id_name].name
+    inspector = inspect(conn)
+    try:
+        if primary_key is None:
+            pk = inspector.get_pk_constraint(table.name, schema=table.schema)
+            primary_key = list(pk.get("constrained_columns") or ())
+        if primary_key == [name]:
+            return
+        for constraint in inspector.get_unique_constraints(table.name, schema=table.schema):
+            if list(constraint.get("column_names") or ()) == [name]:
+                return
+        for index in inspector.get_indexes(table.name, schema=table.schema):
+            partial = any(
+                k.endswith("_where") and v is not None
+                for k, v in (index.get("dialect_options") or {}).items()
+            )
+            if index.get("unique") and not partial and list(index["column_names"]) == [name]:
+                return
+    except exc.NoSuchTableError:
+        raise _no_table(spec, table.name) from None
+    raise ConfigurationError(
+        f"{spec.key}.id",
+        f"column {name!r} of table {table.name!r} is neither its primary key nor unique: "
+        "rows sharing an id would be settled together, including rows never judged; "
+        "map a primary key or unique column (or add a unique index on it)",
     )
 
 
@@ -72,7 +124,11 @@ class UserTableSource:
         self._check_types()
         self.has_owner = "owner" in self.cols
         self.has_task_id = "task_id" in self.cols
-        guards = {role: self.cols[role] for role in ("owner",) if role in self.cols}
+        # The compare-and-set re-checks these: the owner judged, and the start the row had when
+        # read (a job that finished and started again in between is a new run, not judged).
+        guards: dict[str, ColumnElement[Any]] = {
+            role: self.cols[role] for role in ("owner", "started_at") if role in self.cols
+        }
         self.target = SettleTarget(
             table=table,
             id=self.cols["id"],
@@ -82,6 +138,7 @@ class UserTableSource:
             completed_at=self.cols.get("completed_at"),
             error=self.cols.get("error"),
             guards=guards,
+            zone=spec.zone,
         )
 
     def _check_types(self) -> None:
@@ -135,6 +192,7 @@ class UserTableSource:
         i_id, i_status = at["id"], at["status"]
         i_kind, i_started = at.get("kind"), at.get("started_at")
         i_owner, i_task = at.get("owner"), at.get("task_id")
+        zone = self.spec.zone
         out = []
         for row in rows:
             kind = None if i_kind is None else row[i_kind]
@@ -145,7 +203,7 @@ class UserTableSource:
                     row[i_id],
                     row[i_status],
                     None if kind is None else str(kind),
-                    None if i_started is None else row[i_started],
+                    None if i_started is None else localize(row[i_started], zone),
                     None if i_owner is None else row[i_owner],
                     None,
                     None if task_id is None else str(task_id),
