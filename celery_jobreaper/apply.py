@@ -26,7 +26,9 @@ from sqlalchemy.types import TypeDecorator
 
 from .database import Database
 from .planner import Decision
+from .revoked import record_settled
 from .schema import JobReaperTables
+from .settings import DEFAULT_REVOKED_EXPIRES
 from .sources.base import SettleTarget
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ def settle_batch(
     *,
     now: datetime,
     run_id: int | None,
+    revoked_expires: float = DEFAULT_REVOKED_EXPIRES,
 ) -> list[Decision]:
     """Fail the jobs of *decisions* that are still as the planner saw them; return those.
 
@@ -50,7 +53,9 @@ def settle_batch(
     database has it; SQLite's ``BEGIN IMMEDIATE`` serialises writers), re-checked against the
     stale predicate and the owner the planner judged, then updated together with one ledger
     event each. A row another reaper holds or has already settled is skipped, so any number of
-    concurrent reapers settle each job exactly once.
+    concurrent reapers settle each job exactly once. The task ids of the settled jobs are
+    revoked (``jobreaper_revoked``, for *revoked_expires* seconds at most) in the same
+    transaction.
 
     On PostgreSQL each step is one statement whatever the batch size: the ids, error texts and
     ledger columns travel as arrays (``= ANY(:ids)``, ``unnest(…)``), in binary with psycopg 3.
@@ -62,6 +67,9 @@ def settle_batch(
         return []
     _update(conn, target, confirmed, now)
     record_events(conn, tables, confirmed, now=now, run_id=run_id, new_status=target.failed_status)
+    record_settled(
+        conn, tables, [d.candidate.task_id for d in confirmed], expires=revoked_expires, now=now
+    )
     return confirmed
 
 

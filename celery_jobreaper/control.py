@@ -17,3 +17,17 @@ def jobreaper(state: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(step, JobReaperStep):
             return dict(step.info(controller)["jobreaper"])
     return {"enabled": False}
+
+
+@inspect_command(visible=False)
+def jobreaper_held(
+    state: Any, tags: list[str] | None = None, ids: list[str] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Which of these Redis ``unacked`` delivery tags and task ids this worker holds.
+
+    Asked by the broker sweep of every jobreaper worker before it restores or drops an
+    ``unacked`` entry (see :mod:`celery_jobreaper.broker.holders`).
+    """
+    from .broker.holders import held_here
+
+    return held_here(state.consumer, tags or (), ids or ())

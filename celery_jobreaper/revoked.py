@@ -65,6 +65,33 @@ def record(
     return len(rows)
 
 
+#: The ``node`` of a revoked row written by a settle (not by a user's revoke): such a row is
+#: removed again once the settled job's message is gone (see :func:`forget_settled`).
+SETTLED_NODE = "jobreaper:settled"
+
+
+def record_settled(
+    conn: Connection,
+    tbls: JobReaperTables,
+    task_ids: Iterable[str | None],
+    *,
+    expires: float,
+    now: datetime | None = None,
+) -> int:
+    """Revoke the tasks of jobs settled as failed, in the settle's own transaction.
+
+    Written with the settle (not after it), so that neither a crash before the broker sweep
+    nor ``jobreaper_queue_cleanup = "off"``/``"purge"`` loses them: every jobreaper worker
+    merges the table into its in-memory revoked set and discards such a message if it ever
+    comes back (an ``acks_late`` message restored from a dead worker). An id a user already
+    revoked keeps the user's row.
+    """
+    ids = [i for i in task_ids if i]
+    if not ids:
+        return 0
+    return record(conn, tbls, ids, expires=expires, node=SETTLED_NODE, now=now)
+
+
 def active(conn: Connection, tbls: JobReaperTables, now: datetime | None = None) -> set[str]:
     """Revoked ids that have not expired."""
     t = tbls.revoked

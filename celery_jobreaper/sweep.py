@@ -13,21 +13,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import revoked as revoked_store
 from . import workerstate
 from .apply import record_events
-from .broker import amqp as amqp_sweep
-from .broker import filesystem as fs_sweep
-from .broker import redis as redis_sweep
 from .broker.messages import fast_task_id, task_id_of
 from .broker.result import SweepResult
+from .errors import MissingExtraError
 from .liveness import LivenessView
 from .planner import Decision
 from .reaper import Reaper
 from .report import Report
 from .sources.base import Candidate
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,14 @@ class BrokerSweep:
     def __call__(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
         """Sweep after a reap; errors are logged, never raised (the next reap retries)."""
         mode = self.settings.queue_cleanup
-        if mode == "off":
-            return
         try:
+            if mode != "selective" and not report.dry_run:
+                # The queues are left alone, but settled jobs' and revoked tasks' messages
+                # must still never run here: keep this worker's revoked set up to date.
+                with self.reaper.db.connect() as conn:
+                    workerstate.remember_revoked(revoked_store.active(conn, self.reaper.tables))
+            if mode == "off":
+                return
             if mode == "purge":
                 if report.trigger == "startup":
                     self._purge(report)
@@ -78,6 +84,7 @@ class BrokerSweep:
             driver = conn.transport.driver_type
             result = SweepResult()
             if targets and driver == "redis":
+                redis_sweep = _redis_sweep()
                 client = self._redis(conn)
                 options = redis_sweep.settings_from_connection(conn)
                 result.merge(
@@ -92,10 +99,14 @@ class BrokerSweep:
                     )
                 )
             elif targets and driver == "amqp":
+                from .broker import amqp as amqp_sweep
+
                 result.merge(
                     amqp_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry)
                 )
             elif targets and driver == "filesystem":
+                from .broker import filesystem as fs_sweep
+
                 result.merge(fs_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry))
             elif targets:
                 logger.debug("jobreaper: no selective sweep for the %s transport", driver)
@@ -169,21 +180,47 @@ class BrokerSweep:
         return redis.Redis(connection_pool=conn.default_channel.client.connection_pool)
 
     def _unacked(self, conn: Any, view: LivenessView, targets: set[str], dry: bool) -> SweepResult:
+        """Drop or restore the old ``unacked`` entries that no worker on the broker holds.
+
+        One snapshot of the entries is read first; every worker on the broker is then asked
+        about exactly those entries (:mod:`.broker.holders`), and only those entries are
+        acted on, each re-checked by value under kombu's ``unacked_mutex``. If any worker on
+        the broker cannot answer, nothing is restored or dropped this time.
+        """
+        from .broker import holders
+
+        redis_sweep = _redis_sweep()
         client = self._redis(conn)
         options = redis_sweep.settings_from_connection(conn)
-        prefix = options["global_keyprefix"]
-        grace = self.settings.unacked_grace
-        tags = client.zrangebyscore(
-            prefix + options["unacked_index_key"], "-inf", time.time() - grace
+        keys = {k: options[k] for k in ("unacked_key", "unacked_index_key", "global_keyprefix")}
+        entries = redis_sweep.read_unacked(
+            client, ceiling=time.time() - self.settings.unacked_grace, **keys
         )
-        if not tags:
+        if not entries:
             return SweepResult()
-        payloads = client.hmget(prefix + options["unacked_key"], tags)
-        held = {tid for tid in (self._unacked_id(p) for p in payloads if p) if tid}
-        live = self._held_by_live_workers(view, held)
-        if live is None:
+        ids = {e.task_id for e in entries if e.task_id}
+        try:
+            held = holders.ask_holders(
+                self.app,
+                conn,
+                client,
+                options["global_keyprefix"],
+                tags=[e.tag for e in entries],
+                ids=ids,
+                timeout=self.settings.ping_timeout,
+                known_live=self._live_nodes(view),
+            )
+        except Exception as error:
+            logger.warning(
+                "jobreaper: could not ask workers about unacked messages (%s); "
+                "leaving them for now",
+                error,
+            )
             return SweepResult()
-        unacked_options = {
+        if held is None:
+            return SweepResult()
+        held_ids = held.ids | workerstate.held_task_ids()
+        settle_options = {
             k: options[k]
             for k in (
                 "unacked_key",
@@ -195,59 +232,15 @@ class BrokerSweep:
                 "global_keyprefix",
             )
         }
-        return redis_sweep.sweep_unacked(
+        result: SweepResult = redis_sweep.settle_unacked(
             client,
-            is_live=live.__contains__,
+            entries,
+            is_held=lambda e: e.tag in held.tags or e.task_id in held_ids,
             should_drop=targets.__contains__,
-            grace=grace,
             dry_run=dry,
-            **unacked_options,
+            **settle_options,
         )
-
-    @staticmethod
-    def _unacked_id(raw: bytes | str) -> str | None:
-        import json
-
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            return None
-        return task_id_of(entry[0]) if isinstance(entry, list) and entry else None
-
-    def _held_by_live_workers(self, view: LivenessView, task_ids: set[str]) -> set[str] | None:
-        """Which of *task_ids* a live worker holds; ``None`` if we cannot know for sure.
-
-        Every worker on the broker is asked (jobreaper or not): this is the one broadcast
-        that waits its full timeout, and it runs only while old unacked entries exist. A
-        known live worker that does not answer (a busy solo pool) may hold any of them, so
-        then nothing is restored or dropped this time.
-        """
-        held = workerstate.held_task_ids() & task_ids
-        try:
-            replies = (
-                self.app.control.inspect(timeout=self.settings.ping_timeout).query_task(
-                    *sorted(task_ids)
-                )
-                or {}
-            )
-        except Exception as error:
-            logger.warning(
-                "jobreaper: could not ask workers about unacked messages (%s); "
-                "leaving them for now",
-                error,
-            )
-            return None
-        silent = set(self._live_nodes(view)) - set(replies)
-        if silent:
-            logger.info(
-                "jobreaper: live worker(s) %s did not answer; unacked messages are "
-                "left for the next sweep",
-                ", ".join(sorted(silent)),
-            )
-            return None
-        for reply in replies.values():
-            held |= set(reply or {})
-        return held
+        return result
 
     # -- reconciliation ---------------------------------------------------------------------
 
@@ -262,11 +255,14 @@ class BrokerSweep:
             if driver == "redis":
                 return self._redis_queued(conn, queues)
             if driver == "filesystem":
+                from .broker import filesystem as fs_sweep
+
                 found = fs_sweep.sweep_queues(conn, queues, lambda _id: True, dry_run=True)
                 return {task_id for task_id, _queue in found.removed}
         return set()
 
     def _redis_queued(self, conn: Any, queues: Iterable[str]) -> set[str]:
+        redis_sweep = _redis_sweep()
         client = self._redis(conn)
         options = redis_sweep.settings_from_connection(conn)
         found: set[str] = set()
@@ -373,6 +369,18 @@ class BrokerSweep:
                         new_status=None,
                         action=action,
                     )
+
+
+def _redis_sweep() -> ModuleType:
+    """The Redis sweep modules, imported only when the broker is Redis."""
+    try:
+        from .broker import redis as redis_sweep
+    except ImportError as error:
+        raise MissingExtraError(
+            "jobreaper: the broker is Redis but the redis client library is not installed: "
+            'pip install "celery_jobreaper[redis]"'
+        ) from error
+    return redis_sweep
 
 
 def _readable(key: str) -> str:
