@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
+from kombu.utils.json import dumps, loads
 
 from ..messages import fast_task_id, task_id_of
 from ..result import SweepResult
@@ -19,12 +20,57 @@ logger = logging.getLogger(__name__)
 
 #: How far around the expected index the removal script looks before a full LPOS search.
 SEARCH_WINDOW = 64
-#: Most targets handed to one script call (each costs two walks into the list).
+#: Most targets handed to one script call (it may do fewer: see :class:`Pace`).
 SCRIPT_BATCH = 100
 #: Pending targets are removed at least every this many chunks.
 FLUSH_EVERY = 5
 #: How often one list sweep may lose and look up its place before it gives up (partial).
 MAX_RELOCATIONS = 1_000
+
+
+#: Redis logs a command slower than 10 ms (``slowlog-log-slower-than``); a removal script
+#: keeps well below: its loop starts no target after LOOP_BUDGET_US microseconds, and each
+#: walk entry by entry (LREM, LPOS) is bounded to what WALK_BUDGET_US lets it cover.
+LOOP_BUDGET_US = 1_500
+WALK_BUDGET_US = 1_500
+#: Bounds of the reach (entries from an end of a list within which targets are removed).
+MIN_REACH, MAX_REACH, FIRST_REACH = 1_000, 1_000_000, 20_000
+#: ``expires`` of a neutralized message: long past.
+EXPIRED = "1970-01-01T00:00:00+00:00"
+
+
+class Pace:
+    """The reach of the removal script, adapted to how fast this Redis walks a list."""
+
+    def __init__(self) -> None:
+        self.reach = FIRST_REACH
+
+    def observe(self, walk_us: int, walked: int) -> None:
+        """A script's LREMs walked *walked* entries in *walk_us* microseconds."""
+        if walked < 2 * MIN_REACH or walk_us <= 0:
+            return
+        per_entry = walk_us / walked
+        self.reach = max(MIN_REACH, min(MAX_REACH, int(WALK_BUDGET_US / per_entry)))
+
+
+def expired_copy(value: bytes) -> bytes:
+    """*value* with ``expires`` in the past (protocol 2), or b"" if it has no such header.
+
+    Celery discards a message whose ``expires`` has passed before looking at anything else
+    (``Request.revoked``): it never runs, as a revoked task's message never runs.
+    """
+    try:
+        message = loads(value)
+    except (ValueError, TypeError, RecursionError):
+        return b""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    if not isinstance(headers, dict) or "task" not in headers or "id" not in headers:
+        return b""
+    if headers.get("expires") == EXPIRED:
+        return b""  # already neutralized
+    headers["expires"] = EXPIRED
+    text: str = dumps(message)
+    return text.encode("utf-8")
 
 
 def _rindex(values: list[Any], value: Any) -> int | None:
@@ -71,6 +117,7 @@ class _ListSweep:
         script: Any,
         tombstone: str,
         result: SweepResult,
+        pace: Pace,
     ) -> None:
         self.client = client
         self.key = key
@@ -80,6 +127,7 @@ class _ListSweep:
         self.script = script
         self.tombstone = tombstone
         self.result = result
+        self.pace = pace
         self.unparsable = 0
         self.examined = 0
         self.anchor: bytes | None = None
@@ -165,12 +213,15 @@ class _ListSweep:
     def _relocate(self) -> int | None:
         """Look the anchor up; return how far it moved, or None if it is gone."""
         assert self.anchor is not None
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.lpos(self.key, self.anchor, rank=-1)
-            pipe.llen(self.key)
-            found, length = pipe.execute()
-        if found is not None:
-            return self._moved_to(int(found) - int(length))
+        # A bounded read around where it was, not an LPOS walk from an end (that would hold
+        # Redis for as long as the list is deep). Farther than that counts as consumed: the
+        # sweep starts over at the tail, which costs time and never a wrong removal.
+        lo = self.anchor_at - self.chunk // 4
+        hi = min(self.anchor_at + self.chunk, -1)
+        values: list[bytes] = self.client.lrange(self.key, lo, hi)
+        k = _rindex(values, self.anchor) if values else None
+        if k is not None:
+            return self._moved_to(hi - len(values) + 1 + k)
         # Consumed, and with it every entry examined on its tail side (pending targets
         # included): forget those, remove the others now and start over at the tail.
         self.pending = [p for p in self.pending if self._expected(p) < self.anchor_at]
@@ -259,19 +310,41 @@ class _ListSweep:
         self.pending_chunks = 0
         drift = 0
         tail_side_removed = 0
-        for start in range(0, len(targets), SCRIPT_BATCH):
+        start = 0
+        while start < len(targets):
             batch = targets[start : start + SCRIPT_BATCH]
-            args: list[Any] = [self.tombstone, SEARCH_WINDOW, drift]
+            args: list[Any] = [
+                self.tombstone,
+                SEARCH_WINDOW,
+                drift,
+                self.pace.reach,
+                LOOP_BUDGET_US,
+            ]
             for index, value, _ in batch:
-                args.extend((index, value))
+                args.extend((index, value, expired_copy(value)))
             reply = self.script(keys=[self.key], args=args)
             drift = int(reply[0])
-            for (index, _, task_id), flag in zip(batch, reply[1:], strict=True):
-                if int(flag):
+            self.pace.observe(int(reply[2]), int(reply[3]))
+            flags = [int(flag) for flag in reply[4:]]
+            if not flags:  # the script always handles its first target
+                raise RuntimeError("jobreaper: the removal script handled no target")
+            start += len(flags)
+            for (index, _, task_id), flag in zip(batch, flags, strict=False):
+                if flag in (1, 2):
                     self.result.removed.append((task_id, self.key))
-                    if index > self.anchor_at:
-                        tail_side_removed += 1
-                else:
+                if flag == 1 and index > self.anchor_at:
+                    tail_side_removed += 1
+                elif flag == 2:
+                    self.result.neutralized += 1
+                elif flag == 3:
+                    self.result.partial = True  # left where it is: look again next time
+                    logger.info(
+                        "jobreaper: message of task %s is too deep in %r to remove now; "
+                        "left for a later sweep",
+                        task_id,
+                        self.key,
+                    )
+                elif flag == 0:
                     logger.debug(
                         "jobreaper: %s left %r before it could be removed", task_id, self.key
                     )
@@ -304,9 +377,15 @@ def sweep_queues(
     ``removed`` lists ``(task_id, list key)``. *dry_run* reports what would be removed and
     changes nothing. *client* must be a plain client that does not decode responses.
 
-    Limits: Redis lists have no delete-by-index, so a script walks from the nearer end of
-    the list to its entries: about 15 ms on average and 40 ms at most inside Redis for a
-    million-entry list of 1 kB messages (``benchmarks/bench_redis_sweep.py``). A concurrent
+    Limits: Redis lists have no delete-by-index; taking an entry out means walking to it
+    entry by entry from an end (about 35 ms to the middle of a million-entry list of 1 kB
+    messages). To hold Redis for a few milliseconds at most per script, targets are removed
+    only within a *reach* of either end (adapted to the measured walking speed: about
+    20,000 entries of 1 kB); a target deeper than that is neutralized in place, rewritten
+    with ``expires`` in the past so that any Celery worker discards it unrun (and records
+    it as revoked, "expired"), and counted in ``neutralized`` (and ``removed``); a later
+    sweep takes it out once it is within reach. A message without protocol 2 headers that
+    is too deep is left for a later sweep (``partial``). A concurrent
     remover of the same list (say another sweep) can make this one examine, and count, some
     entries twice; it never makes it remove a wrong one. If the list moves faster than it
     can be read, the sweep stops and marks the result ``partial``.
@@ -317,6 +396,7 @@ def sweep_queues(
     result = SweepResult()
     script = None if dry_run else client.register_script(REMOVE_LUA)
     tombstone = f"jobreaper-tombstone:{uuid.uuid4().hex}"
+    pace = Pace()
     for queue in queues:
         for key in queue_keys(
             queue, priority_steps=priority_steps, sep=sep, global_keyprefix=global_keyprefix
@@ -330,6 +410,7 @@ def sweep_queues(
                 script=script,
                 tombstone=tombstone,
                 result=result,
+                pace=pace,
             ).run()
     if result.removed:
         logger.info(
