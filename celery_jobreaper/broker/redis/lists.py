@@ -54,7 +54,8 @@ class Pace:
 
 
 def expired_copy(value: bytes) -> bytes:
-    """*value* with ``expires`` in the past (protocol 2), or b"" if it has no such header.
+    """*value* with ``expires`` in the past (protocol 2); b"=" if it has that already, b""
+    if it has no protocol 2 headers.
 
     Celery discards a message whose ``expires`` has passed before looking at anything else
     (``Request.revoked``): it never runs, as a revoked task's message never runs.
@@ -67,7 +68,7 @@ def expired_copy(value: bytes) -> bytes:
     if not isinstance(headers, dict) or "task" not in headers or "id" not in headers:
         return b""
     if headers.get("expires") == EXPIRED:
-        return b""  # already neutralized
+        return b"="  # already neutralized
     headers["expires"] = EXPIRED
     text: str = dumps(message)
     return text.encode("utf-8")
@@ -343,6 +344,10 @@ class _ListSweep:
                         "left for a later sweep",
                         task_id,
                         self.key,
+                    )
+                elif flag == 4:
+                    logger.debug(
+                        "jobreaper: %s in %r was neutralized before; left", task_id, self.key
                     )
                 elif flag == 0:
                     logger.debug(

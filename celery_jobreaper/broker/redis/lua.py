@@ -23,10 +23,11 @@ reach.
 KEYS[1] is the list. ARGV: tombstone (unique to the sweep), search window, first guess of the
 drift (how far entries moved towards the tail since their expected index was worked out),
 reach, budget, then triples of (expected index counted from the tail, exact value,
-neutralized value or "" when it has none). The drift found for one target is the guess for
-the next. Returns {drift, microseconds spent, microseconds in the LREMs, entries they walked,
-flag_1, ...} with one flag per target handled: 1 removed, 2 neutralized, 3 found too deep
-and left (no neutralized value), 0 not found (consumed meanwhile).
+neutralized value, or "" when it has none, or "=" when it is already neutralized). The drift
+found for one target is the guess for the next. Returns {drift, microseconds spent,
+microseconds in the LREMs, entries they walked, flag_1, ...} with one flag per target
+handled: 1 removed, 2 neutralized, 3 found too deep and left (no neutralized value), 4 found
+too deep and already neutralized, 0 not found (consumed meanwhile).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ for i = 6, #ARGV, 3 do
         if from_head > head_far then head_far = from_head end
       end
       out[#out + 1] = 1
+    elseif neutral == '=' then
+      out[#out + 1] = 4
     elseif neutral ~= '' then
       redis.call('LSET', key, pos, neutral)
       out[#out + 1] = 2
