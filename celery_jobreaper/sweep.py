@@ -99,11 +99,7 @@ class BrokerSweep:
                     )
                 )
             elif targets and driver == "amqp":
-                from .broker import amqp as amqp_sweep
-
-                result.merge(
-                    amqp_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry)
-                )
+                result.merge(self._amqp(conn, queues, targets, dry))
             elif targets and driver == "filesystem":
                 from .broker import filesystem as fs_sweep
 
@@ -115,6 +111,33 @@ class BrokerSweep:
         if not dry and not result.partial:
             self._swept |= targets
         self._record(report, result, settled_ids)
+
+    def _amqp(self, conn: Any, queues: list[str], targets: set[str], dry: bool) -> SweepResult:
+        """RabbitMQ: never in a dry run (reading a queue means taking its messages)."""
+        if dry:
+            logger.info(
+                "jobreaper: [dry run] RabbitMQ queues are not read (that would take and give "
+                "back every message); %d revoked/settled task id(s) would be looked for",
+                len(targets),
+            )
+            return SweepResult()
+        from . import amqp_holds
+        from .broker import amqp as amqp_sweep
+
+        db, tables = self.reaper.db, self.reaper.tables
+        with db.connect() as dbc:
+            holds = amqp_holds.load(dbc, tables, queues)
+        try:
+            return amqp_sweep.sweep_queues(
+                conn,
+                queues,
+                targets.__contains__,
+                max_deliveries=self.settings.amqp_max_deliveries,
+                holds=holds,
+            )
+        finally:
+            with db.connect() as dbc, dbc.begin():
+                amqp_holds.save(dbc, tables, queues, holds)
 
     # -- what to remove ---------------------------------------------------------------------
 
