@@ -85,8 +85,7 @@ def test_dry_run_plan_never_touches_a_quorum_queue(pg_url: str, names: tuple[str
     celery_jobreaper.revoke(app, [ids[2]])
 
     for _ in range(2):
-        report = celery_jobreaper.reap(app, dry_run=True)
-        assert report.broker.get("removed", 0) == 0
+        celery_jobreaper.reap(app, dry_run=True)
 
     assert _drain(queue) == [(i, 0) for i in ids]  # all there, never delivered
     app.close()
