@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.worker.control import inspect_command
+from celery.worker.control import control_command, inspect_command
 
 
 @inspect_command()
@@ -17,6 +17,14 @@ def jobreaper(state: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(step, JobReaperStep):
             return dict(step.info(controller)["jobreaper"])
     return {"enabled": False}
+
+
+@control_command(visible=False)
+def jobreaper_revoke_settled(state: Any, ids: list[str] | None = None, **kwargs: Any) -> None:
+    """Revoke settled jobs' task ids here until their message is gone (then forgotten)."""
+    from .workerstate import remember_settled
+
+    remember_settled(ids or ())
 
 
 @inspect_command(visible=False)

@@ -15,7 +15,7 @@ from .clock import utcnow
 from .database import Database
 from .schema import JobReaperTables, tables
 from .settings import Settings
-from .workerstate import revoked_ids
+from .workerstate import revoked_ids, settled_ids
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,28 @@ def record_settled(
     return record(conn, tbls, ids, expires=expires, node=SETTLED_NODE, now=now)
 
 
+def active_settled(
+    conn: Connection, tbls: JobReaperTables, now: datetime | None = None
+) -> set[str]:
+    """Revoked ids written by a settle (see :func:`record_settled`) that have not expired."""
+    t = tbls.revoked
+    return set(
+        conn.execute(
+            select(t.c.task_id).where(t.c.expires_at > (now or utcnow()), t.c.node == SETTLED_NODE)
+        ).scalars()
+    )
+
+
+def forget_settled(conn: Connection, tbls: JobReaperTables, task_ids: Iterable[str]) -> int:
+    """Un-revoke settled jobs' task ids whose message is gone (a user's revoke stays)."""
+    ids = list(dict.fromkeys(task_ids))
+    if not ids:
+        return 0
+    t = tbls.revoked
+    stmt = delete(t).where(t.c.task_id.in_(ids), t.c.node == SETTLED_NODE)
+    return int(conn.execute(stmt).rowcount or 0)
+
+
 def active(conn: Connection, tbls: JobReaperTables, now: datetime | None = None) -> set[str]:
     """Revoked ids that have not expired."""
     t = tbls.revoked
@@ -118,7 +140,8 @@ class RevokedSync:
 
     def sync(self) -> int:
         """Store revoked ids this worker learned since the last call; return how many."""
-        new = [i for i in revoked_ids() if i not in self._synced]
+        # Settled jobs' ids are the table's already, and must not outlive their rows.
+        new = [i for i in revoked_ids() - settled_ids() if i not in self._synced]
         if not new:
             return 0
         with self.db.connect() as conn, conn.begin():

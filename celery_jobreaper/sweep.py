@@ -57,7 +57,11 @@ class BrokerSweep:
                 # The queues are left alone, but settled jobs' and revoked tasks' messages
                 # must still never run here: keep this worker's revoked set up to date.
                 with self.reaper.db.connect() as conn:
-                    workerstate.remember_revoked(revoked_store.active(conn, self.reaper.tables))
+                    revoked = revoked_store.active(conn, self.reaper.tables)
+                    settled = revoked_store.active_settled(conn, self.reaper.tables)
+                workerstate.remember_revoked(revoked - settled)
+                workerstate.remember_settled(settled)
+                workerstate.keep_settled(settled)
             if mode == "off":
                 return
             if mode == "purge":
@@ -70,13 +74,15 @@ class BrokerSweep:
             logger.exception("jobreaper: broker sweep failed (%s); it is retried next time", error)
 
     def _selective(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
-        known = self._targets(report, view, settled_ids)
+        known, settled = self._targets(report, view, settled_ids)
         # The queues are read once for every target: later sweeps look only for new ones.
         # Workers discard the revoked messages they consume themselves, so merging the ids
         # into this worker's own revoked set keeps enforcing them afterwards.
         targets = known - self._swept
         if not report.dry_run:
-            workerstate.remember_revoked(known)
+            workerstate.remember_revoked(known - settled)
+            workerstate.remember_settled(settled)
+            workerstate.keep_settled(settled)
         queues = list(self.queues())
         dry = report.dry_run
         with self.app.connection_for_write() as conn:
@@ -106,11 +112,50 @@ class BrokerSweep:
                 result.merge(fs_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry))
             elif targets:
                 logger.debug("jobreaper: no selective sweep for the %s transport", driver)
+            gone: set[str] = set()
             if driver == "redis":
                 result.merge(self._unacked(conn, view, known, dry))
+                if settled and not dry and not result.partial:
+                    gone = self._settled_gone(conn, settled & targets, result)
         if not dry and not result.partial:
             self._swept |= targets
+        if gone:
+            self._forget(gone)
         self._record(report, result, settled_ids)
+
+    def _settled_gone(self, conn: Any, looked_for: set[str], result: SweepResult) -> set[str]:
+        """Settled ids whose message is gone for sure (Redis, after a complete sweep).
+
+        Gone: removed from a list or dropped from ``unacked`` now, or looked for in every
+        list of this worker's queues without being found and not in ``unacked`` at all (any
+        age: a message a live worker holds is there, and kombu restores only what is there).
+        A message restored to a queue this worker does not consume is not seen: see README.
+        """
+        redis_sweep = _redis_sweep()
+        options = redis_sweep.settings_from_connection(conn)
+        entries = redis_sweep.read_unacked(
+            self._redis(conn),
+            ceiling=float("inf"),
+            unacked_key=options["unacked_key"],
+            unacked_index_key=options["unacked_index_key"],
+            global_keyprefix=options["global_keyprefix"],
+        )
+        present = {e.task_id for e in entries} | {t for t, _ in result.restored}
+        done = {t for t, _ in result.removed} | {t for t, _ in result.dropped_unacked}
+        return (looked_for | done) - present
+
+    def _forget(self, task_ids: set[str]) -> None:
+        """Un-revoke settled jobs' ids whose message is gone: the id may be sent again."""
+        with self.reaper.db.connect() as conn, conn.begin():
+            revoked_store.forget_settled(conn, self.reaper.tables, task_ids)
+            still = revoked_store.active_settled(conn, self.reaper.tables)
+        workerstate.keep_settled(still)
+        self._swept -= task_ids
+        logger.info(
+            "jobreaper: %d settled job(s)' message(s) gone; their task ids may run again: %s",
+            len(task_ids),
+            ", ".join(sorted(task_ids)[:20]),
+        )
 
     def _amqp(self, conn: Any, queues: list[str], targets: set[str], dry: bool) -> SweepResult:
         """RabbitMQ: never in a dry run (reading a queue means taking its messages)."""
@@ -141,11 +186,14 @@ class BrokerSweep:
 
     # -- what to remove ---------------------------------------------------------------------
 
-    def _targets(self, report: Report, view: LivenessView, settled_ids: set[str]) -> set[str]:
-        """Revoked ids (table, this process, live workers once) plus this run's settled jobs."""
+    def _targets(
+        self, report: Report, view: LivenessView, settled_ids: set[str]
+    ) -> tuple[set[str], set[str]]:
+        """Revoked ids (table, this process, live workers once) plus this run's settled jobs;
+        and of those, the ids revoked only because their job was settled."""
         db, tables = self.reaper.db, self.reaper.tables
         node = report.node
-        learned = workerstate.revoked_ids()
+        learned = workerstate.revoked_ids() - workerstate.settled_ids()
         if not self._asked_live_revoked:
             self._asked_live_revoked = True
             learned |= self._ask_live_revoked(view)
@@ -156,17 +204,23 @@ class BrokerSweep:
                         conn, tables, learned, expires=self.settings.revoked_expires, node=node
                     )
                 if settled_ids:
-                    # a settled job must not run afterwards, wherever its message is
-                    revoked_store.record(
-                        conn, tables, settled_ids, expires=self.settings.revoked_expires, node=node
+                    # a settled job must not run afterwards, wherever its message is (the
+                    # settle itself stored them; this covers a settle made without ids)
+                    revoked_store.record_settled(
+                        conn, tables, settled_ids, expires=self.settings.revoked_expires
                     )
                 revoked_store.prune(conn, tables)
             targets = revoked_store.active(conn, tables) | learned | settled_ids
+            settled = revoked_store.active_settled(conn, tables) | (settled_ids - learned)
         if settled_ids and not report.dry_run and view.other_live_workers:
+            # Live jobreaper workers hold them revoked until the message is gone (Celery's
+            # own revoke would block the id there for 3 hours, a re-sent task included).
             ids = sorted(settled_ids)
             for i in range(0, len(ids), REVOKE_CHUNK):
-                self.app.control.revoke(ids[i : i + REVOKE_CHUNK])
-        return targets
+                self.app.control.broadcast(
+                    "jobreaper_revoke_settled", arguments={"ids": ids[i : i + REVOKE_CHUNK]}
+                )
+        return targets, settled
 
     def _live_nodes(self, view: LivenessView) -> list[str]:
         nodes = {
