@@ -400,6 +400,8 @@ class BrokerSweep:
             dropped_unacked=len(result.dropped_unacked),
             unparsable=result.unparsable,
         )
+        if result.neutralized:
+            report.broker["neutralized"] = result.neutralized
         prefix = "[dry run] would have " if report.dry_run else ""
         rows: list[tuple[str, str, str, str]] = []
         for task_id, key in result.removed:
