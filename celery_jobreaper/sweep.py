@@ -5,30 +5,25 @@ worker's queues: messages whose task is revoked (durably, see :mod:`celery_jobre
 or whose job was settled as failed are removed; on Redis, messages a dead worker took but never
 acknowledged are dropped (revoked/failed) or restored to their queue now instead of after
 ``visibility_timeout``. ``jobreaper_queue_cleanup = "purge"`` empties this worker's queues at
-startup instead (the seed's behaviour); ``"off"`` does nothing.
+startup instead (the seed's behaviour); ``"off"`` leaves the queues alone (both still keep
+this worker's revoked set up to date). The Redis side lives in :mod:`.sweep_redis`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import revoked as revoked_store
-from . import workerstate
+from . import sweep_redis, workerstate
 from .apply import record_events
-from .broker.messages import fast_task_id, task_id_of
 from .broker.result import SweepResult
-from .errors import MissingExtraError
 from .liveness import LivenessView
 from .planner import Decision
 from .reaper import Reaper
 from .report import Report
 from .sources.base import Candidate
-
-if TYPE_CHECKING:
-    from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +85,7 @@ class BrokerSweep:
             driver = conn.transport.driver_type
             result = SweepResult()
             if targets and driver == "redis":
-                redis_sweep = _redis_sweep()
-                client = self._redis(conn)
-                options = redis_sweep.settings_from_connection(conn)
-                result.merge(
-                    redis_sweep.sweep_queues(
-                        client,
-                        queues,
-                        targets.__contains__,
-                        dry_run=dry,
-                        priority_steps=options["priority_steps"],
-                        sep=options["sep"],
-                        global_keyprefix=options["global_keyprefix"],
-                    )
-                )
+                result.merge(sweep_redis.sweep_lists(conn, queues, targets, dry=dry))
             elif targets and driver == "amqp":
                 result.merge(self._amqp(conn, queues, targets, dry))
             elif targets and driver == "filesystem":
@@ -114,35 +96,24 @@ class BrokerSweep:
                 logger.debug("jobreaper: no selective sweep for the %s transport", driver)
             gone: set[str] = set()
             if driver == "redis":
-                result.merge(self._unacked(conn, view, known, dry))
+                result.merge(
+                    sweep_redis.settle_dead_unacked(
+                        self.app,
+                        conn,
+                        grace=self.settings.unacked_grace,
+                        timeout=self.settings.ping_timeout,
+                        known_live=self._live_nodes(view),
+                        targets=known,
+                        dry=dry,
+                    )
+                )
                 if settled and not dry and not result.partial:
-                    gone = self._settled_gone(conn, settled & targets, result)
+                    gone = sweep_redis.settled_gone(conn, settled & targets, result)
         if not dry and not result.partial:
             self._swept |= targets
         if gone:
             self._forget(gone)
         self._record(report, result, settled_ids)
-
-    def _settled_gone(self, conn: Any, looked_for: set[str], result: SweepResult) -> set[str]:
-        """Settled ids whose message is gone for sure (Redis, after a complete sweep).
-
-        Gone: removed from a list or dropped from ``unacked`` now, or looked for in every
-        list of this worker's queues without being found and not in ``unacked`` at all (any
-        age: a message a live worker holds is there, and kombu restores only what is there).
-        A message restored to a queue this worker does not consume is not seen: see README.
-        """
-        redis_sweep = _redis_sweep()
-        options = redis_sweep.settings_from_connection(conn)
-        entries = redis_sweep.read_unacked(
-            self._redis(conn),
-            ceiling=float("inf"),
-            unacked_key=options["unacked_key"],
-            unacked_index_key=options["unacked_index_key"],
-            global_keyprefix=options["global_keyprefix"],
-        )
-        present = {e.task_id for e in entries} | {t for t, _ in result.restored}
-        done = {t for t, _ in result.removed} | {t for t, _ in result.dropped_unacked}
-        return (looked_for | done) - present
 
     def _forget(self, task_ids: set[str]) -> None:
         """Un-revoke settled jobs' ids whose message is gone: the id may be sent again."""
@@ -247,78 +218,6 @@ class BrokerSweep:
             return set()
         return {i for ids in replies.values() for i in (ids or ())}
 
-    # -- Redis unacked --------------------------------------------------------------------------
-
-    @staticmethod
-    def _redis(conn: Any) -> Any:
-        """A plain client on the kombu channel's own pool (no key prefixing)."""
-        import redis
-
-        return redis.Redis(connection_pool=conn.default_channel.client.connection_pool)
-
-    def _unacked(self, conn: Any, view: LivenessView, targets: set[str], dry: bool) -> SweepResult:
-        """Drop or restore the old ``unacked`` entries that no worker on the broker holds.
-
-        One snapshot of the entries is read first; every worker on the broker is then asked
-        about exactly those entries (:mod:`.broker.holders`), and only those entries are
-        acted on, each re-checked by value under kombu's ``unacked_mutex``. If any worker on
-        the broker cannot answer, nothing is restored or dropped this time.
-        """
-        from .broker import holders
-
-        redis_sweep = _redis_sweep()
-        client = self._redis(conn)
-        options = redis_sweep.settings_from_connection(conn)
-        keys = {k: options[k] for k in ("unacked_key", "unacked_index_key", "global_keyprefix")}
-        entries = redis_sweep.read_unacked(
-            client, ceiling=time.time() - self.settings.unacked_grace, **keys
-        )
-        if not entries:
-            return SweepResult()
-        ids = {e.task_id for e in entries if e.task_id}
-        try:
-            held = holders.ask_holders(
-                self.app,
-                conn,
-                client,
-                options["global_keyprefix"],
-                tags=[e.tag for e in entries],
-                ids=ids,
-                timeout=self.settings.ping_timeout,
-                known_live=self._live_nodes(view),
-            )
-        except Exception as error:
-            logger.warning(
-                "jobreaper: could not ask workers about unacked messages (%s); "
-                "leaving them for now",
-                error,
-            )
-            return SweepResult()
-        if held is None:
-            return SweepResult()
-        held_ids = held.ids | workerstate.held_task_ids()
-        settle_options = {
-            k: options[k]
-            for k in (
-                "unacked_key",
-                "unacked_index_key",
-                "unacked_mutex_key",
-                "unacked_mutex_expire",
-                "priority_steps",
-                "sep",
-                "global_keyprefix",
-            )
-        }
-        result: SweepResult = redis_sweep.settle_unacked(
-            client,
-            entries,
-            is_held=lambda e: e.tag in held.tags or e.task_id in held_ids,
-            should_drop=targets.__contains__,
-            dry_run=dry,
-            **settle_options,
-        )
-        return result
-
     # -- reconciliation ---------------------------------------------------------------------
 
     def queued_task_ids(self) -> set[str]:
@@ -330,37 +229,13 @@ class BrokerSweep:
         with self.app.connection_for_write() as conn:
             driver = conn.transport.driver_type
             if driver == "redis":
-                return self._redis_queued(conn, queues)
+                return sweep_redis.queued_ids(conn, queues)
             if driver == "filesystem":
                 from .broker import filesystem as fs_sweep
 
                 found = fs_sweep.sweep_queues(conn, queues, lambda _id: True, dry_run=True)
                 return {task_id for task_id, _queue in found.removed}
         return set()
-
-    def _redis_queued(self, conn: Any, queues: Iterable[str]) -> set[str]:
-        redis_sweep = _redis_sweep()
-        client = self._redis(conn)
-        options = redis_sweep.settings_from_connection(conn)
-        found: set[str] = set()
-        for queue in queues:
-            for key in redis_sweep.queue_keys(
-                queue,
-                priority_steps=options["priority_steps"],
-                sep=options["sep"],
-                global_keyprefix=options["global_keyprefix"],
-            ):
-                start = 0
-                while True:
-                    chunk = client.lrange(key, start, start + 9999)
-                    for raw in chunk:
-                        task_id = fast_task_id(raw) or task_id_of(raw)
-                        if task_id:
-                            found.add(task_id)
-                    if len(chunk) < 10000:
-                        break
-                    start += len(chunk)
-        return found
 
     # -- purge --------------------------------------------------------------------------------
 
@@ -448,18 +323,6 @@ class BrokerSweep:
                         new_status=None,
                         action=action,
                     )
-
-
-def _redis_sweep() -> ModuleType:
-    """The Redis sweep modules, imported only when the broker is Redis."""
-    try:
-        from .broker import redis as redis_sweep
-    except ImportError as error:
-        raise MissingExtraError(
-            "jobreaper: the broker is Redis but the redis client library is not installed: "
-            'pip install "celery_jobreaper[redis]"'
-        ) from error
-    return redis_sweep
 
 
 def _readable(key: str) -> str:
