@@ -10,7 +10,7 @@ import redis
 from celery import Celery
 from support import REDIS_URL, WorkerProcess, wait_until, worker_env
 
-from celery_jobreaper.broker.redis import lists, sweep_queues
+from celery_jobreaper.broker.redis import budget, sweep_queues
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_deep_target_is_neutralized_then_discarded_by_a_worker(
     rewritten in place (the list keeps its length and order); a real worker then runs every
     other message in order and none of the 5; targets near the ends are taken out."""
     for name in ("MIN_REACH", "FIRST_REACH", "MAX_REACH"):
-        monkeypatch.setattr(lists, name, 1_000)
+        monkeypatch.setattr(budget, name, 1_000)
     queue, record_key = f"q-{unique}", f"{prefix}record"
     app = Celery("sender", broker=REDIS_URL, set_as_current=False)
     app.conf.update(task_default_queue=queue, broker_transport_options={"global_keyprefix": prefix})
