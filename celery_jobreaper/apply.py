@@ -31,7 +31,9 @@ from sqlalchemy.types import TypeDecorator
 
 from .database import Database
 from .planner import Decision
+from .revoked import record_settled
 from .schema import JobReaperTables
+from .settings import DEFAULT_REVOKED_EXPIRES
 from .sources.base import SettleTarget
 from .textsafe import safe
 from .timezones import localize
@@ -50,6 +52,7 @@ def settle_batch(
     *,
     now: datetime,
     run_id: int | None,
+    revoked_expires: float = DEFAULT_REVOKED_EXPIRES,
 ) -> list[Decision]:
     """Fail the jobs of *decisions* that are still as the planner saw them; return those.
 
@@ -59,7 +62,9 @@ def settle_batch(
     job that finished and started again since is a new run). The UPDATE then compares and sets
     on all of that again, so a database without row locks is exact too, and only the rows it
     really changed (``RETURNING`` on PostgreSQL, each statement's rowcount elsewhere) get a
-    ledger event and are returned. Any number of concurrent reapers settle each job once.
+    ledger event and are returned. Any number of concurrent reapers settle each job once. The
+    task ids of the settled jobs are revoked (``jobreaper_revoked``, for *revoked_expires*
+    seconds at most) in the same transaction.
 
     On PostgreSQL each step is one statement whatever the batch size: the ids, error texts and
     compared values travel as arrays (``= ANY(:ids)``, ``unnest(…)``), in binary with psycopg 3.
@@ -71,6 +76,9 @@ def settle_batch(
         return []
     done = _update(conn, target, confirmed, now)
     record_events(conn, tables, done, now=now, run_id=run_id, new_status=target.failed_status)
+    record_settled(
+        conn, tables, [d.candidate.task_id for d in done], expires=revoked_expires, now=now
+    )
     if len(done) < len(decisions):
         settled = {d.candidate.job_id for d in done}
         moved = [d.candidate.job_id for d in decisions if d.candidate.job_id not in settled]

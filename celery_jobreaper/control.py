@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.worker.control import inspect_command
+from celery.worker.control import control_command, inspect_command
 
 
 @inspect_command()
@@ -17,3 +17,25 @@ def jobreaper(state: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(step, JobReaperStep):
             return dict(step.info(controller)["jobreaper"])
     return {"enabled": False}
+
+
+@control_command(visible=False)
+def jobreaper_revoke_settled(state: Any, ids: list[str] | None = None, **kwargs: Any) -> None:
+    """Revoke settled jobs' task ids here until their message is gone (then forgotten)."""
+    from .workerstate import remember_settled
+
+    remember_settled(ids or ())
+
+
+@inspect_command(visible=False)
+def jobreaper_held(
+    state: Any, tags: list[str] | None = None, ids: list[str] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Which of these Redis ``unacked`` delivery tags and task ids this worker holds.
+
+    Asked by the broker sweep of every jobreaper worker before it restores or drops an
+    ``unacked`` entry (see :mod:`celery_jobreaper.broker.holders`).
+    """
+    from .broker.holders import held_here
+
+    return held_here(state.consumer, tags or (), ids or ())

@@ -24,3 +24,7 @@ class SchemaVersionError(JobReaperError):
 
 class StartupReapError(JobReaperError):
     """Raised in strict mode when the reap at worker start fails; the worker refuses to start."""
+
+
+class MissingExtraError(JobReaperError, ImportError):
+    """Raised when the configured broker needs an optional dependency that is not installed."""

@@ -210,6 +210,7 @@ class Reaper:
                         fails,
                         now=report.started_at,
                         run_id=report.run_id,
+                        revoked_expires=self.settings.revoked_expires,
                     )
                 self._settled(source, done, report, settled_task_ids)
             if len(batch) < self.settings.batch_size:

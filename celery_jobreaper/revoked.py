@@ -15,7 +15,8 @@ from .clock import utcnow
 from .database import Database
 from .schema import JobReaperTables, tables
 from .settings import Settings
-from .workerstate import revoked_ids
+from .textsafe import safe
+from .workerstate import revoked_ids, settled_ids
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,66 @@ def record(
     return len(rows)
 
 
+#: The ``node`` of a revoked row written by a settle (not by a user's revoke): such a row is
+#: removed again once the settled job's message is gone (see :func:`forget_settled`).
+SETTLED_NODE = "jobreaper:settled"
+
+
+def record_settled(
+    conn: Connection,
+    tbls: JobReaperTables,
+    task_ids: Iterable[str | None],
+    *,
+    expires: float,
+    now: datetime | None = None,
+) -> int:
+    """Revoke the tasks of jobs settled as failed, in the settle's own transaction.
+
+    Written with the settle (not after it), so that neither a crash before the broker sweep
+    nor ``jobreaper_queue_cleanup = "off"``/``"purge"`` loses them: every jobreaper worker
+    merges the table into its in-memory revoked set and discards such a message if it ever
+    comes back (an ``acks_late`` message restored from a dead worker). An id a user already
+    revoked keeps the user's row.
+    """
+    ids = [i for i in task_ids if i]
+    limit = getattr(tbls.revoked.c.task_id.type, "length", None)
+    too_long = [i for i in ids if limit is not None and len(i) > limit]
+    if too_long:  # cannot be a key of the table; the settle itself must not fail for it
+        logger.warning(
+            "jobreaper: %d settled task id(s) longer than %d characters cannot be revoked "
+            "durably (their messages are still removed by the sweep): %s",
+            len(too_long),
+            limit,
+            ", ".join(safe(i) for i in too_long[:5]),
+        )
+        ids = [i for i in ids if i not in too_long]
+    if not ids:
+        return 0
+    return record(conn, tbls, ids, expires=expires, node=SETTLED_NODE, now=now)
+
+
+def active_settled(
+    conn: Connection, tbls: JobReaperTables, now: datetime | None = None
+) -> set[str]:
+    """Revoked ids written by a settle (see :func:`record_settled`) that have not expired."""
+    t = tbls.revoked
+    return set(
+        conn.execute(
+            select(t.c.task_id).where(t.c.expires_at > (now or utcnow()), t.c.node == SETTLED_NODE)
+        ).scalars()
+    )
+
+
+def forget_settled(conn: Connection, tbls: JobReaperTables, task_ids: Iterable[str]) -> int:
+    """Un-revoke settled jobs' task ids whose message is gone (a user's revoke stays)."""
+    ids = list(dict.fromkeys(task_ids))
+    if not ids:
+        return 0
+    t = tbls.revoked
+    stmt = delete(t).where(t.c.task_id.in_(ids), t.c.node == SETTLED_NODE)
+    return int(conn.execute(stmt).rowcount or 0)
+
+
 def active(conn: Connection, tbls: JobReaperTables, now: datetime | None = None) -> set[str]:
     """Revoked ids that have not expired."""
     t = tbls.revoked
@@ -91,7 +152,8 @@ class RevokedSync:
 
     def sync(self) -> int:
         """Store revoked ids this worker learned since the last call; return how many."""
-        new = [i for i in revoked_ids() if i not in self._synced]
+        # Settled jobs' ids are the table's already, and must not outlive their rows.
+        new = [i for i in revoked_ids() - settled_ids() if i not in self._synced]
         if not new:
             return 0
         with self.db.connect() as conn, conn.begin():

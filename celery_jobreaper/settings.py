@@ -34,6 +34,9 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_REVOKED_EXPIRES = 10800.0
 #: Seconds an unacked Redis message must have been held before a sweep may restore or drop it.
 DEFAULT_UNACKED_GRACE = 60.0
+#: A RabbitMQ sweep stops at a message already delivered this many times (``x-delivery-count``
+#: of quorum queues), so that it never pushes one to the queue's ``delivery-limit``.
+DEFAULT_AMQP_MAX_DELIVERIES = 10
 #: Engine options used when jobreaper creates its own engine (Celery's own choice).
 DEFAULT_ENGINE_OPTIONS: Mapping[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
 
@@ -97,6 +100,7 @@ class Settings:
     queue_cleanup: Literal["selective", "purge", "off"] = "selective"
     revoked_expires: float = DEFAULT_REVOKED_EXPIRES
     unacked_grace: float = DEFAULT_UNACKED_GRACE
+    amqp_max_deliveries: int = DEFAULT_AMQP_MAX_DELIVERIES
 
     @classmethod
     def from_app(cls, app: Celery, **overrides: Any) -> Settings:
@@ -184,6 +188,10 @@ class Settings:
             ),
             unacked_grace=_seconds(
                 "jobreaper_unacked_grace", get("unacked_grace"), DEFAULT_UNACKED_GRACE
+            ),
+            amqp_max_deliveries=_positive_int(
+                "jobreaper_amqp_max_deliveries",
+                get("amqp_max_deliveries", DEFAULT_AMQP_MAX_DELIVERIES),
             ),
         )
         if settings.enabled and settings.database_url is None and settings.engine is None:

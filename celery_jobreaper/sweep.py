@@ -5,23 +5,19 @@ worker's queues: messages whose task is revoked (durably, see :mod:`celery_jobre
 or whose job was settled as failed are removed; on Redis, messages a dead worker took but never
 acknowledged are dropped (revoked/failed) or restored to their queue now instead of after
 ``visibility_timeout``. ``jobreaper_queue_cleanup = "purge"`` empties this worker's queues at
-startup instead (the seed's behaviour); ``"off"`` does nothing.
+startup instead (the seed's behaviour); ``"off"`` leaves the queues alone (both still keep
+this worker's revoked set up to date). The Redis side lives in :mod:`.sweep_redis`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import revoked as revoked_store
-from . import workerstate
+from . import sweep_redis, workerstate
 from .apply import record_events
-from .broker import amqp as amqp_sweep
-from .broker import filesystem as fs_sweep
-from .broker import redis as redis_sweep
-from .broker.messages import fast_task_id, task_id_of
 from .broker.result import SweepResult
 from .liveness import LivenessView
 from .planner import Decision
@@ -51,9 +47,18 @@ class BrokerSweep:
     def __call__(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
         """Sweep after a reap; errors are logged, never raised (the next reap retries)."""
         mode = self.settings.queue_cleanup
-        if mode == "off":
-            return
         try:
+            if mode != "selective" and not report.dry_run:
+                # The queues are left alone, but settled jobs' and revoked tasks' messages
+                # must still never run here: keep this worker's revoked set up to date.
+                with self.reaper.db.connect() as conn:
+                    revoked = revoked_store.active(conn, self.reaper.tables)
+                    settled = revoked_store.active_settled(conn, self.reaper.tables)
+                workerstate.remember_revoked(revoked - settled)
+                workerstate.remember_settled(settled)
+                workerstate.keep_settled(settled)
+            if mode == "off":
+                return
             if mode == "purge":
                 if report.trigger == "startup":
                     self._purge(report)
@@ -64,13 +69,15 @@ class BrokerSweep:
             logger.exception("jobreaper: broker sweep failed (%s); it is retried next time", error)
 
     def _selective(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
-        known = self._targets(report, view, settled_ids)
+        known, settled = self._targets(report, view, settled_ids)
         # The queues are read once for every target: later sweeps look only for new ones.
         # Workers discard the revoked messages they consume themselves, so merging the ids
         # into this worker's own revoked set keeps enforcing them afterwards.
         targets = known - self._swept
         if not report.dry_run:
-            workerstate.remember_revoked(known)
+            workerstate.remember_revoked(known - settled)
+            workerstate.remember_settled(settled)
+            workerstate.keep_settled(settled)
         queues = list(self.queues())
         dry = report.dry_run
         with self.app.connection_for_write() as conn:
@@ -78,40 +85,86 @@ class BrokerSweep:
             driver = conn.transport.driver_type
             result = SweepResult()
             if targets and driver == "redis":
-                client = self._redis(conn)
-                options = redis_sweep.settings_from_connection(conn)
-                result.merge(
-                    redis_sweep.sweep_queues(
-                        client,
-                        queues,
-                        targets.__contains__,
-                        dry_run=dry,
-                        priority_steps=options["priority_steps"],
-                        sep=options["sep"],
-                        global_keyprefix=options["global_keyprefix"],
-                    )
-                )
+                result.merge(sweep_redis.sweep_lists(conn, queues, targets, dry=dry))
             elif targets and driver == "amqp":
-                result.merge(
-                    amqp_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry)
-                )
+                result.merge(self._amqp(conn, queues, targets, dry))
             elif targets and driver == "filesystem":
+                from .broker import filesystem as fs_sweep
+
                 result.merge(fs_sweep.sweep_queues(conn, queues, targets.__contains__, dry_run=dry))
             elif targets:
                 logger.debug("jobreaper: no selective sweep for the %s transport", driver)
+            gone: set[str] = set()
             if driver == "redis":
-                result.merge(self._unacked(conn, view, known, dry))
+                result.merge(
+                    sweep_redis.settle_dead_unacked(
+                        self.app,
+                        conn,
+                        grace=self.settings.unacked_grace,
+                        timeout=self.settings.ping_timeout,
+                        known_live=self._live_nodes(view),
+                        targets=known,
+                        dry=dry,
+                    )
+                )
+                if settled and not dry and not result.partial:
+                    gone = sweep_redis.settled_gone(conn, settled & targets, result)
         if not dry and not result.partial:
             self._swept |= targets
+        if gone:
+            self._forget(gone)
         self._record(report, result, settled_ids)
+
+    def _forget(self, task_ids: set[str]) -> None:
+        """Un-revoke settled jobs' ids whose message is gone: the id may be sent again."""
+        with self.reaper.db.connect() as conn, conn.begin():
+            revoked_store.forget_settled(conn, self.reaper.tables, task_ids)
+            still = revoked_store.active_settled(conn, self.reaper.tables)
+        workerstate.keep_settled(still)
+        self._swept -= task_ids
+        logger.info(
+            "jobreaper: %d settled job(s)' message(s) gone; their task ids may run again: %s",
+            len(task_ids),
+            ", ".join(sorted(task_ids)[:20]),
+        )
+
+    def _amqp(self, conn: Any, queues: list[str], targets: set[str], dry: bool) -> SweepResult:
+        """RabbitMQ: never in a dry run (reading a queue means taking its messages)."""
+        if dry:
+            logger.info(
+                "jobreaper: [dry run] RabbitMQ queues are not read (that would take and give "
+                "back every message); %d revoked/settled task id(s) would be looked for",
+                len(targets),
+            )
+            return SweepResult()
+        from . import amqp_holds
+        from .broker import amqp as amqp_sweep
+
+        db, tables = self.reaper.db, self.reaper.tables
+        with db.connect() as dbc:
+            holds = amqp_holds.load(dbc, tables, queues)
+        try:
+            return amqp_sweep.sweep_queues(
+                conn,
+                queues,
+                targets.__contains__,
+                max_deliveries=self.settings.amqp_max_deliveries,
+                holds=holds,
+            )
+        finally:
+            with db.connect() as dbc, dbc.begin():
+                amqp_holds.save(dbc, tables, queues, holds)
 
     # -- what to remove ---------------------------------------------------------------------
 
-    def _targets(self, report: Report, view: LivenessView, settled_ids: set[str]) -> set[str]:
-        """Revoked ids (table, this process, live workers once) plus this run's settled jobs."""
+    def _targets(
+        self, report: Report, view: LivenessView, settled_ids: set[str]
+    ) -> tuple[set[str], set[str]]:
+        """Revoked ids (table, this process, live workers once) plus this run's settled jobs;
+        and of those, the ids revoked only because their job was settled."""
         db, tables = self.reaper.db, self.reaper.tables
         node = report.node
-        learned = workerstate.revoked_ids()
+        learned = workerstate.revoked_ids() - workerstate.settled_ids()
         if not self._asked_live_revoked:
             self._asked_live_revoked = True
             learned |= self._ask_live_revoked(view)
@@ -122,17 +175,23 @@ class BrokerSweep:
                         conn, tables, learned, expires=self.settings.revoked_expires, node=node
                     )
                 if settled_ids:
-                    # a settled job must not run afterwards, wherever its message is
-                    revoked_store.record(
-                        conn, tables, settled_ids, expires=self.settings.revoked_expires, node=node
+                    # a settled job must not run afterwards, wherever its message is (the
+                    # settle itself stored them; this covers a settle made without ids)
+                    revoked_store.record_settled(
+                        conn, tables, settled_ids, expires=self.settings.revoked_expires
                     )
                 revoked_store.prune(conn, tables)
             targets = revoked_store.active(conn, tables) | learned | settled_ids
+            settled = revoked_store.active_settled(conn, tables) | (settled_ids - learned)
         if settled_ids and not report.dry_run and view.other_live_workers:
+            # Live jobreaper workers hold them revoked until the message is gone (Celery's
+            # own revoke would block the id there for 3 hours, a re-sent task included).
             ids = sorted(settled_ids)
             for i in range(0, len(ids), REVOKE_CHUNK):
-                self.app.control.revoke(ids[i : i + REVOKE_CHUNK])
-        return targets
+                self.app.control.broadcast(
+                    "jobreaper_revoke_settled", arguments={"ids": ids[i : i + REVOKE_CHUNK]}
+                )
+        return targets, settled
 
     def _live_nodes(self, view: LivenessView) -> list[str]:
         nodes = {
@@ -159,96 +218,6 @@ class BrokerSweep:
             return set()
         return {i for ids in replies.values() for i in (ids or ())}
 
-    # -- Redis unacked --------------------------------------------------------------------------
-
-    @staticmethod
-    def _redis(conn: Any) -> Any:
-        """A plain client on the kombu channel's own pool (no key prefixing)."""
-        import redis
-
-        return redis.Redis(connection_pool=conn.default_channel.client.connection_pool)
-
-    def _unacked(self, conn: Any, view: LivenessView, targets: set[str], dry: bool) -> SweepResult:
-        client = self._redis(conn)
-        options = redis_sweep.settings_from_connection(conn)
-        prefix = options["global_keyprefix"]
-        grace = self.settings.unacked_grace
-        tags = client.zrangebyscore(
-            prefix + options["unacked_index_key"], "-inf", time.time() - grace
-        )
-        if not tags:
-            return SweepResult()
-        payloads = client.hmget(prefix + options["unacked_key"], tags)
-        held = {tid for tid in (self._unacked_id(p) for p in payloads if p) if tid}
-        live = self._held_by_live_workers(view, held)
-        if live is None:
-            return SweepResult()
-        unacked_options = {
-            k: options[k]
-            for k in (
-                "unacked_key",
-                "unacked_index_key",
-                "unacked_mutex_key",
-                "unacked_mutex_expire",
-                "priority_steps",
-                "sep",
-                "global_keyprefix",
-            )
-        }
-        return redis_sweep.sweep_unacked(
-            client,
-            is_live=live.__contains__,
-            should_drop=targets.__contains__,
-            grace=grace,
-            dry_run=dry,
-            **unacked_options,
-        )
-
-    @staticmethod
-    def _unacked_id(raw: bytes | str) -> str | None:
-        import json
-
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            return None
-        return task_id_of(entry[0]) if isinstance(entry, list) and entry else None
-
-    def _held_by_live_workers(self, view: LivenessView, task_ids: set[str]) -> set[str] | None:
-        """Which of *task_ids* a live worker holds; ``None`` if we cannot know for sure.
-
-        Every worker on the broker is asked (jobreaper or not): this is the one broadcast
-        that waits its full timeout, and it runs only while old unacked entries exist. A
-        known live worker that does not answer (a busy solo pool) may hold any of them, so
-        then nothing is restored or dropped this time.
-        """
-        held = workerstate.held_task_ids() & task_ids
-        try:
-            replies = (
-                self.app.control.inspect(timeout=self.settings.ping_timeout).query_task(
-                    *sorted(task_ids)
-                )
-                or {}
-            )
-        except Exception as error:
-            logger.warning(
-                "jobreaper: could not ask workers about unacked messages (%s); "
-                "leaving them for now",
-                error,
-            )
-            return None
-        silent = set(self._live_nodes(view)) - set(replies)
-        if silent:
-            logger.info(
-                "jobreaper: live worker(s) %s did not answer; unacked messages are "
-                "left for the next sweep",
-                ", ".join(sorted(silent)),
-            )
-            return None
-        for reply in replies.values():
-            held |= set(reply or {})
-        return held
-
     # -- reconciliation ---------------------------------------------------------------------
 
     def queued_task_ids(self) -> set[str]:
@@ -260,34 +229,13 @@ class BrokerSweep:
         with self.app.connection_for_write() as conn:
             driver = conn.transport.driver_type
             if driver == "redis":
-                return self._redis_queued(conn, queues)
+                return sweep_redis.queued_ids(conn, queues)
             if driver == "filesystem":
+                from .broker import filesystem as fs_sweep
+
                 found = fs_sweep.sweep_queues(conn, queues, lambda _id: True, dry_run=True)
                 return {task_id for task_id, _queue in found.removed}
         return set()
-
-    def _redis_queued(self, conn: Any, queues: Iterable[str]) -> set[str]:
-        client = self._redis(conn)
-        options = redis_sweep.settings_from_connection(conn)
-        found: set[str] = set()
-        for queue in queues:
-            for key in redis_sweep.queue_keys(
-                queue,
-                priority_steps=options["priority_steps"],
-                sep=options["sep"],
-                global_keyprefix=options["global_keyprefix"],
-            ):
-                start = 0
-                while True:
-                    chunk = client.lrange(key, start, start + 9999)
-                    for raw in chunk:
-                        task_id = fast_task_id(raw) or task_id_of(raw)
-                        if task_id:
-                            found.add(task_id)
-                    if len(chunk) < 10000:
-                        break
-                    start += len(chunk)
-        return found
 
     # -- purge --------------------------------------------------------------------------------
 
@@ -327,6 +275,8 @@ class BrokerSweep:
             dropped_unacked=len(result.dropped_unacked),
             unparsable=result.unparsable,
         )
+        if result.neutralized:
+            report.broker["neutralized"] = result.neutralized
         prefix = "[dry run] would have " if report.dry_run else ""
         rows: list[tuple[str, str, str, str]] = []
         for task_id, key in result.removed:

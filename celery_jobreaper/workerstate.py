@@ -32,6 +32,34 @@ def revoked_ids() -> set[str]:
     return snapshot(worker_state.revoked)
 
 
+#: Ids this process holds revoked because their job was settled (not because a user revoked
+#: them): forgotten again once the settled run's message is gone (see :func:`keep_settled`).
+_settled: set[str] = set()
+
+
+def remember_settled(task_ids: Iterable[str]) -> None:
+    """Revoke settled jobs' task ids in this process, as settled (forgotten later)."""
+    ids = set(task_ids)
+    _settled.update(ids)
+    remember_revoked(ids)
+
+
+def keep_settled(still: Iterable[str]) -> set[str]:
+    """Forget the settled ids not in *still* (no longer revoked in the table); return them."""
+    from celery.worker import state as worker_state
+
+    gone = _settled - set(still)
+    for task_id in gone:
+        worker_state.revoked.discard(task_id)
+    _settled.difference_update(gone)
+    return gone
+
+
+def settled_ids() -> set[str]:
+    """The ids this process holds revoked only because their job was settled."""
+    return set(_settled)
+
+
 def remember_revoked(task_ids: Iterable[str]) -> None:
     """Add *task_ids* to this process's revoked set, so a worker discards their messages."""
     from celery.worker import state as worker_state

@@ -4,13 +4,26 @@ The technique is get-and-hold: ``basic.get`` every ready message without acknowl
 (it stays with the broker, invisible to other consumers), ``basic.ack`` the targets, then
 hand the rest back with ``basic.recover(requeue=True)``. RabbitMQ puts a requeued message
 back at its original position, so the queue order is kept (classic and quorum queues).
+
+On a quorum queue every message handed back counts as a delivery (its ``x-delivery-count``
+header goes up by one; RabbitMQ 3.x and 4.0-4.2 count every return, 4.3 only rejections),
+and a message delivered more than the queue's ``delivery-limit`` is dead-lettered or dropped
+(RabbitMQ 3.x has no default limit; 4.0 and later default to 20). So a sweep stops at the
+first message that has already been delivered *max_deliveries* times, and leaves a *hold* on
+the queue: the next sweeps leave the queue alone until every message it held then has left it
+(the queue's ready count has dropped by that many). A sweep stopped by its own bounds leaves
+a hold until the messages it took have left, so it does not take the same first messages
+again and again. Holds are plain values for the caller to keep between sweeps. (RabbitMQ
+3.x quorum queues take a returned message back at their tail, 3.10 verified: a sweep that
+goes through the whole queue keeps its order, one that stops early does not.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import amqp
@@ -22,9 +35,38 @@ from .result import SweepResult
 if TYPE_CHECKING:
     import kombu
 
-__all__ = ["sweep_queues"]
+__all__ = ["Hold", "sweep_queues"]
 
 logger = logging.getLogger(__name__)
+
+
+#: How the sweep of one queue ended.
+DONE, HELD, STOPPED = "done", "held", "stopped"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A queue left alone until *ahead* + 1 messages left it (it had *ready* ready then)."""
+
+    ready: int
+    ahead: int
+
+
+def _ready(channel: Any, queue: str) -> int | None:
+    """The queue's ready message count (a passive declare: nothing is taken)."""
+    try:
+        ok = channel.queue_declare(queue=queue, passive=True)
+    except Exception:
+        return None
+    return int(ok.message_count)
+
+
+def _delivery_count(message: Any) -> int:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    try:
+        return int(headers.get("x-delivery-count") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _give_back(channel: Any) -> None:
@@ -61,6 +103,8 @@ def sweep_queues(
     *,
     max_messages: int = 100_000,
     max_seconds: float = 30.0,
+    max_deliveries: int | None = None,
+    holds: MutableMapping[str, Hold] | None = None,
     dry_run: bool = False,
 ) -> SweepResult:
     """Remove the ready messages of *queues* whose task id satisfies *should_remove*.
@@ -72,6 +116,11 @@ def sweep_queues(
     bound is hit the sweep stops, gives back everything it holds (targets already acked
     stay removed), marks the result ``partial`` and logs it. *dry_run* acks nothing.
 
+    With *max_deliveries*, a queue's sweep also stops (``partial``) at the first message
+    that is not a target and whose ``x-delivery-count`` has reached it. With *holds* (queue ->
+    :class:`Hold`), a queue held is left alone until the message its last sweep stopped at
+    has left it, and a sweep that stops leaves a hold there (see the module's docstring).
+
     Limits:
 
     * only *ready* messages are seen: messages prefetched by live consumers (delivered,
@@ -80,8 +129,8 @@ def sweep_queues(
     * while held, messages are invisible to consumers (for at most *max_seconds*);
     * every message given back is marked redelivered, and on quorum queues a requeue may
       count towards the queue's ``delivery-limit`` (a message requeued that many times is
-      dead-lettered or dropped), so do not sweep the same quorum queue in a tight loop;
-      a dry run gives messages back too.
+      dead-lettered or dropped): see *max_deliveries* and *holds*; a dry run gives
+      messages back too (so ``celery jobreaper plan`` does not call this).
     """
     result = SweepResult()
     deadline = time.monotonic() + max_seconds
@@ -90,18 +139,21 @@ def sweep_queues(
         if budget <= 0 or time.monotonic() >= deadline:
             result.partial = True
             break
-        taken, complete = _sweep_queue(
+        taken, status = _sweep_queue(
             conn,
             queue,
             should_remove,
             budget=budget,
             deadline=deadline,
+            max_deliveries=max_deliveries,
+            holds=holds,
             dry_run=dry_run,
             result=result,
         )
         budget -= taken
-        if not complete:
+        if status != DONE:
             result.partial = True
+        if status == STOPPED:
             break
     if result.partial:
         logger.warning(
@@ -128,16 +180,27 @@ def _sweep_queue(
     *,
     budget: int,
     deadline: float,
+    max_deliveries: int | None,
+    holds: MutableMapping[str, Hold] | None,
     dry_run: bool,
     result: SweepResult,
-) -> tuple[int, bool]:
-    """Sweep one queue; return (messages taken, whether the queue was emptied)."""
+) -> tuple[int, str]:
+    """Sweep one queue; return (messages taken, DONE, HELD or STOPPED by the bounds)."""
     channel: Any = conn.channel()
     taken = 0
     complete = False
     held = 0
     unparsable = 0
+    worn: str | None = None
+    removed_here = 0
     try:
+        ready_before = _ready(channel, queue) if holds is not None else None
+        if holds is not None and queue in holds:
+            hold = holds[queue]
+            if ready_before is None or hold.ready - ready_before <= hold.ahead:
+                logger.debug("jobreaper: AMQP queue %r is held (%s); left alone", queue, hold)
+                return 0, HELD
+            del holds[queue]
         while True:
             if taken >= budget or time.monotonic() >= deadline:
                 break
@@ -145,7 +208,7 @@ def _sweep_queue(
                 raw = channel.basic_get(queue=queue, no_ack=False)
             except conn.channel_errors as error:  # e.g. 404: no such queue
                 logger.warning("jobreaper: cannot read AMQP queue %r: %s", queue, error)
-                return taken, True
+                return taken, DONE
             if raw is None:
                 complete = True
                 break
@@ -153,24 +216,46 @@ def _sweep_queue(
             result.scanned += 1
             message = channel.message_to_python(raw)
             task_id = _task_id(message)
-            if task_id is None:
-                unparsable += 1
-                held += 1
-            elif should_remove(task_id):
+            if task_id is not None and should_remove(task_id):
                 result.removed.append((task_id, queue))
                 if dry_run:
                     held += 1
                 else:
                     channel.basic_ack(message.delivery_tag)
-            else:
-                held += 1
+                    removed_here += 1
+                continue
+            held += 1
+            if task_id is None:
+                unparsable += 1
+            if max_deliveries is not None and _delivery_count(message) >= max_deliveries:
+                worn = task_id or "(unreadable)"
+                break
         if held:
             _give_back(channel)
+        if holds is not None and ready_before is not None and (worn is not None or not complete):
+            # Counted from the ready count before the sweep (a quorum queue takes messages
+            # back asynchronously). Stopped by its bounds: the messages it took are the
+            # first ``held`` (classic queues; RabbitMQ 3.x quorum queues take them back at
+            # the tail): leave the queue until that many have left it. Stopped at a worn
+            # message, which may have gone back to the head or to the tail: until every
+            # message there was has left it.
+            there = ready_before - removed_here
+            ahead = there - 1 if worn is not None else held - 1
+            holds[queue] = Hold(there, max(ahead, 0))
     finally:
         try:
             channel.close()  # requeues anything still unacked (e.g. after an error)
         except conn.connection_errors + conn.channel_errors:
             logger.debug("jobreaper: closing the AMQP sweep channel failed", exc_info=True)
+    if worn is not None:
+        logger.warning(
+            "jobreaper: AMQP queue %r: message of task %s was delivered %d or more times "
+            "already; the sweep stopped there and leaves the queue alone until it is consumed",
+            queue,
+            worn,
+            max_deliveries,
+        )
+        return taken, HELD
     if unparsable:
         result.unparsable += unparsable
         logger.warning(
@@ -179,4 +264,4 @@ def _sweep_queue(
             unparsable,
             queue,
         )
-    return taken, complete
+    return taken, DONE if complete else STOPPED

@@ -23,6 +23,9 @@ class SweepResult:
     unparsable: int = 0
     #: Entries examined.
     scanned: int = 0
+    #: Of ``removed``, the Redis messages too deep in a long list to take out within Redis's
+    #: time budget: rewritten in place as already expired, so a worker discards them.
+    neutralized: int = 0
     #: True when the sweep stopped early (a bound was hit, or the queue moved under it too
     #: fast); everything it did not examine was left as it was.
     partial: bool = False
@@ -34,5 +37,6 @@ class SweepResult:
         self.dropped_unacked.extend(other.dropped_unacked)
         self.unparsable += other.unparsable
         self.scanned += other.scanned
+        self.neutralized += other.neutralized
         self.partial = self.partial or other.partial
         return self

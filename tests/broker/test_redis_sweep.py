@@ -300,14 +300,14 @@ def test_removal_script_checks_values_and_follows_moved_entries(
         return i - len(values)
 
     # Hints: exact, 3 too far from the tail (window), 2,000 off (LPOS), and a missing value.
-    args: list[Any] = [tomb, 64, 0]
-    args += [index(10), values[10]]
-    args += [index(20) - 3, values[20]]
-    args += [index(4_000) + 2_000, values[4_000]]
-    args += [index(4_500), b"not there"]
+    args: list[Any] = [tomb, 64, 0, 10_000, 1_000_000]
+    args += [index(10), values[10], b""]
+    args += [index(20) - 3, values[20], b""]
+    args += [index(4_000) + 2_000, values[4_000], b""]
+    args += [index(4_500), b"not there", b""]
     reply = script(keys=[key], args=args)
 
-    assert [int(flag) for flag in reply[1:]] == [1, 1, 1, 0]
+    assert [int(flag) for flag in reply[4:]] == [1, 1, 1, 0]
     assert rclient.lrange(key, 0, -1) == [
         v for i, v in enumerate(values) if i not in (10, 20, 4_000)
     ]

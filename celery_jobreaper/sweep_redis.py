@@ -1,0 +1,180 @@
+"""The broker sweep's Redis side: queue lists, dead workers' ``unacked`` entries, queued ids.
+
+The ``redis`` client library is imported here only when the app's broker is Redis (it is an
+optional extra); without it a clear :class:`~celery_jobreaper.errors.MissingExtraError` names
+the extra to install.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import workerstate
+from .broker.messages import fast_task_id, task_id_of
+from .broker.result import SweepResult
+from .errors import MissingExtraError
+from .extras import install_hint
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+
+def module() -> ModuleType:
+    """The Redis sweep package, imported only when the broker is Redis."""
+    try:
+        from .broker import redis as redis_sweep
+    except ImportError as error:
+        raise MissingExtraError(
+            "jobreaper: the broker is Redis but the redis client library is not installed: "
+            + install_hint("redis")
+        ) from error
+    return redis_sweep
+
+
+def plain_client(conn: Any) -> Any:
+    """A plain client on the kombu channel's own pool (no key prefixing)."""
+    module()
+    import redis
+
+    return redis.Redis(connection_pool=conn.default_channel.client.connection_pool)
+
+
+def sweep_lists(
+    conn: Any, queues: list[str], targets: Collection[str], *, dry: bool
+) -> SweepResult:
+    """Remove the targets' messages from the lists of *queues*."""
+    redis_sweep = module()
+    options = redis_sweep.settings_from_connection(conn)
+    result: SweepResult = redis_sweep.sweep_queues(
+        plain_client(conn),
+        queues,
+        targets.__contains__,
+        dry_run=dry,
+        priority_steps=options["priority_steps"],
+        sep=options["sep"],
+        global_keyprefix=options["global_keyprefix"],
+    )
+    return result
+
+
+def settle_dead_unacked(
+    app: Any,
+    conn: Any,
+    *,
+    grace: float,
+    timeout: float,
+    known_live: Collection[str],
+    targets: Collection[str],
+    dry: bool,
+) -> SweepResult:
+    """Drop or restore the old ``unacked`` entries that no worker on the broker holds.
+
+    One snapshot of the entries (delivered more than *grace* seconds ago) is read first;
+    every worker on the broker is then asked about exactly those entries
+    (:mod:`.broker.holders`), and only those entries are acted on, each re-checked by value
+    under kombu's ``unacked_mutex``. If any worker on the broker cannot answer, nothing is
+    restored or dropped this time. Entries of *targets* are dropped, the others restored.
+    """
+    from .broker import holders
+
+    redis_sweep = module()
+    client = plain_client(conn)
+    options = redis_sweep.settings_from_connection(conn)
+    keys = {k: options[k] for k in ("unacked_key", "unacked_index_key", "global_keyprefix")}
+    entries = redis_sweep.read_unacked(client, ceiling=time.time() - grace, **keys)
+    if not entries:
+        return SweepResult()
+    try:
+        held = holders.ask_holders(
+            app,
+            conn,
+            client,
+            options["global_keyprefix"],
+            tags=[e.tag for e in entries],
+            ids={e.task_id for e in entries if e.task_id},
+            timeout=timeout,
+            known_live=known_live,
+        )
+    except Exception as error:
+        logger.warning(
+            "jobreaper: could not ask workers about unacked messages (%s); leaving them for now",
+            error,
+        )
+        return SweepResult()
+    if held is None:
+        return SweepResult()
+    held_ids = held.ids | workerstate.held_task_ids()
+    settle_options = {
+        k: options[k]
+        for k in (
+            "unacked_key",
+            "unacked_index_key",
+            "unacked_mutex_key",
+            "unacked_mutex_expire",
+            "priority_steps",
+            "sep",
+            "global_keyprefix",
+        )
+    }
+    result: SweepResult = redis_sweep.settle_unacked(
+        client,
+        entries,
+        is_held=lambda e: e.tag in held.tags or e.task_id in held_ids,
+        should_drop=targets.__contains__,
+        dry_run=dry,
+        **settle_options,
+    )
+    return result
+
+
+def settled_gone(conn: Any, looked_for: set[str], result: SweepResult) -> set[str]:
+    """Settled jobs' task ids whose message is gone for sure, after a complete sweep.
+
+    Gone: removed from a list or dropped from ``unacked`` now, or looked for (*looked_for*)
+    in every list of this worker's queues without being found and not in ``unacked`` at all
+    (any age: a message a live worker holds is there, and kombu restores only what is
+    there). A message already restored to a queue this worker does not consume is not seen.
+    """
+    redis_sweep = module()
+    options = redis_sweep.settings_from_connection(conn)
+    entries = redis_sweep.read_unacked(
+        plain_client(conn),
+        ceiling=float("inf"),
+        unacked_key=options["unacked_key"],
+        unacked_index_key=options["unacked_index_key"],
+        global_keyprefix=options["global_keyprefix"],
+    )
+    present = {e.task_id for e in entries} | {t for t, _ in result.restored}
+    done = {t for t, _ in result.removed} | {t for t, _ in result.dropped_unacked}
+    return (looked_for | done) - present
+
+
+def queued_ids(conn: Any, queues: Iterable[str]) -> set[str]:
+    """Task ids of the messages waiting in the lists of *queues*."""
+    redis_sweep = module()
+    client = plain_client(conn)
+    options = redis_sweep.settings_from_connection(conn)
+    found: set[str] = set()
+    for queue in queues:
+        for key in redis_sweep.queue_keys(
+            queue,
+            priority_steps=options["priority_steps"],
+            sep=options["sep"],
+            global_keyprefix=options["global_keyprefix"],
+        ):
+            start = 0
+            while True:
+                chunk = client.lrange(key, start, start + 9999)
+                for raw in chunk:
+                    task_id = fast_task_id(raw) or task_id_of(raw)
+                    if task_id:
+                        found.add(task_id)
+                if len(chunk) < 10000:
+                    break
+                start += len(chunk)
+    return found
