@@ -707,8 +707,10 @@ def _describe(reaps: list[Reap]) -> str:
     )
 
 
-def run_model(machine: type[ClusterModel], url: str, *, examples: int, steps: int) -> None:
-    """Run *machine* against the database at *url*: tables made once, emptied per example."""
+@contextlib.contextmanager
+def model_for(url: str, machine: type[ClusterModel] = ClusterModel) -> Iterator[type[ClusterModel]]:
+    """*machine* bound to the database at *url* (tables made once, emptied per example), with the
+    simulated host clocks installed."""
     app = Celery("jobreaper_model", set_as_current=False)
     metadata = MetaData()
     user = {
@@ -747,23 +749,39 @@ def run_model(machine: type[ClusterModel], url: str, *, examples: int, steps: in
         create_all(db.engine)
         metadata.create_all(db.engine)
         env = Env(db=db, app=app, settings=settings, user=user)
-        bound: type[ClusterModel] = type(machine.__name__, (machine,), {"env": env})
-        config = hypothesis_settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            database=None,
-            derandomize=not os.environ.get("JR_MODEL_RANDOM"),
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-            print_blob=False,
-            # Shrinking a failure takes minutes (Hypothesis's limit is 5): on demand only.
-            phases=[Phase.explicit, Phase.generate]
-            + ([Phase.shrink] if os.environ.get("JR_MODEL_SHRINK") else []),
-            report_multiple_bugs=False,
-            verbosity=Verbosity.verbose if os.environ.get("JR_MODEL_VERBOSE") else Verbosity.normal,
-        )
         with mock.patch.object(clock, "datetime", _HostClock):
-            run_state_machine_as_test(bound, settings=config)
+            yield type(machine.__name__, (machine,), {"env": env})
     finally:
         db.dispose()
         app.close()
+
+
+def run_model(machine: type[ClusterModel], url: str, *, examples: int, steps: int) -> None:
+    """Let Hypothesis run *machine* against the database at *url*."""
+    config = hypothesis_settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        derandomize=not os.environ.get("JR_MODEL_RANDOM"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        print_blob=False,
+        # Shrinking a failure takes minutes (Hypothesis's limit is 5): on demand only.
+        phases=[Phase.explicit, Phase.generate]
+        + ([Phase.shrink] if os.environ.get("JR_MODEL_SHRINK") else []),
+        report_multiple_bugs=False,
+        verbosity=Verbosity.verbose if os.environ.get("JR_MODEL_VERBOSE") else Verbosity.normal,
+    )
+    with model_for(url, machine) as bound:
+        run_state_machine_as_test(bound, settings=config)
+
+
+def replay(url: str, steps: list[tuple[str, dict[str, Any]]]) -> None:
+    """Run *steps* (rule name, arguments), as Hypothesis prints a failing case, checking the
+    invariants after each."""
+    with model_for(url) as model:
+        state = model()
+        state.settled_exactly_once_and_within_the_bound()
+        for name, arguments in steps:
+            getattr(state, name)(**arguments)
+            state.settled_exactly_once_and_within_the_bound()

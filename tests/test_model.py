@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from clustermodel import ClusterModel, run_model
+from clustermodel import ClusterModel, replay, run_model
 
 EXAMPLES = int(os.environ.get("JR_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("JR_MODEL_STEPS", "30"))
@@ -40,7 +40,7 @@ STEPS = int(os.environ.get("JR_MODEL_STEPS", "30"))
 # report on branch h-model); the integrator removes this mark once the fixes are merged.
 KNOWN_BUGS = pytest.mark.xfail(
     strict=False,
-    reason="issue 6 items 1, 2, 4, 5, 7: the model finds them until the fixes are merged",
+    reason="issue 6 items 1, 2, 5, 7: the model finds them until the fixes are merged",
 )
 
 
@@ -52,3 +52,78 @@ def test_model_sqlite(sqlite_url: str) -> None:
 @KNOWN_BUGS
 def test_model_postgresql(pg_url: str) -> None:
     run_model(ClusterModel, pg_url, examples=max(1, EXAMPLES * 2 // 3), steps=STEPS)
+
+
+# The counterexamples the model found on the code before issue 6's fixes, shortened, kept as
+# plain tests so that each stays checked whatever the search finds first.
+N0, N1 = "celery@n0", "celery@n1"
+OUTSIDE = {"pick": 7}  # reap(): past the awake workers, the reaper that is not a worker
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 item 1: this worker is a live worker too")
+def test_seed_deployment_own_periodic_reap_leaves_the_running_job(sqlite_url: str) -> None:
+    """One worker, the seed's ownerless table, a job longer than the interval (§2.1)."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("advance", {"ticks": 4}),  # its periodic reap at 30 s
+        ],
+    )
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 item 2: a pool process dies, the worker lives")
+def test_row_of_a_dead_pool_process_is_settled_by_the_next_reap(sqlite_url: str) -> None:
+    """Owner and task-id columns; the worker no longer holds the task (the bound)."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "jobs_owned", 0)]}),
+            ("kill_pool_process", {"pick": 0, "slot": 0}),
+            ("advance", {"ticks": 4}),
+        ],
+    )
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 item 5: heartbeats judged with another clock")
+def test_heartbeat_clock_behind_does_not_make_a_live_worker_dead(sqlite_url: str) -> None:
+    """A live worker whose clock is 90 s behind, one lost ping reply (§2.1)."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": -90.0, "jobs": [(0, "tracked", 0)]}),
+            ("lose_ping_reply", {"node": N0}),
+            ("reap", OUTSIDE),
+        ],
+    )
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 item 5: heartbeats judged with another clock")
+def test_heartbeat_clock_ahead_does_not_keep_a_dead_worker_alive(sqlite_url: str) -> None:
+    """A dead worker whose clock was 90 s ahead is settled within the bound."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0, N1], "skew": 90.0, "jobs": [(0, "tracked", 0)]}),
+            ("kill_worker", {"pick": 0}),
+            ("advance", {"ticks": 11}),
+        ],
+    )
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 item 7: dead is not forever")
+def test_worker_declared_dead_during_a_pause_keeps_its_new_jobs(sqlite_url: str) -> None:
+    """Paused past the timeout (its job then settled: allowed), it wakes and takes a new job;
+    it answers pings again, so the new job is not settled before its next heartbeat (§2.1)."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "tracked", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+            ("resume_worker", {"pick": 0}),
+            ("take_job", {"pick": 0, "kind": "tracked", "slot": 1}),
+            ("reap", OUTSIDE),
+        ],
+    )
