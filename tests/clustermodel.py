@@ -176,6 +176,8 @@ class Job:
     slot: int  #: the pool process running it
     started_at: datetime  #: as its worker's host wrote it; moves with the stored timestamps
     fence: str | None
+    taken_at: float  #: model time it started
+    skew: float  #: the clock skew of the host that wrote ``started_at``
     running: bool = True  #: its task still runs (worker and pool process alive, not done)
     died_at: float | None = None  #: model time its runner died
     worker_died: bool = False  #: its worker died (not only its pool process)
@@ -281,7 +283,8 @@ class ClusterModel(RuleBasedStateMachine):
           its periodic reap, as the worker no longer holds the task (§4);
         * user row without owner column (task-id column or not): only when no worker could be
           running it: every other incarnation is dead, and the reaper is not a worker, or is at
-          its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may).
+          its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may),
+          and it is not younger than ``grace`` (0) on the reaper's clock.
         """
         owner, me = j.worker, r.worker
         if j.kind == TRACKED:
@@ -305,8 +308,14 @@ class ClusterModel(RuleBasedStateMachine):
             if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
                 return "every incarnation of its owner node is dead (§2.1)"
             return None
-        if all(self.looks_dead(w) for w in self.workers if w is not me) and (
-            me is None or r.trigger == "startup" or not r.held
+        # Its age (against ``grace``) must not be negative on the reaper's clock, whichever
+        # that is (its host's or the database server's): a row stamped by a host whose clock
+        # runs ahead is young for as long as that.
+        young = self.now - j.taken_at - j.skew + min(r.skew, 0.0) < 0
+        if (
+            not young
+            and all(self.looks_dead(w) for w in self.workers if w is not me)
+            and (me is None or r.trigger == "startup" or not r.held)
         ):
             return "no owner column and no worker could be running it (§4)"
         return None
@@ -435,7 +444,7 @@ class ClusterModel(RuleBasedStateMachine):
             table = self.env.user[kind]
         with self.env.db.engine.begin() as conn:
             conn.execute(insert(table).values(**row))
-        self.jobs.append(Job(kind, job_id, task_id, w, slot, started, fence))
+        self.jobs.append(Job(kind, job_id, task_id, w, slot, started, fence, self.now, w.skew))
 
     @precondition(lambda self: any(j.running and not j.worker.paused for j in self.jobs))
     @rule(pick=st.integers(0, 15))
