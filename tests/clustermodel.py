@@ -1,205 +1,55 @@
-"""A simulated Celery cluster driving the real reaper, for the model test (``test_model.py``).
+"""The simulated cluster of the model test (``test_model.py``): rules and invariants.
 
-Time is model time, in seconds. To make it pass whatever clock the code reads (this host's,
-or the database server's), advancing time moves every timestamp stored in the incarnation and
-job tables back by the step (and the in-memory incarnation start times with them): to any
-clock, the stored moments are then that much older. Real time passes too, but only the few
-seconds an example takes; margins below absorb it. A host's clock skew is simulated by
-:func:`host_clock`: inside it, ``celery_jobreaper.clock`` (the one place the code reads this
-host's clock) runs ahead or behind. If heartbeats are stamped and judged with the database
-server's clock, the skew reaches neither and must not matter.
+See :mod:`modelworld` for how time and clocks are simulated, :mod:`modelstate` for what the
+design demands in each state, :mod:`modelrun` for running it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 import itertools
-import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Collection, Iterator
-from datetime import datetime, timedelta, tzinfo
+from collections.abc import Collection
+from datetime import timedelta
 from typing import Any
-from unittest import mock
 
-from celery import Celery
-from hypothesis import HealthCheck, Phase, Verbosity
-from hypothesis import settings as hypothesis_settings
+import modelworld
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from modelstate import ClusterState
+from modelworld import (
+    FAILED,
+    HAS_HELD,
+    HEARTBEAT_TIMEOUT,
+    INTERVAL,
+    NODES,
+    POOL,
+    RUNNING,
+    TICK,
+    TRACKED,
+    USER_TABLES,
+    Env,
+    Job,
+    Reap,
+    Worker,
+    host_clock,
 )
-from sqlalchemy import (
-    Column,
-    DateTime,
-    MetaData,
-    String,
-    Table,
-    Text,
-    bindparam,
-    delete,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import DateTime, bindparam, delete, func, insert, select, update
 
 from celery_jobreaper import clock
-from celery_jobreaper.database import Database
 from celery_jobreaper.liveness import Incarnation, Liveness
 from celery_jobreaper.reaper import Reaper
-from celery_jobreaper.schema import create_all, tables
-from celery_jobreaper.settings import Settings
+from celery_jobreaper.schema import tables
 
-#: Seconds between heartbeats; also the model's clock tick.
-HEARTBEAT_INTERVAL = 10.0
-#: Seconds without a heartbeat after which a worker is a suspect (DESIGN default).
-HEARTBEAT_TIMEOUT = 60.0
-#: Seconds between two periodic reaps of a worker.
-INTERVAL = 30.0
-TICK = HEARTBEAT_INTERVAL
-#: A heartbeat younger than ``HEARTBEAT_TIMEOUT - FRESH_MARGIN`` model seconds is fresh to any
-#: clock the code may use (real time passing during an example only makes it look older).
-FRESH_MARGIN = 20.0
-#: A heartbeat at least ``HEARTBEAT_TIMEOUT + STALE_SLACK`` model seconds old is stale.
-STALE_SLACK = 1.0
-NODES = ("celery@n0", "celery@n1", "celery@n2")
-#: Pool processes per worker.
-POOL = 2
-#: Seconds a simulated host clock may be off (DESIGN §4: one clock; skew must not matter).
-SKEWS = (-90.0, -45.0, 0.0, 45.0, 90.0)
-FAILED = "failed"
-RUNNING = "running"
-TRACKED = "tracked"
-#: User tables: name -> (has an owner column, has a task-id column).
-USER_TABLES = {
-    "jobs_owned": (True, True),
-    "jobs_owner": (True, False),
-    "jobs_task": (False, True),
-    "jobs_seed": (False, False),  # the seed's shape
-}
-KINDS = (TRACKED, *USER_TABLES)
-#: The Reaper accepts ``held=`` (the task ids this worker holds), once issue 6 item 1 is fixed.
-HAS_HELD = "held" in inspect.signature(Reaper.__init__).parameters
-
-# Deferred, so that a run can narrow them (e.g. ``clustermodel.SKEWS = (0.0,)``) to look past
+# Deferred, so that a run can narrow them (e.g. ``modelworld.SKEWS = (0.0,)``) to look past
 # one known bug for the next.
-_skews = st.deferred(lambda: st.sampled_from(SKEWS))
-_kinds = st.deferred(lambda: st.sampled_from(KINDS))
-_local = threading.local()
+_skews = st.deferred(lambda: st.sampled_from(modelworld.SKEWS))
+_kinds = st.deferred(lambda: st.sampled_from(modelworld.KINDS))
 
 
-class _HostClock(datetime):
-    """``datetime`` as :mod:`celery_jobreaper.clock` sees it: this thread's simulated host."""
-
-    @classmethod
-    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
-        return datetime.now(tz) + timedelta(seconds=getattr(_local, "skew", 0.0))
-
-
-@contextlib.contextmanager
-def host_clock(skew: float) -> Iterator[None]:
-    """Run with this thread's host clock *skew* seconds off."""
-    before = getattr(_local, "skew", 0.0)
-    _local.skew = skew
-    try:
-        yield
-    finally:
-        _local.skew = before
-
-
-def user_table(metadata: MetaData, name: str, *, owner: bool, task_id: bool) -> Table:
-    """A table in the seed's shape (``system_jobs``), optionally with owner / task-id columns."""
-    cols: list[Column[Any]] = [
-        Column("job_id", String(64), primary_key=True),
-        Column("job_type", String(64)),
-        Column("status", String(16), nullable=False),
-        Column("started_at", DateTime),
-        Column("completed_at", DateTime),
-        Column("error", Text),
-    ]
-    if owner:
-        cols.append(Column("owner", String(191)))
-    if task_id:
-        cols.append(Column("task_id", String(191)))
-    return Table(name, metadata, *cols)
-
-
-@dataclasses.dataclass
-class Env:
-    """What every example of one test run shares: the database, the app, the settings."""
-
-    db: Database
-    app: Celery
-    settings: Settings
-    user: dict[str, Table]
-
-
-@dataclasses.dataclass(eq=False)
-class Worker:
-    """One incarnation of a worker (a node restarted is a new one)."""
-
-    me: Incarnation  #: as registered; ``started_at`` moves with the stored timestamps
-    skew: float  #: its host clock, seconds off
-    last_heartbeat: float  #: model time of its last heartbeat
-    awake_since: float  #: model time since which it is alive and not paused
-    next_reap: float  #: model time of its next periodic reap
-    alive: bool = True
-    paused: bool = False  #: SIGSTOP, a long GC pause, a partition: alive, but silent
-    answering: bool = False  #: its remote-control consumer is up (after its startup reap)
-    pools: list[int] = dataclasses.field(default_factory=lambda: [0] * POOL)
-
-    @property
-    def node(self) -> str:
-        return self.me.node
-
-    def __repr__(self) -> str:
-        return f"<{self.node} pid {self.me.pid}>"
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One job: a row in the tracked-jobs table or a user table, and the task running it."""
-
-    kind: str
-    job_id: str
-    task_id: str  #: its Celery task id (stored only where the table has the column)
-    worker: Worker
-    slot: int  #: the pool process running it
-    started_at: datetime  #: as its worker's host wrote it; moves with the stored timestamps
-    fence: str | None
-    taken_at: float  #: model time it started
-    skew: float  #: the clock skew of the host that wrote ``started_at``
-    running: bool = True  #: its task still runs (worker and pool process alive, not done)
-    died_at: float | None = None  #: model time its runner died
-    worker_died: bool = False  #: its worker died (not only its pool process)
-    finished: str | None = None  #: the status its own worker wrote (the write changed the row)
-    settled: bool = False  #: a reaper settled it (seen in the database)
-    late: bool = False  #: its worker's own end came after a reaper had settled it
-
-    def __repr__(self) -> str:
-        return f"<{self.kind} job {self.job_id} of {self.worker!r} slot {self.slot}>"
-
-
-@dataclasses.dataclass(frozen=True)
-class Reap:
-    """One reap run: from a worker (``startup`` / ``periodic``) or another process."""
-
-    worker: Worker | None
-    trigger: str
-    skew: float
-    held: frozenset[str]
-
-
-class ClusterModel(RuleBasedStateMachine):
+class ClusterModel(ClusterState, RuleBasedStateMachine):
     """The cluster, its rules, and the invariants checked after every step."""
 
     env: Env
@@ -207,17 +57,11 @@ class ClusterModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self._reset_database()
-        self.now = 0.0
-        self.workers: list[Worker] = []  # every incarnation ever started
-        self.jobs: list[Job] = []
-        self.lost: Counter[str] = Counter()  # node -> ping replies still to be lost
         self.outside_skew = 0.0  # clock of the host of a reaper that is not a worker
         self.pids = itertools.count(1000)
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
         self.liveness = Liveness(tables, heartbeat_timeout=HEARTBEAT_TIMEOUT)
-
-    # --- the model's view ---------------------------------------------------------------
 
     def _reset_database(self) -> None:
         with self.env.db.engine.begin() as conn:
@@ -230,124 +74,6 @@ class ClusterModel(RuleBasedStateMachine):
                 *self.env.user.values(),
             ):
                 conn.execute(delete(table))
-
-    def awake(self) -> list[Worker]:
-        return [w for w in self.workers if w.alive and not w.paused]
-
-    def paused(self) -> list[Worker]:
-        return [w for w in self.workers if w.alive and w.paused]
-
-    def alive(self) -> list[Worker]:
-        return [w for w in self.workers if w.alive]
-
-    def current(self, node: str) -> Worker | None:
-        return next((w for w in self.workers if w.node == node and w.alive), None)
-
-    def held(self, worker: Worker) -> frozenset[str]:
-        """Task ids the worker holds: those of its jobs whose task still runs."""
-        return frozenset(j.task_id for j in self.jobs if j.worker is worker and j.running)
-
-    def pending(self) -> list[Job]:
-        """Jobs whose runner died, not yet settled or finished: ghosts."""
-        return [
-            j
-            for j in self.jobs
-            if not j.running and not j.settled and j.finished is None and not j.late
-        ]
-
-    def looks_dead(self, w: Worker) -> bool:
-        """Both signals: no heartbeat for the timeout, and no answer (dead or paused)."""
-        return (not w.alive or w.paused) and (
-            self.now - w.last_heartbeat >= HEARTBEAT_TIMEOUT + STALE_SLACK
-        )
-
-    def fair_game(self, w: Worker) -> bool:
-        """The design accepts settling the running jobs of *w*: it shows both death signals.
-
-        Its heartbeat is about ``heartbeat_timeout`` old and it does not answer (it is paused,
-        or a ping reply of its node is to be lost); a paused worker that wakes finds its jobs
-        settled, and fencing keeps its late results out (DESIGN §2.1, §2.4).
-        """
-        stale = self.now - w.last_heartbeat >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
-        return stale and (w.paused or self.lost[w.node] > 0)
-
-    def obligation(self, j: Job, r: Reap) -> str | None:
-        """Why reap *r* must settle the ghost *j* (``None``: it need not).
-
-        * tracked job of a dead incarnation (heartbeat stale, no answer), or of an earlier
-          start of the reaper's own node (DESIGN §2.1, §2.2);
-        * tracked job whose pool process died: its worker's failure signal settled it (§4);
-        * user row with an owner column: of an earlier start of the reaper's node (started
-          before this start) (§2.2); of a node all of whose incarnations are dead (§2.1);
-          with a task-id column too, owned by the reaper's own worker, whose pool process died:
-          its periodic reap, as the worker no longer holds the task (§4);
-        * user row without owner column (task-id column or not): only when no worker could be
-          running it: every other incarnation is dead, and the reaper is not a worker, or is at
-          its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may),
-          and it is not younger than ``grace`` (0) on the reaper's clock.
-        """
-        owner, me = j.worker, r.worker
-        if j.kind == TRACKED:
-            if not j.worker_died:
-                return None
-            if me is not None and me.node == owner.node and me is not owner:
-                return "an earlier start of the reaper's own node (§2.2)"
-            if self.looks_dead(owner):
-                return "its incarnation is dead: heartbeat stale and no reply (§2.1)"
-            return None
-        has_owner, _has_task = USER_TABLES[j.kind]
-        if has_owner:
-            if me is not None and me.node == owner.node:
-                if me is owner:
-                    if _has_task and r.trigger == "periodic":
-                        return "its pool process died; its worker no longer holds its task (§4)"
-                    return None
-                if j.started_at < me.me.started_at:
-                    return "owned by the reaper's node and started before this start (§2.2)"
-                return None
-            if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
-                return "every incarnation of its owner node is dead (§2.1)"
-            return None
-        # Its age (against ``grace``) must not be negative on the reaper's clock, whichever
-        # that is (its host's or the database server's): a row stamped by a host whose clock
-        # runs ahead is young for as long as that.
-        young = self.now - j.taken_at - j.skew + min(r.skew, 0.0) < 0
-        if (
-            not young
-            and all(self.looks_dead(w) for w in self.workers if w is not me)
-            and (me is None or r.trigger == "startup" or not r.held)
-        ):
-            return "no owner column and no worker could be running it (§4)"
-        return None
-
-    def deadline(self, j: Job) -> float | None:
-        """Model time by which the ghost *j* must be settled (the bound), if one applies.
-
-        A dead worker's job becomes provable ``heartbeat_timeout`` after its last heartbeat; a
-        pool process's user row (owner and task-id columns) at once. From then on, a worker
-        that stays awake reaps within ``interval`` (plus one tick of the model's clock), so the
-        job is settled within ``heartbeat_timeout + interval`` of its worker's last sign of life.
-        Ownerless rows have no bound while other workers live (DESIGN §4).
-        """
-        has_owner, has_task = USER_TABLES.get(j.kind, (True, True))
-        if not has_owner:
-            return None
-        owner = j.worker
-        if j.worker_died:
-            node = [w for w in self.workers if w.node == owner.node]
-            if any(not self.looks_dead(w) for w in node if w is not owner):
-                return None  # restarted: its own startup reap settles it (checked per reap)
-            provable = max(w.last_heartbeat for w in node) + HEARTBEAT_TIMEOUT + STALE_SLACK
-            reapers = [w for w in self.awake() if w.node != owner.node]
-        elif j.kind != TRACKED and has_task and owner.alive:
-            assert j.died_at is not None
-            provable = j.died_at
-            reapers = [owner] if not owner.paused else []
-        else:
-            return None
-        if any(w.awake_since <= provable for w in reapers):
-            return provable + INTERVAL + TICK
-        return None
 
     # --- simulated collaborators of the Reaper ---------------------------------------------
 
@@ -714,83 +440,3 @@ def _describe(reaps: list[Reap]) -> str:
         f"the {r.trigger} reap of {r.worker!r}" if r.worker else "a reap from outside"
         for r in reaps
     )
-
-
-@contextlib.contextmanager
-def model_for(url: str, machine: type[ClusterModel] = ClusterModel) -> Iterator[type[ClusterModel]]:
-    """*machine* bound to the database at *url* (tables made once, emptied per example), with the
-    simulated host clocks installed."""
-    app = Celery("jobreaper_model", set_as_current=False)
-    metadata = MetaData()
-    user = {
-        name: user_table(metadata, name, owner=owner, task_id=task)
-        for name, (owner, task) in USER_TABLES.items()
-    }
-    sources = [
-        {
-            "table": table,
-            "name": name,
-            "id": "job_id",
-            "status": "status",
-            "kind": "job_type",
-            "started_at": "started_at",
-            "completed_at": "completed_at",
-            "error": "error",
-            "owner": "owner" if "owner" in table.c else None,
-            "task_id": "task_id" if "task_id" in table.c else None,
-        }
-        for name, table in user.items()
-    ]
-    settings = Settings.from_app(
-        app,
-        database_url=url,
-        sources=sources,
-        track_tasks=True,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        interval=INTERVAL,
-        ping_timeout=0.1,
-        queue_cleanup="off",
-        create_tables=False,
-    )
-    db = Database.from_settings(settings)
-    try:
-        create_all(db.engine)
-        metadata.create_all(db.engine)
-        env = Env(db=db, app=app, settings=settings, user=user)
-        with mock.patch.object(clock, "datetime", _HostClock):
-            yield type(machine.__name__, (machine,), {"env": env})
-    finally:
-        db.dispose()
-        app.close()
-
-
-def run_model(machine: type[ClusterModel], url: str, *, examples: int, steps: int) -> None:
-    """Let Hypothesis run *machine* against the database at *url*."""
-    config = hypothesis_settings(
-        max_examples=examples,
-        stateful_step_count=steps,
-        deadline=None,
-        database=None,
-        derandomize=not os.environ.get("JR_MODEL_RANDOM"),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        print_blob=False,
-        # Shrinking a failure takes minutes (Hypothesis's limit is 5): on demand only.
-        phases=[Phase.explicit, Phase.generate]
-        + ([Phase.shrink] if os.environ.get("JR_MODEL_SHRINK") else []),
-        report_multiple_bugs=False,
-        verbosity=Verbosity.verbose if os.environ.get("JR_MODEL_VERBOSE") else Verbosity.normal,
-    )
-    with model_for(url, machine) as bound:
-        run_state_machine_as_test(bound, settings=config)
-
-
-def replay(url: str, steps: list[tuple[str, dict[str, Any]]]) -> None:
-    """Run *steps* (rule name, arguments), as Hypothesis prints a failing case, checking the
-    invariants after each."""
-    with model_for(url) as model:
-        state = model()
-        state.settled_exactly_once_and_within_the_bound()
-        for name, arguments in steps:
-            getattr(state, name)(**arguments)
-            state.settled_exactly_once_and_within_the_bound()

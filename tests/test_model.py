@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from clustermodel import ClusterModel, replay, run_model
+from clustermodel import ClusterModel
+from modelrun import replay, run_model
 
 EXAMPLES = int(os.environ.get("JR_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("JR_MODEL_STEPS", "30"))
@@ -54,8 +55,15 @@ def test_model_postgresql(pg_url: str) -> None:
     run_model(ClusterModel, pg_url, examples=max(1, EXAMPLES * 2 // 3), steps=STEPS)
 
 
-# The counterexamples the model found on the code before issue 6's fixes, shortened, kept as
-# plain tests so that each stays checked whatever the search finds first.
+# Counterexamples of the model on the code before issue 6's fixes, shortened (found by the search,
+# or, for the two it reaches rarely, the clock ahead and the pause, built from its rules), kept
+# as plain tests so that each stays checked whatever the search happens to find first.
+#
+# Also found, and not in issue 6's list (so not marked): a worker whose host clock steps back by
+# more than its uptime fails its own running job of an owner-only table (no task-id column) in
+# its next periodic reap, as the row's started_at now looks older than the worker's start:
+#   a_cluster(nodes=[N0], skew=0, jobs=[]), advance(ticks=8), skew_clock(which=0, skew=-90),
+#   take_job(pick=0, kind="jobs_owner", slot=0), advance(ticks=2)   -> §2.1 violated.
 N0, N1 = "celery@n0", "celery@n1"
 OUTSIDE = {"pick": 7}  # reap(): past the awake workers, the reaper that is not a worker
 
