@@ -135,3 +135,21 @@ def test_worker_declared_dead_during_a_pause_keeps_its_new_jobs(sqlite_url: str)
             ("reap", OUTSIDE),
         ],
     )
+
+
+@pytest.mark.xfail(
+    strict=False, reason="issue 6 item 1: 'no other worker is live' needs both signals (§2.1)"
+)
+def test_worker_that_answers_is_live_for_the_ownerless_rule(sqlite_url: str) -> None:
+    """Woken from a long pause, the worker has not heartbeated yet but answers pings: a reap
+    from outside must not fail its running job of the seed's ownerless table."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 7}),
+            ("resume_worker", {"pick": 0}),
+            ("reap", OUTSIDE),
+        ],
+    )
