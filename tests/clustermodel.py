@@ -1,0 +1,442 @@
+"""The simulated cluster of the model test (``test_model.py``): rules and invariants.
+
+See :mod:`modelworld` for how time and clocks are simulated, :mod:`modelstate` for what the
+design demands in each state, :mod:`modelrun` for running it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Collection
+from datetime import timedelta
+from typing import Any
+
+import modelworld
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from modelstate import ClusterState
+from modelworld import (
+    FAILED,
+    HAS_HELD,
+    HEARTBEAT_TIMEOUT,
+    INTERVAL,
+    NODES,
+    POOL,
+    RUNNING,
+    TICK,
+    TRACKED,
+    USER_TABLES,
+    Env,
+    Job,
+    Reap,
+    Worker,
+    host_clock,
+)
+from sqlalchemy import DateTime, bindparam, delete, func, insert, select, update
+
+from celery_jobreaper import clock
+from celery_jobreaper.liveness import Incarnation, Liveness
+from celery_jobreaper.reaper import Reaper
+from celery_jobreaper.schema import tables
+
+# Deferred, so that a run can narrow them (e.g. ``modelworld.SKEWS = (0.0,)``) to look past
+# one known bug for the next.
+_skews = st.deferred(lambda: st.sampled_from(modelworld.SKEWS))
+_kinds = st.deferred(lambda: st.sampled_from(modelworld.KINDS))
+
+
+class ClusterModel(ClusterState, RuleBasedStateMachine):
+    """The cluster, its rules, and the invariants checked after every step."""
+
+    env: Env
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reset_database()
+        self.outside_skew = 0.0  # clock of the host of a reaper that is not a worker
+        self.pids = itertools.count(1000)
+        self.seq = itertools.count(1)
+        self.lock = threading.Lock()
+        self.liveness = Liveness(tables, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+
+    def _reset_database(self) -> None:
+        with self.env.db.engine.begin() as conn:
+            for table in (
+                tables.incarnations,
+                tables.jobs,
+                tables.runs,
+                tables.events,
+                tables.revoked,
+                *self.env.user.values(),
+            ):
+                conn.execute(delete(table))
+
+    # --- simulated collaborators of the Reaper ---------------------------------------------
+
+    def ping(self, nodes: Collection[str], timeout: float) -> set[str]:
+        """Nodes whose awake worker's control consumer replies (lost replies are dropped)."""
+        replied = set()
+        with self.lock:
+            for node in nodes:
+                if any(w.node == node and w.answering for w in self.awake()):
+                    if self.lost[node] > 0:
+                        self.lost[node] -= 1
+                    else:
+                        replied.add(node)
+        return replied
+
+    def ask(self, nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
+        """Task ids held by the awake workers of *nodes* (``query_task``)."""
+        held: set[str] = set()
+        with self.lock:
+            for w in self.awake():
+                if w.node in nodes and w.answering:
+                    held |= self.held(w)
+        return held & set(task_ids)
+
+    # --- rules ---------------------------------------------------------------------------
+
+    @initialize(
+        nodes=st.lists(st.sampled_from(NODES), min_size=1, max_size=len(NODES), unique=True),
+        skew=_skews,
+        jobs=st.lists(
+            st.tuples(st.integers(0, 7), _kinds, st.integers(0, POOL - 1)),
+            max_size=5,
+        ),
+    )
+    def a_cluster(self, nodes: list[str], skew: float, jobs: list[tuple[int, str, int]]) -> None:
+        """Start with some workers (the first with a skewed clock) running some jobs."""
+        for i, node in enumerate(nodes):
+            self.start_worker(node, skew if i == 0 else 0.0)
+        for pick, kind, slot in jobs:
+            self.take_job(pick, kind, slot)
+
+    @rule(node=st.sampled_from(NODES), skew=_skews)
+    def start_worker(self, node: str, skew: float) -> None:
+        """Start *node* (a restart kills its running incarnation first) and run its startup reap."""
+        old = self.current(node)
+        if old is not None:
+            self._kill(old)
+        with host_clock(skew):
+            started = clock.utcnow()
+        me = Incarnation(
+            id=uuid.uuid4().hex,
+            node=node,
+            host=f"host-{node}",
+            pid=next(self.pids),
+            started_at=started,
+        )
+        w = Worker(me, skew, self.now, self.now, self.now + INTERVAL)
+        with self.env.db.engine.begin() as conn, host_clock(skew):
+            self.liveness.register(conn, me)
+        self.workers.append(w)
+        self._reap([Reap(w, "startup", skew, frozenset())])
+        w.answering = True
+
+    @precondition(lambda self: self.awake())
+    @rule(pick=st.integers(0, 7), kind=_kinds, slot=st.integers(0, POOL - 1))
+    def take_job(self, pick: int, kind: str, slot: int) -> None:
+        """An awake worker's pool process starts a task, which writes its job row."""
+        w = self.awake()[pick % len(self.awake())]
+        task_id = uuid.uuid4().hex
+        with host_clock(w.skew):
+            started = clock.utcnow()
+        if kind == TRACKED:
+            job_id, fence = task_id, uuid.uuid4().hex
+            row: dict[str, Any] = {
+                "task_id": task_id,
+                "task_name": "model.task",
+                "status": RUNNING,
+                "incarnation_id": w.me.id,
+                "node": w.node,
+                "started_at": started,
+                "fence": fence,
+                "times_reaped": 0,
+            }
+            table = tables.jobs
+        else:
+            job_id, fence = f"{kind}-{next(self.seq)}", None
+            has_owner, has_task = USER_TABLES[kind]
+            row = {"job_id": job_id, "job_type": "model_job", "status": RUNNING}
+            row["started_at"] = started
+            if has_owner:
+                row["owner"] = w.node
+            if has_task:
+                row["task_id"] = task_id
+            table = self.env.user[kind]
+        with self.env.db.engine.begin() as conn:
+            conn.execute(insert(table).values(**row))
+        self.jobs.append(Job(kind, job_id, task_id, w, slot, started, fence, self.now, w.skew))
+
+    @precondition(lambda self: any(j.running and not j.worker.paused for j in self.jobs))
+    @rule(pick=st.integers(0, 15))
+    def finish_job(self, pick: int) -> None:
+        """A task ends and writes its own row (fenced for tracked jobs, as tracking does)."""
+        jobs = [j for j in self.jobs if j.running and not j.worker.paused]
+        j = jobs[pick % len(jobs)]
+        self._end(j, "succeeded" if j.kind == TRACKED else "done", None)
+
+    def _end(self, j: Job, status: str, error: str | None) -> None:
+        j.running = False
+        with host_clock(j.worker.skew):
+            values = {"status": status, "completed_at": clock.utcnow(), "error": error}
+        if j.kind == TRACKED:
+            t = tables.jobs
+            where = [t.c.task_id == j.job_id, t.c.status == RUNNING]
+            if status == FAILED:  # the main process's failure signal (Tracker.lost)
+                where.append(t.c.incarnation_id == j.worker.me.id)
+            else:
+                where.append(t.c.fence == j.fence)
+            stmt = update(t).where(*where).values(**values, fence=None)
+        else:
+            t = self.env.user[j.kind]
+            stmt = update(t).where(t.c.job_id == j.job_id, t.c.status == RUNNING).values(**values)
+        with self.env.db.engine.begin() as conn:
+            changed = conn.execute(stmt).rowcount
+        if changed:
+            j.finished = status
+        else:
+            j.late = True  # a reaper settled it while it ran (allowed only if fair game)
+
+    @precondition(lambda self: self.awake())
+    @rule(pick=st.integers(0, 7), slot=st.integers(0, POOL - 1))
+    def kill_pool_process(self, pick: int, slot: int) -> None:
+        """A pool process dies (OOM killer, hard time limit); its worker lives and replaces it."""
+        w = self.awake()[pick % len(self.awake())]
+        w.pools[slot] += 1
+        for j in [j for j in self.jobs if j.worker is w and j.slot == slot and j.running]:
+            j.died_at = self.now
+            if j.kind == TRACKED:  # the main process sees it and fails the tracked job
+                self._end(j, FAILED, "WorkerLostError('Worker exited prematurely: signal 9')")
+            else:
+                j.running = False
+
+    @precondition(lambda self: self.alive())
+    @rule(pick=st.integers(0, 7))
+    def kill_worker(self, pick: int) -> None:
+        """A worker dies hard (SIGKILL of its process group, node loss)."""
+        self._kill(self.alive()[pick % len(self.alive())])
+
+    def _kill(self, w: Worker) -> None:
+        w.alive = False
+        w.paused = False
+        for j in self.jobs:
+            if j.worker is w:
+                if j.running:
+                    j.running = False
+                    j.died_at = self.now
+                j.worker_died = True
+
+    @precondition(lambda self: self.awake())
+    @rule(pick=st.integers(0, 7))
+    def pause_worker(self, pick: int) -> None:
+        """A worker stops (SIGSTOP, partition): no heartbeats, no replies; its tasks go on."""
+        self.awake()[pick % len(self.awake())].paused = True
+
+    @precondition(lambda self: self.paused())
+    @rule(pick=st.integers(0, 7))
+    def resume_worker(self, pick: int) -> None:
+        """A paused worker wakes up; it heartbeats at its next tick."""
+        w = self.paused()[pick % len(self.paused())]
+        w.paused = False
+        w.awake_since = self.now
+
+    @rule(which=st.integers(0, len(NODES)), skew=_skews)
+    def skew_clock(self, which: int, skew: float) -> None:
+        """A host's clock steps (a node's, or, for ``which == len(NODES)``, the outside one's)."""
+        if which == len(NODES):
+            self.outside_skew = skew
+        else:
+            w = self.current(NODES[which])
+            if w is not None:
+                w.skew = skew
+
+    @rule(node=st.sampled_from(NODES))
+    def lose_ping_reply(self, node: str) -> None:
+        """The next ping reply of *node* is lost."""
+        self.lost[node] += 1
+
+    @rule(ticks=st.integers(1, 7))
+    def advance(self, ticks: int) -> None:
+        """Time passes: awake workers heartbeat every tick and reap every ``interval``."""
+        for _ in range(ticks):
+            self._shift(TICK)
+            self.now += TICK
+            for w in self.awake():
+                with self.env.db.engine.begin() as conn, host_clock(w.skew):
+                    self.liveness.heartbeat(conn, w.me)
+                w.last_heartbeat = self.now
+            for w in self.awake():
+                if w.next_reap <= self.now:
+                    w.next_reap = self.now + INTERVAL
+                    self._reap([self._periodic(w)])
+
+    @rule(pick=st.integers(0, 7))
+    def reap(self, pick: int) -> None:
+        """A reap runs now: a worker's timer fires, or (the last choice) a process that is not a
+        worker reaps (``celery jobreaper reap``, a web app's start)."""
+        choices = [self._periodic(w) for w in self.awake()] + [self._outside()]
+        self._reap([choices[min(pick, len(choices) - 1)]])
+
+    @rule(a=st.integers(0, 7), b=st.integers(0, 7))
+    def two_reapers_at_once(self, a: int, b: int) -> None:
+        """Two reapers run at the same moment (any two, the same kind twice included)."""
+        choices = [self._periodic(w) for w in self.awake()] + [self._outside()]
+        self._reap([choices[a % len(choices)], choices[b % len(choices)]])
+
+    def _periodic(self, w: Worker) -> Reap:
+        return Reap(w, "periodic", w.skew, self.held(w))
+
+    def _outside(self) -> Reap:
+        return Reap(None, "manual", self.outside_skew, frozenset())
+
+    # --- running reapers and checking what they did ----------------------------------------
+
+    def _reap(self, reaps: list[Reap]) -> None:
+        protected = [
+            j for j in self.jobs if j.running and not j.settled and not self.fair_game(j.worker)
+        ]
+        owed = [
+            (j, r, why) for r in reaps for j in self.pending() if (why := self.obligation(j, r))
+        ]
+        if len(reaps) == 1:
+            self._run(reaps[0])
+        else:
+            self._run_together(reaps)
+        self._observe()
+        for j in protected:
+            assert not j.settled, (
+                f"§2.1 violated: {j!r} was settled by {_describe(reaps)} while its task ran "
+                f"(its worker: alive, paused={j.worker.paused}, last heartbeat "
+                f"{self.now - j.worker.last_heartbeat:g} s ago, skew {j.worker.skew:g} s)"
+            )
+        for j, r, why in owed:
+            assert j.settled, f"bound violated: {_describe([r])} left {j!r} running; {why}"
+
+    def _run(self, r: Reap) -> None:
+        kwargs: dict[str, Any] = {
+            "me": None if r.worker is None else r.worker.me,
+            "ping": self.ping,
+            "ask": self.ask,
+        }
+        if HAS_HELD and r.worker is not None:
+            held = set(r.held)
+            kwargs["held"] = lambda: set(held)
+        reaper = Reaper(self.env.app, self.env.settings, self.env.db, **kwargs)
+        with host_clock(r.skew):
+            reaper.run(r.trigger)
+
+    def _run_together(self, reaps: list[Reap]) -> None:
+        barrier = threading.Barrier(len(reaps))
+        errors: list[BaseException] = []
+
+        def run(r: Reap) -> None:
+            try:
+                barrier.wait(timeout=30)
+                self._run(r)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in reaps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        if errors:
+            raise errors[0]
+
+    def _observe(self) -> None:
+        """Read every job's status and ledger events; check exactly-once (§2.3)."""
+        ev = tables.events
+        with self.env.db.engine.connect() as conn:
+            events = Counter(
+                {
+                    (source, job_id): n
+                    for source, job_id, n in conn.execute(
+                        select(ev.c.source, ev.c.job_id, func.count())
+                        .where(ev.c.action == "settled")
+                        .group_by(ev.c.source, ev.c.job_id)
+                    )
+                }
+            )
+            status = {
+                (tables.jobs.name, r[0]): r[1]
+                for r in conn.execute(select(tables.jobs.c.task_id, tables.jobs.c.status))
+            }
+            for name, t in self.env.user.items():
+                status.update(
+                    {(name, r[0]): r[1] for r in conn.execute(select(t.c.job_id, t.c.status))}
+                )
+        known = set()
+        for j in self.jobs:
+            key = (tables.jobs.name if j.kind == TRACKED else j.kind, j.job_id)
+            known.add(key)
+            now, n = status[key], events[key]
+            if j.finished is not None:
+                assert (now, n) == (j.finished, 0), (
+                    f"a reaper changed {j!r}, which its own worker had ended as {j.finished}: "
+                    f"now {now!r} with {n} ledger event(s)"
+                )
+                continue
+            reaped = now == FAILED
+            assert reaped or now == RUNNING, f"{j!r} has status {now!r}"
+            assert n == (1 if reaped else 0), (
+                f"§2.3 violated: {j!r} ({now}) has {n} 'settled' ledger events"
+            )
+            j.settled = reaped
+        stray = set(events) - known
+        assert not stray, f"§2.3 violated: ledger events for jobs never settled: {sorted(stray)}"
+
+    def _shift(self, seconds: float) -> None:
+        """Move every stored moment (and the model's copies) *seconds* into the past."""
+        delta = timedelta(seconds=seconds)
+        with self.env.db.engine.begin() as conn:
+            for table in (tables.incarnations, tables.jobs, *self.env.user.values()):
+                key = next(iter(table.primary_key.columns))
+                cols = [c for c in table.c if isinstance(c.type, DateTime)]
+                rows = conn.execute(select(key, *cols)).all()
+                if not rows:
+                    continue
+                stmt = (
+                    update(table)
+                    .where(key == bindparam("m_key"))
+                    .values({c.name: bindparam(f"m_{c.name}") for c in cols})
+                )
+                conn.execute(
+                    stmt,
+                    [
+                        {
+                            "m_key": row[0],
+                            **{
+                                f"m_{c.name}": None if row[i] is None else row[i] - delta
+                                for i, c in enumerate(cols, 1)
+                            },
+                        }
+                        for row in rows
+                    ],
+                )
+        for w in self.workers:
+            w.me = dataclasses.replace(w.me, started_at=w.me.started_at - delta)
+        for j in self.jobs:
+            j.started_at -= delta
+
+    @invariant()
+    def settled_exactly_once_and_within_the_bound(self) -> None:
+        self._observe()
+        for j in self.pending():
+            due = self.deadline(j)
+            assert due is None or self.now < due, (
+                f"bound violated: {j!r}, whose runner died at {j.died_at:g} s, is still "
+                f"running at {self.now:g} s (due by {due:g} s: heartbeat_timeout + interval)"
+            )
+
+
+def _describe(reaps: list[Reap]) -> str:
+    return " and ".join(
+        f"the {r.trigger} reap of {r.worker!r}" if r.worker else "a reap from outside"
+        for r in reaps
+    )

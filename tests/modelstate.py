@@ -1,0 +1,147 @@
+"""The state of the simulated cluster, and what DESIGN demands of the reaper in that state."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from modelworld import (
+    FRESH_MARGIN,
+    HEARTBEAT_TIMEOUT,
+    INTERVAL,
+    STALE_SLACK,
+    TICK,
+    TRACKED,
+    USER_TABLES,
+    Job,
+    Reap,
+    Worker,
+)
+
+
+class ClusterState:
+    """Workers and jobs in model time; the verdicts the design allows and the ones it owes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.workers: list[Worker] = []  # every incarnation ever started
+        self.jobs: list[Job] = []
+        self.lost: Counter[str] = Counter()  # node -> ping replies still to be lost
+
+    def awake(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive and not w.paused]
+
+    def paused(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive and w.paused]
+
+    def alive(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive]
+
+    def current(self, node: str) -> Worker | None:
+        return next((w for w in self.workers if w.node == node and w.alive), None)
+
+    def held(self, worker: Worker) -> frozenset[str]:
+        """Task ids the worker holds: those of its jobs whose task still runs."""
+        return frozenset(j.task_id for j in self.jobs if j.worker is worker and j.running)
+
+    def pending(self) -> list[Job]:
+        """Jobs whose runner died, not yet settled or finished: ghosts."""
+        return [
+            j
+            for j in self.jobs
+            if not j.running and not j.settled and j.finished is None and not j.late
+        ]
+
+    def looks_dead(self, w: Worker) -> bool:
+        """Both signals: no heartbeat for the timeout, and no answer (dead or paused)."""
+        return (not w.alive or w.paused) and (
+            self.now - w.last_heartbeat >= HEARTBEAT_TIMEOUT + STALE_SLACK
+        )
+
+    def fair_game(self, w: Worker) -> bool:
+        """The design accepts settling the running jobs of *w*: it shows both death signals.
+
+        Its heartbeat is about ``heartbeat_timeout`` old and it does not answer (it is paused,
+        or a ping reply of its node is to be lost); a paused worker that wakes finds its jobs
+        settled, and fencing keeps its late results out (DESIGN §2.1, §2.4).
+        """
+        stale = self.now - w.last_heartbeat >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
+        return stale and (w.paused or self.lost[w.node] > 0)
+
+    def obligation(self, j: Job, r: Reap) -> str | None:
+        """Why reap *r* must settle the ghost *j* (``None``: it need not).
+
+        * tracked job of a dead incarnation (heartbeat stale, no answer), or of an earlier
+          start of the reaper's own node (DESIGN §2.1, §2.2);
+        * tracked job whose pool process died: its worker's failure signal settled it (§4);
+        * user row with an owner column: of an earlier start of the reaper's node (started
+          before this start) (§2.2); of a node all of whose incarnations are dead (§2.1);
+          with a task-id column too, owned by the reaper's own worker, whose pool process died:
+          its periodic reap, as the worker no longer holds the task (§4);
+        * user row without owner column (task-id column or not): only when no worker could be
+          running it: every other incarnation is dead, and the reaper is not a worker, or is at
+          its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may),
+          and it is not younger than ``grace`` (0) on the reaper's clock.
+        """
+        owner, me = j.worker, r.worker
+        if j.kind == TRACKED:
+            if not j.worker_died:
+                return None
+            if me is not None and me.node == owner.node and me is not owner:
+                return "an earlier start of the reaper's own node (§2.2)"
+            if self.looks_dead(owner):
+                return "its incarnation is dead: heartbeat stale and no reply (§2.1)"
+            return None
+        has_owner, _has_task = USER_TABLES[j.kind]
+        if has_owner:
+            if me is not None and me.node == owner.node:
+                if me is owner:
+                    if _has_task and r.trigger == "periodic":
+                        return "its pool process died; its worker no longer holds its task (§4)"
+                    return None
+                if j.started_at < me.me.started_at:
+                    return "owned by the reaper's node and started before this start (§2.2)"
+                return None
+            if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
+                return "every incarnation of its owner node is dead (§2.1)"
+            return None
+        # Its age (against ``grace``) must not be negative on the reaper's clock, whichever
+        # that is (its host's or the database server's): a row stamped by a host whose clock
+        # runs ahead is young for as long as that.
+        young = self.now - j.taken_at - j.skew + min(r.skew, 0.0) < 0
+        if (
+            not young
+            and all(self.looks_dead(w) for w in self.workers if w is not me)
+            and (me is None or r.trigger == "startup" or not r.held)
+        ):
+            return "no owner column and no worker could be running it (§4)"
+        return None
+
+    def deadline(self, j: Job) -> float | None:
+        """Model time by which the ghost *j* must be settled (the bound), if one applies.
+
+        A dead worker's job becomes provable ``heartbeat_timeout`` after its last heartbeat; a
+        pool process's user row (owner and task-id columns) at once. From then on, a worker
+        that stays awake reaps within ``interval`` (plus one tick of the model's clock), so the
+        job is settled within ``heartbeat_timeout + interval`` of its worker's last sign of life.
+        Ownerless rows have no bound while other workers live (DESIGN §4).
+        """
+        has_owner, has_task = USER_TABLES.get(j.kind, (True, True))
+        if not has_owner:
+            return None
+        owner = j.worker
+        if j.worker_died:
+            node = [w for w in self.workers if w.node == owner.node]
+            if any(not self.looks_dead(w) for w in node if w is not owner):
+                return None  # restarted: its own startup reap settles it (checked per reap)
+            provable = max(w.last_heartbeat for w in node) + HEARTBEAT_TIMEOUT + STALE_SLACK
+            reapers = [w for w in self.awake() if w.node != owner.node]
+        elif j.kind != TRACKED and has_task and owner.alive:
+            assert j.died_at is not None
+            provable = j.died_at
+            reapers = [owner] if not owner.paused else []
+        else:
+            return None
+        if any(w.awake_since <= provable for w in reapers):
+            return provable + INTERVAL + TICK
+        return None
