@@ -7,8 +7,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import false, insert, or_, select, update
@@ -20,6 +21,11 @@ from .schema import JobReaperTables
 logger = logging.getLogger(__name__)
 
 RUNNING, DRAINING, STOPPED, DEAD = "running", "draining", "stopped", "dead"
+
+
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
 
 #: ``ping(nodes, timeout)`` -> the node names that replied; raises if the broker is unreachable.
 Pinger = Callable[[Collection[str], float], set[str]]
@@ -41,22 +47,25 @@ class Incarnation:
         return cls(uuid.uuid4().hex, node, socket.gethostname(), os.getpid(), utcnow())
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LivenessView:
-    """What one reap knows about who is alive; the planner reads it, it does no I/O."""
+    """What one reap knows about who is alive, made once by :meth:`Liveness.assess`.
+
+    The planner reads it; nobody changes it afterwards. What is known about tasks (held by
+    this worker, by live peers, waiting in queues) is a separate value per batch
+    (:class:`~celery_jobreaper.planner.TaskFacts`).
+    """
 
     me: Incarnation | None
     now: datetime
-    dead_incarnations: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> reason
-    live_incarnations: set[str] = dataclasses.field(default_factory=set)
-    incarnation_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> node
-    dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
-    live_nodes: set[str] = dataclasses.field(default_factory=set)
-    refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
+    dead_incarnations: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # id -> reason
+    live_incarnations: frozenset[str] = frozenset()
+    incarnation_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # id -> node
+    dead_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
+    live_nodes: frozenset[str] = frozenset()
+    refused_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
+    #: live incarnations other than this one
     other_live_workers: int = 0
-    live_task_ids: set[str] = dataclasses.field(default_factory=set)
-    #: task ids whose messages wait in this worker's queues (``None``: not read yet)
-    queued_task_ids: set[str] | None = None
     ping_failed: str | None = None
 
     def node_is_me(self, node: str | None) -> bool:
@@ -151,7 +160,7 @@ class Liveness:
         incarnations are dead at once, unless another live process answers for the node name.
         """
         now = now or utcnow()
-        view = LivenessView(me=me, now=now)
+        view = _Draft(me=me, now=now)
         wanted_ids = set(incarnation_ids)
         wanted_nodes = {n for n in nodes if n}
         rows = list(
@@ -243,10 +252,10 @@ class Liveness:
                 view.live_incarnations.add(inc_id)
 
         self._judge_nodes(view, rows, wanted_nodes, replied)
-        return view
+        return view.freeze()
 
     def _judge_nodes(
-        self, view: LivenessView, rows: list[Any], wanted: set[str], replied: set[str]
+        self, view: _Draft, rows: list[Any], wanted: set[str], replied: set[str]
     ) -> None:
         by_node: dict[str, list[Any]] = {}
         for row in rows:
@@ -262,6 +271,39 @@ class Liveness:
                 view.dead_nodes[node] = view.dead_incarnations.get(
                     last.id, f"{node}, which stopped (no heartbeat, no reply to ping)"
                 )
+
+
+@dataclasses.dataclass
+class _Draft:
+    """The view while :meth:`Liveness.assess` makes it (never seen outside)."""
+
+    me: Incarnation | None
+    now: datetime
+    dead_incarnations: dict[str, str] = dataclasses.field(default_factory=dict)
+    live_incarnations: set[str] = dataclasses.field(default_factory=set)
+    incarnation_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    live_nodes: set[str] = dataclasses.field(default_factory=set)
+    refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    other_live_workers: int = 0
+    ping_failed: str | None = None
+
+    def node_is_me(self, node: str | None) -> bool:
+        return self.me is not None and node == self.me.node
+
+    def freeze(self) -> LivenessView:
+        return LivenessView(
+            me=self.me,
+            now=self.now,
+            dead_incarnations=MappingProxyType(dict(self.dead_incarnations)),
+            live_incarnations=frozenset(self.live_incarnations),
+            incarnation_nodes=MappingProxyType(dict(self.incarnation_nodes)),
+            dead_nodes=MappingProxyType(dict(self.dead_nodes)),
+            live_nodes=frozenset(self.live_nodes),
+            refused_nodes=MappingProxyType(dict(self.refused_nodes)),
+            other_live_workers=self.other_live_workers,
+            ping_failed=self.ping_failed,
+        )
 
 
 def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -15,8 +16,9 @@ from .apply import settle_batch
 from .clock import utcnow
 from .database import Database
 from .liveness import Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
-from .planner import Decision, plan
+from .planner import Decision, TaskFacts, plan
 from .report import Report
+from .rules import NO_LIVE_WORKER_LEFT
 from .schema import JobReaperTables, check_version, create_all, tables
 from .settings import Settings
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
@@ -30,6 +32,8 @@ TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
 AfterSettle = Callable[[Report, LivenessView, set[str]], None]
 #: Task ids whose messages wait in this worker's queues (for reconciliation).
 QueuedIds = Callable[[], set[str]]
+#: Task ids this worker process holds (active, reserved, scheduled, rate-limited).
+HeldIds = Callable[[], set[str]]
 MAX_PLANNED_IN_REPORT = 1000
 
 
@@ -59,6 +63,7 @@ class Reaper:
         me: Incarnation | None = None,
         ping: Pinger | None = None,
         ask: TaskAsker | None = None,
+        held: HeldIds | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -67,6 +72,8 @@ class Reaper:
         self.me = me
         self.ping = ping if ping is not None else ping_with(app)
         self.ask = ask if ask is not None else ask_with(app)
+        #: in a worker, the tasks it holds; ``None`` in a process that runs no task
+        self.held = held
         self.liveness = Liveness(tbls, heartbeat_timeout=settings.heartbeat_timeout)
         self.after_settle: list[AfterSettle] = []
         self.queued_ids: QueuedIds | None = None
@@ -143,8 +150,9 @@ class Reaper:
             for node, why in view.refused_nodes.items():
                 logger.error("jobreaper: refusing to settle jobs of %s: %s", node, why)
             settled_task_ids: set[str] = set()
+            queued = _Once(self._read_queues)
             for source in sources:
-                self._reap_source(conn, source, view, report, settled_task_ids)
+                self._reap_source(conn, source, view, report, settled_task_ids, queued=queued)
             if not report.dry_run and view.dead_incarnations:
                 with conn.begin():
                     mark_dead(conn, self.tables, view)
@@ -158,13 +166,18 @@ class Reaper:
         view: LivenessView,
         report: Report,
         settled_task_ids: set[str],
+        *,
+        queued: _Once,
     ) -> None:
+        # Ownerless rows only (no task ids): what matters is whether this worker holds any
+        # task at all; checked again before each batch commits (see _reap_in_bulk).
+        rule = TaskFacts(held_here=frozenset(self._held())).ownerless_rule(view, self.settings)
         settler = bulk.settler_for(
             conn,
             source,
             self.tables,
             self.settings,
-            view,
+            rule,
             dry_run=report.dry_run,
             now=report.started_at,
             run_id=report.run_id,
@@ -180,8 +193,9 @@ class Reaper:
                 return
             after = batch[-1].job_id
             report.candidates += len(batch)
-            decisions = plan(batch, view, self.settings)
-            decisions = self._check_tasks(decisions, view)
+            # Task facts are read after the rows: a task that wrote its row before the read
+            # is held now, or has finished (and written its end; the update then misses).
+            decisions = self._decide(batch, view, queued)
             fails = [d for d in decisions if d.verdict == "fail"]
             for d in decisions:
                 if d.verdict == "leave":
@@ -200,7 +214,7 @@ class Reaper:
                     if d.candidate.task_id:
                         settled_task_ids.add(d.candidate.task_id)
             elif fails:
-                with conn.begin():
+                with conn.begin() as tx:
                     done = settle_batch(
                         conn,
                         self.db,
@@ -210,6 +224,9 @@ class Reaper:
                         now=report.started_at,
                         run_id=report.run_id,
                     )
+                    if self._took_task_since(fails):
+                        tx.rollback()
+                        done = []
                 self._settled(source, done, report, settled_task_ids)
             if len(batch) < self.settings.batch_size:
                 return
@@ -227,8 +244,15 @@ class Reaper:
         while True:
             # Settled jobs come back one by one only if someone reads them (log, signal).
             detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
-            with conn.begin():
+            with conn.begin() as tx:
                 got = settler.batch(conn, after, detail=detail)
+                if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
+                    tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
+                    logger.info(
+                        "jobreaper: this worker took a task during the reap; jobs without "
+                        "owner are judged again next time"
+                    )
+                    return
             # counted only once the batch is committed
             report.candidates += got.seen
             report.left_alone.update(got.left_alone)
@@ -241,49 +265,73 @@ class Reaper:
                 return
             after = got.last
 
-    def _check_tasks(self, decisions: list[Decision], view: LivenessView) -> list[Decision]:
-        """Re-plan would-fail jobs whose task is queued, or held by a live worker.
+    def _held(self) -> set[str]:
+        return set() if self.held is None else self.held()
 
-        Live workers are asked once per batch, exactly them (``query_task`` with a reply
-        limit); the queues are read at most once per run.
+    def _read_queues(self) -> frozenset[str]:
+        if self.queued_ids is None:
+            return frozenset()
+        try:
+            return frozenset(self.queued_ids())
+        except Exception as error:
+            logger.warning("jobreaper: could not read the queues (%s)", error)
+            return frozenset()
+
+    def _took_task_since(self, fails: list[Decision]) -> bool:
+        """Whether a job failed because nobody could run it, while this worker now holds one.
+
+        Checked with the rows locked, before the commit: a task this worker took between
+        the plan and the update may be running one of those jobs.
         """
+        if not any(d.reason == NO_LIVE_WORKER_LEFT for d in fails) or not self._held():
+            return False
+        logger.info(
+            "jobreaper: this worker took a task during the reap; jobs without owner are judged "
+            "again next time"
+        )
+        return True
+
+    def _decide(self, batch: list[Any], view: LivenessView, queued: _Once) -> list[Decision]:
+        """Plan a batch with its task facts: queued (read once per run), held here, held by
+        live peers (asked once per batch, exactly them: ``query_task`` with a reply limit)."""
+        with_task = any(c.task_id for c in batch)
+        facts = TaskFacts(
+            queued=queued() if with_task else frozenset(),
+            held_here=frozenset(self._held()),
+        )
+        decisions = plan(batch, view, facts, self.settings)
         task_ids = [
             d.candidate.task_id for d in decisions if d.verdict == "fail" and d.candidate.task_id
         ]
         if not task_ids:
             return decisions
-        if view.queued_task_ids is None:
-            view.queued_task_ids = set()
-            if self.queued_ids is not None:
-                try:
-                    view.queued_task_ids = self.queued_ids()
-                except Exception as error:
-                    logger.warning("jobreaper: could not read the queues (%s)", error)
         nodes = {
             view.incarnation_nodes[i] for i in view.live_incarnations if i in view.incarnation_nodes
         } | view.live_nodes
         if view.me is not None:
             nodes.discard(view.me.node)
-        if nodes:
-            try:
-                view.live_task_ids = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
-            except Exception as error:
-                logger.warning(
-                    "jobreaper: could not ask live workers %s about %d tasks (%s); "
-                    "leaving those jobs alone this time",
-                    sorted(nodes),
-                    len(task_ids),
-                    error,
-                )
-                return [
-                    Decision(d.candidate, "leave", "could not ask live workers about its task")
-                    if d.verdict == "fail" and d.candidate.task_id
-                    else d
-                    for d in decisions
-                ]
-        if not (view.live_task_ids or view.queued_task_ids):
+        if not nodes:
             return decisions
-        return plan([d.candidate for d in decisions], view, self.settings)
+        try:
+            peers = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
+        except Exception as error:
+            logger.warning(
+                "jobreaper: could not ask live workers %s about %d tasks (%s); "
+                "leaving those jobs alone this time",
+                sorted(nodes),
+                len(task_ids),
+                error,
+            )
+            return [
+                Decision(d.candidate, "leave", "could not ask live workers about its task")
+                if d.verdict == "fail" and d.candidate.task_id
+                else d
+                for d in decisions
+            ]
+        if not peers:
+            return decisions
+        facts = dataclasses.replace(facts, held_by_peers=frozenset(peers))
+        return plan(batch, view, facts, self.settings)
 
     def _settled(
         self, source: JobSource, done: list[Decision], report: Report, task_ids: set[str]
@@ -357,6 +405,19 @@ class Reaper:
         for reason, count in report.left_alone.items():
             level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
             logger.log(level, "jobreaper: left %d job(s) alone: %s", count, reason)
+
+
+class _Once:
+    """A value read at most once per run, on first use."""
+
+    def __init__(self, read: Callable[[], frozenset[str]]) -> None:
+        self._read = read
+        self._value: frozenset[str] | None = None
+
+    def __call__(self) -> frozenset[str]:
+        if self._value is None:
+            self._value = self._read()
+        return self._value
 
 
 def _planned(d: Decision) -> dict[str, Any]:

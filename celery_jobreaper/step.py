@@ -9,6 +9,7 @@ import click
 from celery import bootsteps
 from celery import signals as celery_signals
 
+from . import workerstate
 from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .liveness import Incarnation
@@ -55,7 +56,8 @@ class JobReaperStep(bootsteps.StartStopStep):
             return
         me = Incarnation.new(parent.hostname)
         db = Database.from_settings(self.settings)
-        reaper = Reaper(parent.app, self.settings, db, me=me)
+        # This worker is a live worker too: the tasks it holds protect their jobs.
+        reaper = Reaper(parent.app, self.settings, db, me=me, held=workerstate.held_by(parent))
         self.service = ReaperService(reaper, me)
         if self.settings.track_tasks:
             # Made before the pool forks, so pool processes inherit it.

@@ -1,0 +1,173 @@
+"""Liveness with real workers: this worker is live too, pool processes die alone, duplicate
+names, workers that never reap, paused workers that come back, skewed host clocks.
+
+Every worker is a real ``celery worker`` subprocess (``tests/workerapp.py``: heartbeat every
+1 s, timeout 3 s, reap every 1 s); user jobs are rows of the seed's ``system_jobs`` table that
+the ``jr.job`` task writes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from jobtables import SEED_SOURCE, create_seed
+from sqlalchemy import Table, select
+from sqlalchemy.engine import Engine, Row
+from support import REDIS_URL, WorkerProcess, wait_until, worker_env
+
+from celery_jobreaper.schema import tables
+
+pytestmark = pytest.mark.slow
+READY = r"@h ready\."
+
+
+@dataclasses.dataclass
+class Fleet:
+    """A fresh PostgreSQL database, a seed table, a unique queue, a producer, real workers."""
+
+    tmp: Path
+    db: Engine
+    db_url: str
+    queue: str
+    unique: str
+    producer: Celery
+    starter: Callable[..., WorkerProcess]
+    table: Table | None = None
+
+    def seed(self, **kw: Any) -> Table:
+        self.table = create_seed(self.db, [], **kw)
+        return self.table
+
+    def worker(
+        self,
+        name: str,
+        *,
+        queue: str | None = None,
+        settings: dict[str, Any] | None = None,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+    ) -> WorkerProcess:
+        conf = {"sources": [SEED_SOURCE], **(settings or {})}
+        full_env = {**worker_env(self.db_url, queue or self.queue, **conf), **(env or {})}
+        worker = self.starter(
+            f"{name}-{self.unique}@h",
+            env=full_env,
+            pool=pool,
+            concurrency=concurrency,
+            args=args,
+        )
+        if ready:
+            worker.wait_for(READY, timeout=60)
+        return worker
+
+    def job(self, job_id: str, seconds: float, *, queue: str | None = None, **kw: Any) -> str:
+        """Send ``jr.job`` (a system_jobs row it writes itself); return the task id."""
+        result = self.producer.send_task(
+            "jr.job", args=(job_id, seconds), queue=queue or self.queue, **kw
+        )
+        return str(result.id)
+
+    def started(self, job_id: str) -> int:
+        """Wait until the job's task runs; return the pid of the process running it."""
+        marker = self.tmp / f"started-{job_id}"
+        wait_until(marker.exists, 60, f"job {job_id} to start")
+        return int(marker.read_text())
+
+    def row(self, job_id: str) -> Row[Any]:
+        assert self.table is not None
+        with self.db.connect() as conn:
+            return conn.execute(select(self.table).where(self.table.c.job_id == job_id)).one()
+
+    def status(self, job_id: str) -> str:
+        return str(self.row(job_id).status)
+
+    def events(self, source: str = "system_jobs") -> list[Row[Any]]:
+        e = tables.events
+        with self.db.connect() as conn:
+            return list(conn.execute(select(e).where(e.c.source == source).order_by(e.c.id)))
+
+    def incarnation_id(self, worker: WorkerProcess) -> str:
+        t = tables.incarnations
+
+        def find() -> str | None:
+            with self.db.connect() as conn:
+                return conn.execute(
+                    select(t.c.id).where(t.c.node == worker.name, t.c.pid == worker.pid)
+                ).scalar()
+
+        return str(wait_until(find, 30, f"incarnation row of {worker.name}"))
+
+    def periodic_runs(self, worker: WorkerProcess, n: int) -> None:
+        """Wait until *worker* finished *n* more periodic reaps (error-free)."""
+        r = tables.runs
+        inc = self.incarnation_id(worker)
+
+        def count() -> int:
+            with self.db.connect() as conn:
+                rows = conn.execute(
+                    select(r.c.error).where(
+                        r.c.incarnation_id == inc,
+                        r.c.trigger == "periodic",
+                        r.c.finished_at.is_not(None),
+                    )
+                ).all()
+            assert all(row.error is None for row in rows), rows
+            return len(rows)
+
+        seen = count()
+        wait_until(lambda: count() >= seen + n, 60, f"{n} more periodic reaps of {worker.name}")
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path,
+    pg_url: str,
+    unique: str,
+    engine_for: Callable[[str], Engine],
+    start_worker: Callable[..., WorkerProcess],
+) -> Iterator[Fleet]:
+    producer = Celery(f"jr-producer-{unique}", broker=REDIS_URL, set_as_current=False)
+    queue = f"jrl-{unique}"
+    try:
+        yield Fleet(tmp_path, engine_for(pg_url), pg_url, queue, unique, producer, start_worker)
+    finally:
+        producer.close()
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            for name in (queue, f"{queue}-b"):
+                client.delete(name, *(f"{name}\x06\x16{p}" for p in (3, 6, 9)))
+                client.delete(f"_kombu.binding.{name}")
+        finally:
+            client.close()
+
+
+# --- 1: this worker is a live worker too ----------------------------------------------------
+
+
+def test_one_worker_seed_table_long_job_untouched_then_settled_after_restart(
+    fleet: Fleet,
+) -> None:
+    """The seed's deployment: one worker, the ownerless table, a job longer than 3 reaps."""
+    fleet.seed()
+    worker = fleet.worker("a")
+    fleet.job("long", 120)
+    fleet.started("long")
+    fleet.periodic_runs(worker, 4)
+    assert fleet.status("long") == "running"
+    assert fleet.events() == []
+    assert "Clearing job: long" not in worker.output()
+
+    worker.kill()
+    again = fleet.worker("a")
+    assert fleet.status("long") == "failed"
+    assert "jobreaper: Clearing job: long (library_scan)" in again.output()
+    assert [e.job_id for e in fleet.events()] == ["long"]
