@@ -38,6 +38,11 @@ Verdict = Literal["fail", "leave"]
 TASK_HELD = "task is active, reserved, scheduled or rate-limited on a live worker"
 #: Left alone: the task's message waits in a queue.
 TASK_QUEUED = "its message is still waiting in a queue"
+#: Failed: a row of this worker's current start whose task this worker no longer holds.
+POOL_PROCESS_LOST = (
+    "its task is no longer held by this worker (the pool process running it died: "
+    "out of memory, hard time limit, killed)"
+)
 
 
 def policy_ignored(kind: str | None) -> str:
@@ -141,6 +146,16 @@ def _own_node(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
     started = as_naive_utc(c.started_at)
     if started < view.me.started_at:
         return _fail(c, view, f"on {c.owner} (an earlier start of this worker)")
+    # This worker's current start. Its task was checked above: not held here or by a live
+    # peer, not queued. A row younger than one heartbeat interval may belong to a task whose
+    # message this worker is only now taking (or that is writing its end right now).
+    age = _age(c, view.now)
+    if (
+        c.task_id is not None
+        and age is not None
+        and age > timedelta(seconds=settings.heartbeat_interval)
+    ):
+        return _fail(c, view, f"on {c.owner}; {POOL_PROCESS_LOST}")
     return Decision(c, "leave", "owned by this worker's current start")
 
 

@@ -9,6 +9,8 @@ the ``jr.job`` task writes itself.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,16 @@ class Fleet:
     producer: Celery
     starter: Callable[..., WorkerProcess]
     table: Table | None = None
+    source: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SEED_SOURCE))
 
-    def seed(self, **kw: Any) -> Table:
-        self.table = create_seed(self.db, [], **kw)
+    def seed(self, *, owner: bool = False, task_id: bool = False) -> Table:
+        """Create the seed's table (with owner / task-id columns) and map them in the source."""
+        self.table = create_seed(self.db, [], owner=owner, task_id=task_id)
+        self.source = {
+            **SEED_SOURCE,
+            **({"owner": "owner"} if owner else {}),
+            **({"task_id": "task_id"} if task_id else {}),
+        }
         return self.table
 
     def worker(
@@ -56,7 +65,7 @@ class Fleet:
         env: dict[str, str] | None = None,
         ready: bool = True,
     ) -> WorkerProcess:
-        conf = {"sources": [SEED_SOURCE], **(settings or {})}
+        conf = {"sources": [self.source], **(settings or {})}
         full_env = {**worker_env(self.db_url, queue or self.queue, **conf), **(env or {})}
         worker = self.starter(
             f"{name}-{self.unique}@h",
@@ -171,3 +180,46 @@ def test_one_worker_seed_table_long_job_untouched_then_settled_after_restart(
     assert fleet.status("long") == "failed"
     assert "jobreaper: Clearing job: long (library_scan)" in again.output()
     assert [e.job_id for e in fleet.events()] == ["long"]
+
+
+# --- 2: a pool process dies, the worker lives -----------------------------------------------
+
+
+def _tracked(fleet: Fleet, task_id: str) -> Row[Any] | None:
+    with fleet.db.connect() as conn:
+        return conn.execute(select(tables.jobs).where(tables.jobs.c.task_id == task_id)).first()
+
+
+@pytest.mark.parametrize("death", ["sigkill", "time_limit"])
+def test_pool_process_dies_its_jobs_settled_sibling_untouched(fleet: Fleet, death: str) -> None:
+    """prefork -c 2: one child dies (SIGKILL / hard time limit) while the other runs a task."""
+    fleet.seed(owner=True, task_id=True)
+    worker = fleet.worker("a", concurrency=2)
+    sibling = fleet.job("sibling", 120)
+    sibling_pid = fleet.started("sibling")
+    options = {"time_limit": 4} if death == "time_limit" else {}
+    victim = fleet.job("victim", 120, **options)
+    victim_pid = fleet.started("victim")
+    assert victim_pid != sibling_pid
+    wait_until(lambda: _tracked(fleet, victim), 10, "the victim's tracked row")
+    if death == "sigkill":
+        os.kill(victim_pid, signal.SIGKILL)
+
+    def tracked_failed() -> bool:
+        row = _tracked(fleet, victim)
+        return row is not None and row.status == "failed"
+
+    wait_until(tracked_failed, 60, "the victim's tracked job to be settled")
+    tracked = _tracked(fleet, victim)
+    assert tracked is not None
+    lost = "TimeLimitExceeded" if death == "time_limit" else "WorkerLostError"
+    assert tracked.error.startswith(lost), tracked.error
+    wait_until(lambda: fleet.status("victim") == "failed", 60, "the victim's row to be settled")
+    row = fleet.row("victim")
+    assert "no longer held by this worker" in row.error, row.error
+    fleet.periodic_runs(worker, 3)
+    assert fleet.status("sibling") == "running"
+    sibling_tracked = _tracked(fleet, sibling)
+    assert sibling_tracked is not None and sibling_tracked.status == "running"
+    assert [e.job_id for e in fleet.events()] == ["victim"]
+    assert worker.proc.poll() is None
