@@ -27,7 +27,11 @@ def _empty() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
-#: ``ping(nodes, timeout)`` -> the node names that replied; raises if the broker is unreachable.
+#: The remote-control command a jobreaper worker answers with its incarnation id.
+PING_COMMAND = "jobreaper_ping"
+
+#: ``ping(nodes, timeout)`` -> the node names that replied (never counting a reply of this very
+#: process); raises if the broker is unreachable.
 Pinger = Callable[[Collection[str], float], set[str]]
 
 
@@ -64,6 +68,10 @@ class LivenessView:
     dead_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
     live_nodes: frozenset[str] = frozenset()
     refused_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
+    #: my node name -> why its earlier starts are not judged yet (their jobs are left alone)
+    undecided_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)
+    #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
+    recheck_in: float | None = None
     #: live incarnations other than this one
     other_live_workers: int = 0
     ping_failed: str | None = None
@@ -73,24 +81,59 @@ class LivenessView:
         return self.me is not None and node == self.me.node
 
 
-def ping_with(app: Any) -> Pinger:
-    """A :data:`Pinger` asking exactly the named nodes once (it waits only while one is silent)."""
+def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
+    """A :data:`Pinger` asking exactly the named nodes once, with ``jobreaper_ping``.
+
+    Each jobreaper worker answers with its incarnation id, so the reply of this very process
+    (its own consumer answers to its node name) is never taken for another live process: it
+    is left out. A worker without jobreaper answers with an error, which still counts as a
+    reply. Replies are awaited only while one is missing, except when *me*'s own node name is
+    asked: then all of the timeout (two processes may answer to it).
+    """
 
     def ping(nodes: Collection[str], timeout: float) -> set[str]:
         if not nodes:
             return set()
-        replies = app.control.ping(destination=list(nodes), timeout=timeout) or []
-        return {name for reply in replies for name in reply}
+        own = me is not None and me.node in nodes
+        replies = (
+            app.control.broadcast(
+                PING_COMMAND,
+                destination=list(nodes),
+                reply=True,
+                timeout=timeout,
+                limit=None if own else len(nodes),
+            )
+            or []
+        )
+        return {
+            name
+            for reply in replies
+            for name, body in reply.items()
+            if not (me is not None and name == me.node and _incarnation_of(body) == me.id)
+        }
 
     return ping
+
+
+def _incarnation_of(body: Any) -> str | None:
+    return body.get("incarnation") if isinstance(body, dict) else None
 
 
 class Liveness:
     """Reads and writes the incarnations table and judges which owners are dead."""
 
-    def __init__(self, tables: JobReaperTables, *, heartbeat_timeout: float) -> None:
+    def __init__(
+        self,
+        tables: JobReaperTables,
+        *,
+        heartbeat_timeout: float,
+        heartbeat_interval: float | None = None,
+    ) -> None:
         self.t = tables.incarnations
         self.heartbeat_timeout = timedelta(seconds=heartbeat_timeout)
+        interval = heartbeat_timeout / 2 if heartbeat_interval is None else heartbeat_interval
+        #: an incarnation that has not heartbeated for this long is quiet (two beats missed)
+        self.quiet_after = min(timedelta(seconds=2 * interval), self.heartbeat_timeout)
 
     def register(self, conn: Connection, me: Incarnation) -> None:
         """Record *me* as running."""
@@ -202,8 +245,37 @@ class Liveness:
         view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
 
         to_ping = {r.node for r in suspects.values()}
-        if me is not None and any(not (r.host == me.host and r.pid == me.pid) for r in own_earlier):
-            to_ping.add(me.node)  # is some other live process answering to my node name?
+        my_row = next((r for r in rows if me is not None and r.id == me.id), None)
+        my_start = my_row.started_at if my_row is not None else (me.started_at if me else now)
+        quiet_own: list[Any] = []
+        for row in own_earlier:
+            # Same node name, another incarnation: dead only on two signals too. A heartbeat
+            # after my start is a live duplicate (a busy -P solo one does not answer pings);
+            # a recent one is undecided until it has been quiet for two heartbeat intervals.
+            quiet_for = now - row.heartbeat_at
+            if row.state == STOPPED:
+                view.dead_incarnations[row.id] = _earlier(row, f"which stopped at {row.stopped_at}")
+            elif row.state not in (RUNNING, DRAINING):
+                view.dead_incarnations[row.id] = _earlier(row, "found dead earlier")
+            elif row.heartbeat_at > my_start and quiet_for < self.quiet_after:
+                view.refused_nodes[row.node] = (
+                    f"another live worker uses this node name {row.node!r} (incarnation on "
+                    f"{row.host} pid {row.pid}, heartbeat {_seconds(quiet_for)} ago, after this "
+                    "worker started); node names must be unique (-n)"
+                )
+                view.live_incarnations.add(row.id)
+            elif quiet_for < self.quiet_after:
+                wait = (self.quiet_after - quiet_for).total_seconds()
+                view.recheck_in = max(view.recheck_in or 0.0, wait)
+                view.undecided[row.node] = (
+                    f"an earlier start of this node name heartbeated {_seconds(quiet_for)} ago; "
+                    "judged once it has been quiet for two heartbeat intervals"
+                )
+                view.live_incarnations.add(row.id)
+            else:
+                quiet_own.append(row)
+        if me is not None and quiet_own:
+            to_ping.add(me.node)  # does another process answer to my node name?
         known_nodes = {row.node for row in rows}
         to_ping |= {n for n in wanted_nodes if n not in known_nodes and not view.node_is_me(n)}
         replied: set[str] = set()
@@ -219,23 +291,20 @@ class Liveness:
                 )
         elif to_ping:
             view.ping_failed = "no broker to ping through"
-        view.live_nodes |= replied
+        view.live_nodes |= replied - ({me.node} if me is not None else set())
 
-        for row in own_earlier:
-            if (
-                me is not None
-                and me.node in replied
-                and not (row.host == me.host and row.pid == me.pid)
-            ):
+        for row in quiet_own:
+            if view.ping_failed is not None:
+                view.undecided[row.node] = f"could not ping this node name ({view.ping_failed})"
+                view.live_incarnations.add(row.id)
+            elif me is not None and me.node in replied:
                 view.refused_nodes[me.node] = (
                     f"another live worker answers to this node name {me.node!r} "
                     f"(incarnation on {row.host} pid {row.pid}); node names must be unique (-n)"
                 )
                 view.live_incarnations.add(row.id)
             else:
-                view.dead_incarnations[row.id] = (
-                    f"{row.node} (an earlier start of this worker, pid {row.pid} on {row.host})"
-                )
+                view.dead_incarnations[row.id] = _earlier(row, "no heartbeat, no reply to ping")
         for inc_id, row in suspects.items():
             stale = f"last heartbeat {row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
             if view.ping_failed is not None:
@@ -285,6 +354,8 @@ class _Draft:
     dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
     live_nodes: set[str] = dataclasses.field(default_factory=set)
     refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    undecided: dict[str, str] = dataclasses.field(default_factory=dict)
+    recheck_in: float | None = None
     other_live_workers: int = 0
     ping_failed: str | None = None
 
@@ -301,9 +372,19 @@ class _Draft:
             dead_nodes=MappingProxyType(dict(self.dead_nodes)),
             live_nodes=frozenset(self.live_nodes),
             refused_nodes=MappingProxyType(dict(self.refused_nodes)),
+            undecided_nodes=MappingProxyType(dict(self.undecided)),
+            recheck_in=self.recheck_in,
             other_live_workers=self.other_live_workers,
             ping_failed=self.ping_failed,
         )
+
+
+def _earlier(row: Any, why: str) -> str:
+    return f"{row.node} (an earlier start of this worker, pid {row.pid} on {row.host}; {why})"
+
+
+def _seconds(delta: timedelta) -> str:
+    return f"{max(delta.total_seconds(), 0.0):.1f} s"
 
 
 def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> None:

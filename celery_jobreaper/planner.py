@@ -145,6 +145,9 @@ def _own_node(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
         return Decision(c, "leave", "owned by this node name, start time unknown")
     started = as_naive_utc(c.started_at)
     if started < view.me.started_at:
+        undecided = view.undecided_nodes.get(view.me.node)
+        if undecided is not None:
+            return Decision(c, "leave", undecided)
         return _fail(c, view, f"on {c.owner} (an earlier start of this worker)")
     # This worker's current start. Its task was checked above: not held here or by a live
     # peer, not queued. A row younger than one heartbeat interval may belong to a task whose

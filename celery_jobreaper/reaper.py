@@ -70,11 +70,15 @@ class Reaper:
         self.db = db
         self.tables = tbls
         self.me = me
-        self.ping = ping if ping is not None else ping_with(app)
+        self.ping = ping if ping is not None else ping_with(app, me)
         self.ask = ask if ask is not None else ask_with(app)
         #: in a worker, the tasks it holds; ``None`` in a process that runs no task
         self.held = held
-        self.liveness = Liveness(tbls, heartbeat_timeout=settings.heartbeat_timeout)
+        self.liveness = Liveness(
+            tbls,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            heartbeat_interval=settings.heartbeat_interval,
+        )
         self.after_settle: list[AfterSettle] = []
         self.queued_ids: QueuedIds | None = None
         self.last_report: Report | None = None
@@ -121,22 +125,20 @@ class Reaper:
     def _run(self, report: Report) -> None:
         sources = self.prepare()
         with self.db.connect() as conn:
-            with conn.begin():
-                inc_ids: set[str] = set()
-                nodes: set[str] = set()
-                for source in sources:
-                    ids, names = source.owners(conn)
-                    inc_ids |= ids
-                    nodes |= names
-                view = self.liveness.assess(
-                    conn,
-                    me=self.me,
-                    incarnation_ids=inc_ids,
-                    nodes=nodes,
-                    ping=self.ping,
-                    ping_timeout=self.settings.ping_timeout,
-                    now=report.started_at,
+            view = self._assess(conn, sources, now=report.started_at)
+            if view.recheck_in is not None and report.trigger == "startup":
+                # An earlier start of this node name heartbeated moments ago: it crashed just
+                # now (a quick restart) or it is a live duplicate. Before consuming, wait
+                # until it has missed two heartbeats, then judge again (once).
+                logger.info(
+                    "jobreaper: an earlier start of %s heartbeated moments ago; waiting %.1f s "
+                    "to tell a restart from a live duplicate",
+                    report.node,
+                    view.recheck_in,
                 )
+                time.sleep(view.recheck_in + 0.1)
+                view = self._assess(conn, sources, now=None)
+            with conn.begin():
                 key = conn.execute(
                     insert(self.tables.runs).values(
                         node=report.node,
@@ -264,6 +266,25 @@ class Reaper:
             if not got.more:
                 return
             after = got.last
+
+    def _assess(self, conn: Any, sources: list[JobSource], *, now: Any) -> LivenessView:
+        """Judge the owners of every source's stale jobs (one transaction)."""
+        with conn.begin():
+            inc_ids: set[str] = set()
+            nodes: set[str] = set()
+            for source in sources:
+                ids, names = source.owners(conn)
+                inc_ids |= ids
+                nodes |= names
+            return self.liveness.assess(
+                conn,
+                me=self.me,
+                incarnation_ids=inc_ids,
+                nodes=nodes,
+                ping=self.ping,
+                ping_timeout=self.settings.ping_timeout,
+                now=now,
+            )
 
     def _held(self) -> set[str]:
         return set() if self.held is None else self.held()

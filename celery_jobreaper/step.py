@@ -68,6 +68,11 @@ class JobReaperStep(bootsteps.StartStopStep):
         self.service.revoked_sync = RevokedSync(db, tables, self.settings, me.node)
         logger.debug("jobreaper: enabled on %s (database %s)", me.node, db.url)
 
+    @property
+    def incarnation_id(self) -> str | None:
+        """This worker's incarnation id (``None`` when it has none)."""
+        return None if self.service is None else self.service.me.id
+
     def create(self, parent: Any) -> JobReaperStep:  # type: ignore[override]
         """Nothing to create: the service was built in ``__init__``."""
         return self

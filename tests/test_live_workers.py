@@ -223,3 +223,48 @@ def test_pool_process_dies_its_jobs_settled_sibling_untouched(fleet: Fleet, deat
     assert sibling_tracked is not None and sibling_tracked.status == "running"
     assert [e.job_id for e in fleet.events()] == ["victim"]
     assert worker.proc.poll() is None
+
+
+# --- 4: same node name ----------------------------------------------------------------------
+
+
+def test_busy_solo_duplicate_name_keeps_its_job(fleet: Fleet) -> None:
+    """A second worker with the same -n while the first (-P solo, busy) runs a long job."""
+    fleet.seed(owner=True, task_id=True)
+    first = fleet.worker("dup", pool="solo")
+    fleet.job("busy", 120)
+    fleet.started("busy")
+    second = fleet.worker("dup", queue=f"{fleet.queue}-b")
+    log = second.output()
+    assert f"jobreaper: refusing to settle jobs of {second.name}" in log, log
+    fleet.periodic_runs(second, 3)
+    assert fleet.status("busy") == "running"
+    assert fleet.events() == []
+    assert "Clearing job: busy" not in second.output() + first.output()
+
+
+def test_restarted_worker_settles_earlier_start_jobs_on_periodic_reap(fleet: Fleet) -> None:
+    """A row of an earlier start found by a periodic reap: no false "another live worker"."""
+    table = fleet.seed(owner=True, task_id=True)
+    first = fleet.worker("r")
+    first.kill()
+    again = fleet.worker("r")
+    fleet.periodic_runs(again, 1)
+    from jobtables import ago
+    from sqlalchemy import insert
+
+    with fleet.db.begin() as conn:
+        conn.execute(
+            insert(table).values(
+                job_id="earlier",
+                job_type="library_scan",
+                status="running",
+                started_at=ago(hours=1),
+                owner=again.name,
+                task_id="t-earlier",
+            )
+        )
+    wait_until(lambda: fleet.status("earlier") == "failed", 60, "the earlier start's job")
+    assert "an earlier start of this worker" in fleet.row("earlier").error
+    assert "another live worker answers" not in again.output()
+    assert "refusing to settle" not in again.output()
