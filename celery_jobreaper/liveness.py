@@ -27,6 +27,10 @@ def _empty() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
+def _empty_times() -> Mapping[str, datetime]:
+    return MappingProxyType({})
+
+
 #: The remote-control command a jobreaper worker answers with its incarnation id.
 PING_COMMAND = "jobreaper_ping"
 
@@ -70,6 +74,8 @@ class LivenessView:
     refused_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
     #: my node name -> why its earlier starts are not judged yet (their jobs are left alone)
     undecided_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)
+    #: incarnation id -> the heartbeat it was judged dead on (``mark_dead`` compares it)
+    dead_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
     #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
     recheck_in: float | None = None
     #: live incarnations other than this one
@@ -230,7 +236,9 @@ class Liveness:
                 if row.id in wanted_ids or row.node in wanted_nodes:
                     own_earlier.append(row)  # judged only when it owns candidate jobs
                 continue
-            fresh = row.heartbeat_at >= fresh_after and row.state in (RUNNING, DRAINING)
+            # A verdict of death is not forever: a worker found dead during a pause or a
+            # partition may come back, so a "dead" row is judged again like any other.
+            fresh = row.heartbeat_at >= fresh_after and row.state != STOPPED
             if fresh:
                 view.live_incarnations.add(row.id)
                 newest_live[row.node] = max(
@@ -238,8 +246,6 @@ class Liveness:
                 )
             elif row.state == STOPPED:
                 view.dead_incarnations[row.id] = f"{row.node}, which stopped at {row.stopped_at}"
-            elif row.state == DEAD:
-                view.dead_incarnations[row.id] = f"{row.node}, which was found dead earlier"
             elif row.id in wanted_ids or row.node in wanted_nodes:
                 suspects[row.id] = row
         view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
@@ -255,8 +261,6 @@ class Liveness:
             quiet_for = now - row.heartbeat_at
             if row.state == STOPPED:
                 view.dead_incarnations[row.id] = _earlier(row, f"which stopped at {row.stopped_at}")
-            elif row.state not in (RUNNING, DRAINING):
-                view.dead_incarnations[row.id] = _earlier(row, "found dead earlier")
             elif row.heartbeat_at > my_start and quiet_for < self.quiet_after:
                 view.refused_nodes[row.node] = (
                     f"another live worker uses this node name {row.node!r} (incarnation on "
@@ -305,6 +309,7 @@ class Liveness:
                 view.live_incarnations.add(row.id)
             else:
                 view.dead_incarnations[row.id] = _earlier(row, "no heartbeat, no reply to ping")
+                view.dead_heartbeats[row.id] = row.heartbeat_at
         for inc_id, row in suspects.items():
             stale = f"last heartbeat {row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
             if view.ping_failed is not None:
@@ -313,10 +318,12 @@ class Liveness:
                 view.dead_incarnations[inc_id] = (
                     f"{row.node}, which stopped ({stale}, no reply to ping)"
                 )
+                view.dead_heartbeats[inc_id] = row.heartbeat_at
             elif newest_live.get(row.node, row.started_at) > row.started_at:
                 view.dead_incarnations[inc_id] = (
                     f"{row.node}, an earlier start superseded by a newer live one ({stale})"
                 )
+                view.dead_heartbeats[inc_id] = row.heartbeat_at
             else:
                 view.live_incarnations.add(inc_id)
 
@@ -355,6 +362,7 @@ class _Draft:
     live_nodes: set[str] = dataclasses.field(default_factory=set)
     refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
     undecided: dict[str, str] = dataclasses.field(default_factory=dict)
+    dead_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
     recheck_in: float | None = None
     other_live_workers: int = 0
     ping_failed: str | None = None
@@ -373,6 +381,7 @@ class _Draft:
             live_nodes=frozenset(self.live_nodes),
             refused_nodes=MappingProxyType(dict(self.refused_nodes)),
             undecided_nodes=MappingProxyType(dict(self.undecided)),
+            dead_heartbeats=MappingProxyType(dict(self.dead_heartbeats)),
             recheck_in=self.recheck_in,
             other_live_workers=self.other_live_workers,
             ping_failed=self.ping_failed,
@@ -388,10 +397,22 @@ def _seconds(delta: timedelta) -> str:
 
 
 def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> None:
-    """Record incarnations judged dead, so later reaps need not ping them again."""
+    """Record incarnations judged dead by heartbeat and silence, so later reaps need not
+    ping them again (they are judged again only if they own new jobs).
+
+    Compare-and-set on the heartbeat the verdict was made on: an incarnation that heartbeated
+    since (a paused worker that woke up) is not marked.
+    """
     t = tables.incarnations
-    ids = [i for i in view.dead_incarnations if i not in view.live_incarnations]
-    if ids:
+    for inc_id, heartbeat_at in view.dead_heartbeats.items():
+        if inc_id in view.live_incarnations:
+            continue
         conn.execute(
-            update(t).where(t.c.id.in_(ids), t.c.state.in_((RUNNING, DRAINING))).values(state=DEAD)
+            update(t)
+            .where(
+                t.c.id == inc_id,
+                t.c.state.in_((RUNNING, DRAINING)),
+                t.c.heartbeat_at == heartbeat_at,
+            )
+            .values(state=DEAD)
         )

@@ -268,3 +268,34 @@ def test_restarted_worker_settles_earlier_start_jobs_on_periodic_reap(fleet: Fle
     assert "an earlier start of this worker" in fleet.row("earlier").error
     assert "another live worker answers" not in again.output()
     assert "refusing to settle" not in again.output()
+
+
+# --- 7: dead is not forever -----------------------------------------------------------------
+
+
+def test_paused_worker_declared_dead_comes_back_and_its_new_job_is_left_alone(
+    fleet: Fleet,
+) -> None:
+    fleet.seed(owner=True, task_id=True)
+    b = fleet.worker("b", queue=f"{fleet.queue}-b")
+    a = fleet.worker("a")
+    fleet.job("before", 6)
+    fleet.started("before")
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: fleet.status("before") == "failed", 60, "B to settle the paused job")
+    finally:
+        a.signal(signal.SIGCONT)
+    a_id = fleet.incarnation_id(a)
+    with fleet.db.connect() as conn:
+        t = tables.incarnations
+        wait_until(
+            lambda: conn.execute(select(t.c.state).where(t.c.id == a_id)).scalar() == "running",
+            30,
+            "A to heartbeat again",
+        )
+    fleet.job("after", 120)
+    fleet.started("after")
+    fleet.periodic_runs(b, 4)
+    assert fleet.status("after") == "running"
+    assert [e.job_id for e in fleet.events()] == ["before"]
