@@ -76,6 +76,8 @@ class LivenessView:
     undecided_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)
     #: incarnation id -> the heartbeat it was judged dead on (``mark_dead`` compares it)
     dead_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
+    #: owner node names with no incarnation ever recorded that did not answer one ping
+    unregistered_silent: frozenset[str] = frozenset()
     #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
     recheck_in: float | None = None
     #: live incarnations other than this one
@@ -347,6 +349,10 @@ class Liveness:
                 view.dead_nodes[node] = view.dead_incarnations.get(
                     last.id, f"{node}, which stopped (no heartbeat, no reply to ping)"
                 )
+            elif not incs and view.ping_failed is None:
+                # Never registered: no heartbeat where a jobreaper worker would have one, and
+                # no reply. Dead for its jobs older than the heartbeat timeout (the planner).
+                view.unregistered_silent.add(node)
 
 
 @dataclasses.dataclass
@@ -363,6 +369,7 @@ class _Draft:
     refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
     undecided: dict[str, str] = dataclasses.field(default_factory=dict)
     dead_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
+    unregistered_silent: set[str] = dataclasses.field(default_factory=set)
     recheck_in: float | None = None
     other_live_workers: int = 0
     ping_failed: str | None = None
@@ -382,6 +389,7 @@ class _Draft:
             refused_nodes=MappingProxyType(dict(self.refused_nodes)),
             undecided_nodes=MappingProxyType(dict(self.undecided)),
             dead_heartbeats=MappingProxyType(dict(self.dead_heartbeats)),
+            unregistered_silent=frozenset(self.unregistered_silent),
             recheck_in=self.recheck_in,
             other_live_workers=self.other_live_workers,
             ping_failed=self.ping_failed,

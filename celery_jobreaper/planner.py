@@ -36,6 +36,10 @@ Verdict = Literal["fail", "leave"]
 
 #: Left alone: the task is held by this worker or a live peer.
 TASK_HELD = "task is active, reserved, scheduled or rate-limited on a live worker"
+#: Failed: the owner never registered with jobreaper and did not answer a ping.
+NEVER_REGISTERED = (
+    "a node never registered with jobreaper (no heartbeat) that does not answer a ping"
+)
 #: Left alone: the task's message waits in a queue.
 TASK_QUEUED = "its message is still waiting in a queue"
 #: Failed: a row of this worker's current start whose task this worker no longer holds.
@@ -126,6 +130,10 @@ def decide(
             return _fail(c, view, f"on {view.dead_nodes[c.owner]}")
         if c.owner in view.live_nodes:
             return Decision(c, "leave", "owner worker is alive")
+        if c.owner in view.unregistered_silent:
+            age = _age(c, view.now)
+            if age is not None and age > timedelta(seconds=settings.heartbeat_timeout):
+                return _fail(c, view, f"on {c.owner}; {NEVER_REGISTERED}")
         old = _older_than_max_age(c, view.now, settings)
         if old:
             return _fail(c, view, f"on {c.owner}; {old}")

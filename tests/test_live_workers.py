@@ -299,3 +299,51 @@ def test_paused_worker_declared_dead_comes_back_and_its_new_job_is_left_alone(
     fleet.periodic_runs(b, 4)
     assert fleet.status("after") == "running"
     assert [e.job_id for e in fleet.events()] == ["before"]
+
+
+# --- 3: nodes jobreaper never saw -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "setting"])
+def test_worker_without_jobreaper_registers_and_its_job_is_left_alone(
+    fleet: Fleet, how: str
+) -> None:
+    """``--without-jobreaper`` / ``jobreaper_enabled = False``: live (heartbeats), never reaps."""
+    fleet.seed(owner=True, task_id=True)
+    args = ("--without-jobreaper",) if how == "flag" else ()
+    settings = {"enabled": False} if how == "setting" else {}
+    quiet = fleet.worker("q", args=args, settings=settings)
+    fleet.job("quiet-job", 120)
+    fleet.started("quiet-job")
+    inc = fleet.incarnation_id(quiet)  # it registered
+    reaper = fleet.worker("r", queue=f"{fleet.queue}-b")
+    fleet.periodic_runs(reaper, 6)  # well past the heartbeat timeout (3 s)
+    assert fleet.status("quiet-job") == "running"
+    assert fleet.events() == []
+    with fleet.db.connect() as conn:
+        t, r = tables.incarnations, tables.runs
+        state = conn.execute(select(t.c.state).where(t.c.id == inc)).scalar()
+        runs = conn.execute(select(r.c.id).where(r.c.incarnation_id == inc)).all()
+    assert state == "running"
+    assert runs == []  # it never reaps
+
+
+def test_never_registered_silent_owner_old_job_is_settled(fleet: Fleet) -> None:
+    """No incarnation ever recorded, no reply to one ping, older than the heartbeat timeout."""
+    from jobtables import ago
+    from sqlalchemy import insert
+
+    table = fleet.seed(owner=True)
+    rows = [
+        {"job_id": "ghost-old", "owner": f"ghost-{fleet.unique}@h", "started_at": ago(hours=1)},
+        {"job_id": "ghost-new", "owner": f"ghost-{fleet.unique}@h", "started_at": ago(seconds=0)},
+    ]
+    with fleet.db.begin() as conn:
+        conn.execute(
+            insert(table), [{"job_type": "library_scan", "status": "running", **r} for r in rows]
+        )
+    worker = fleet.worker("a")
+    assert fleet.status("ghost-old") == "failed"
+    assert "never registered" in fleet.row("ghost-old").error
+    assert fleet.status("ghost-new") == "running"  # younger than the heartbeat timeout (3 s)
+    worker.wait_for("jobreaper: Clearing job: ghost-old")

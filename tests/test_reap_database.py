@@ -81,7 +81,8 @@ def test_dry_run_changes_no_job(db_url: str, engine_for: Callable[[str], Engine]
 def test_owner_column_and_incarnations_make_it_precise(
     pg_url: str, engine_for: Callable[[str], Engine]
 ) -> None:
-    """Jobs of a dead owner are failed; a live owner's and an unknown owner's are left."""
+    """Jobs of a dead owner are failed, and (a day old) of a never-registered silent owner;
+    a live owner's are left."""
     engine = engine_for(pg_url)
     source = {**SEED_SOURCE, "owner": "owner"}
     app = make_app(pg_url, sources=[source])
@@ -119,9 +120,10 @@ def test_owner_column_and_incarnations_make_it_precise(
     assert got["dead-job"].status == "failed"
     assert "dead@h, which stopped" in got["dead-job"].error
     assert got["live-job"].status == "running"
-    assert got["unknown-job"].status == "running"
+    assert got["unknown-job"].status == "failed"
+    assert "never registered with jobreaper" in got["unknown-job"].error
     assert got["unowned"].status == "running"  # another live worker exists: not provable
-    assert report.settled == 1 and sum(report.left_alone.values()) == 3
+    assert report.settled == 2 and sum(report.left_alone.values()) == 2
     with engine.connect() as conn:
         state = conn.execute(
             select(tables.incarnations.c.state).where(tables.incarnations.c.id == "d" * 32)
