@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import false, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from .clock import utcnow
+from .clock import db_now, db_utcnow, utcnow
 from .schema import JobReaperTables
 
 logger = logging.getLogger(__name__)
@@ -151,15 +151,15 @@ class Liveness:
                 node=me.node,
                 host=me.host,
                 pid=me.pid,
-                started_at=me.started_at,
-                heartbeat_at=me.started_at,
+                started_at=db_now(conn.dialect.name),
+                heartbeat_at=db_now(conn.dialect.name),
                 state=RUNNING,
             )
         )
 
     def heartbeat(self, conn: Connection, me: Incarnation, *, state: str | None = None) -> bool:
         """Refresh my heartbeat (and state); False if the row was gone or declared dead."""
-        now = utcnow()
+        now = db_now(conn.dialect.name)  # the database's clock, not this host's
         row = conn.execute(select(self.t.c.state).where(self.t.c.id == me.id)).first()
         if row is None:
             self.register(conn, me)
@@ -183,12 +183,15 @@ class Liveness:
 
     def duplicates_of(self, conn: Connection, me: Incarnation) -> list[str]:
         """Other incarnations of my node name that heartbeated after I started: live duplicates."""
+        my_start = conn.execute(select(self.t.c.started_at).where(self.t.c.id == me.id)).scalar()
+        if my_start is None:
+            return []
         rows = conn.execute(
             select(self.t.c.id, self.t.c.host, self.t.c.pid).where(
                 self.t.c.node == me.node,
                 self.t.c.id != me.id,
                 self.t.c.state.in_((RUNNING, DRAINING)),
-                self.t.c.heartbeat_at > me.started_at + timedelta(seconds=1),
+                self.t.c.heartbeat_at > my_start + timedelta(seconds=1),
             )
         )
         return [f"{r.host} pid {r.pid}" for r in rows]
@@ -210,7 +213,7 @@ class Liveness:
         stop) **and** no reply to one ping of exactly the suspects. This worker's own earlier
         incarnations are dead at once, unless another live process answers for the node name.
         """
-        now = now or utcnow()
+        now = now or db_utcnow(conn)  # the database's clock: heartbeats are written with it
         view = _Draft(me=me, now=now)
         wanted_ids = set(incarnation_ids)
         wanted_nodes = {n for n in nodes if n}

@@ -7,13 +7,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import insert, update
 
 from . import bulk, signals
 from .apply import settle_batch
-from .clock import utcnow
+from .clock import db_utcnow, utcnow
 from .database import Database
 from .liveness import Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
 from .planner import Decision, TaskFacts, plan
@@ -125,7 +126,7 @@ class Reaper:
     def _run(self, report: Report) -> None:
         sources = self.prepare()
         with self.db.connect() as conn:
-            view = self._assess(conn, sources, now=report.started_at)
+            view = self._assess(conn, sources)
             if view.recheck_in is not None and report.trigger == "startup":
                 # An earlier start of this node name heartbeated moments ago: it crashed just
                 # now (a quick restart) or it is a live duplicate. Before consuming, wait
@@ -137,7 +138,9 @@ class Reaper:
                     view.recheck_in,
                 )
                 time.sleep(view.recheck_in + 0.1)
-                view = self._assess(conn, sources, now=None)
+                view = self._assess(conn, sources)
+            # One clock: the run's time (ages, completed_at, the ledger) is the database's.
+            report.started_at = view.now
             with conn.begin():
                 key = conn.execute(
                     insert(self.tables.runs).values(
@@ -267,9 +270,11 @@ class Reaper:
                 return
             after = got.last
 
-    def _assess(self, conn: Any, sources: list[JobSource], *, now: Any) -> LivenessView:
-        """Judge the owners of every source's stale jobs (one transaction)."""
+    def _assess(self, conn: Any, sources: list[JobSource]) -> LivenessView:
+        """Judge the owners of every source's stale jobs (one transaction, the database's
+        clock read in it)."""
         with conn.begin():
+            now = db_utcnow(conn)
             inc_ids: set[str] = set()
             nodes: set[str] = set()
             for source in sources:
@@ -382,7 +387,8 @@ class Reaper:
                         update(self.tables.runs)
                         .where(self.tables.runs.c.id == report.run_id)
                         .values(
-                            finished_at=utcnow(),
+                            finished_at=report.started_at
+                            + timedelta(seconds=report.duration or 0.0),
                             duration=report.duration,
                             candidates=report.candidates,
                             settled=report.settled or report.would_settle,

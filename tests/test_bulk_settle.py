@@ -195,6 +195,7 @@ def reap_once(
                 )
         monkeypatch.setattr(bulk, "ENABLED", fast)
         monkeypatch.setattr(reaper, "utcnow", lambda: NOW)
+        monkeypatch.setattr(reaper, "db_utcnow", lambda conn: NOW)
         app = make_app(url, **conf)
         statements: list[str] = []
 

@@ -347,3 +347,19 @@ def test_never_registered_silent_owner_old_job_is_settled(fleet: Fleet) -> None:
     assert "never registered" in fleet.row("ghost-old").error
     assert fleet.status("ghost-new") == "running"  # younger than the heartbeat timeout (3 s)
     worker.wait_for("jobreaper: Clearing job: ghost-old")
+
+
+# --- 5: one clock ---------------------------------------------------------------------------
+
+
+def test_worker_with_host_clock_behind_is_not_judged_dead(fleet: Fleet) -> None:
+    """A busy -P solo worker (no ping replies) whose host clock is 50 s behind stays live."""
+    fleet.seed(owner=True, task_id=True)
+    slow = fleet.worker("slow", pool="solo", env={"JR_CLOCK_SKEW": "-50"})
+    fleet.job("skewed", 120)
+    fleet.started("skewed")
+    other = fleet.worker("other", queue=f"{fleet.queue}-b")
+    fleet.periodic_runs(other, 4)
+    assert fleet.status("skewed") == "running"
+    assert fleet.events() == []
+    assert slow.proc.poll() is None

@@ -82,6 +82,8 @@ def test_mark_dead_does_not_remark_an_incarnation_that_heartbeated_since(
     """Judged dead on a stale heartbeat; it beats before the verdict is written: still live."""
     from datetime import timedelta
 
+    from sqlalchemy import update
+
     from celery_jobreaper.clock import utcnow
     from celery_jobreaper.liveness import Incarnation, Liveness, mark_dead
     from celery_jobreaper.schema import create_all
@@ -90,8 +92,11 @@ def test_mark_dead_does_not_remark_an_incarnation_that_heartbeated_since(
     create_all(engine)
     liveness = Liveness(tables, heartbeat_timeout=3, heartbeat_interval=1)
     paused = Incarnation("p" * 32, "paused@h", "h", 1, utcnow() - timedelta(minutes=5))
+    t = tables.incarnations
     with engine.begin() as conn:
-        liveness.register(conn, paused)  # its heartbeat is its start: 5 minutes old
+        liveness.register(conn, paused)
+        old = utcnow() - timedelta(minutes=5)  # its last heartbeat: 5 minutes ago
+        conn.execute(update(t).where(t.c.id == paused.id).values(heartbeat_at=old))
     silent = lambda nodes, timeout: set()  # noqa: E731
     with engine.begin() as conn:
         view = liveness.assess(

@@ -128,3 +128,28 @@ def job(self: Any, job_id: str, seconds: float) -> str:
         )
     _mark(f"finished-{job_id}")
     return job_id
+
+
+def _skew_clock(seconds: float) -> None:
+    """Make this worker's host clock look *seconds* off (JR_CLOCK_SKEW): every
+    ``celery_jobreaper`` module's ``utcnow`` is replaced (tests only)."""
+    import sys
+    from datetime import timedelta
+
+    from celery_jobreaper import clock
+
+    real = clock.utcnow
+
+    def skewed() -> Any:
+        return real() + timedelta(seconds=seconds)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("celery_jobreaper") and getattr(module, "utcnow", None) is real:
+            module.utcnow = skewed  # type: ignore[attr-defined]
+
+
+if os.environ.get("JR_CLOCK_SKEW"):
+    import celery_jobreaper.reaper  # load the modules whose clock is replaced
+    import celery_jobreaper.step
+
+    _skew_clock(float(os.environ["JR_CLOCK_SKEW"]))
