@@ -159,35 +159,41 @@ def fleet(
             client.close()
 
 
+def _tracked(fleet: Fleet, task_id: str) -> Row[Any] | None:
+    with fleet.db.connect() as conn:
+        return conn.execute(select(tables.jobs).where(tables.jobs.c.task_id == task_id)).first()
+
+
 # --- 1: this worker is a live worker too ----------------------------------------------------
 
 
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
 def test_one_worker_seed_table_long_job_untouched_then_settled_after_restart(
-    fleet: Fleet,
+    fleet: Fleet, pool: str
 ) -> None:
-    """The seed's deployment: one worker, the ownerless table, a job longer than 3 reaps."""
+    """The seed's deployment: one worker, the ownerless table, a job longer than 3 reaps;
+    every pool: the startup reap, the periodic reap with a long job in flight, tracking."""
     fleet.seed()
-    worker = fleet.worker("a")
-    fleet.job("long", 120)
+    worker = fleet.worker("a", pool=pool)
+    task_id = fleet.job("long", 120)
     fleet.started("long")
     fleet.periodic_runs(worker, 4)
     assert fleet.status("long") == "running"
     assert fleet.events() == []
     assert "Clearing job: long" not in worker.output()
+    tracked = _tracked(fleet, task_id)
+    assert tracked is not None and tracked.status == "running"
 
     worker.kill()
-    again = fleet.worker("a")
+    again = fleet.worker("a", pool=pool)
     assert fleet.status("long") == "failed"
     assert "jobreaper: Clearing job: long (library_scan)" in again.output()
     assert [e.job_id for e in fleet.events()] == ["long"]
+    tracked = _tracked(fleet, task_id)
+    assert tracked is not None and tracked.status == "failed"
 
 
 # --- 2: a pool process dies, the worker lives -----------------------------------------------
-
-
-def _tracked(fleet: Fleet, task_id: str) -> Row[Any] | None:
-    with fleet.db.connect() as conn:
-        return conn.execute(select(tables.jobs).where(tables.jobs.c.task_id == task_id)).first()
 
 
 @pytest.mark.parametrize("death", ["sigkill", "time_limit"])
@@ -363,3 +369,37 @@ def test_worker_with_host_clock_behind_is_not_judged_dead(fleet: Fleet) -> None:
     assert fleet.status("skewed") == "running"
     assert fleet.events() == []
     assert slow.proc.poll() is None
+
+
+def test_rate_limited_task_held_by_this_worker_protects_its_row(fleet: Fleet) -> None:
+    """A job row made before its task is sent (status scheduled, task id, no owner): while
+    the task waits in this worker's rate-limit bucket, the worker's reaps leave the row."""
+    from uuid import uuid4
+
+    from jobtables import ago
+    from sqlalchemy import insert
+
+    table = fleet.seed(task_id=True)
+    first, second = str(uuid4()), str(uuid4())
+    with fleet.db.begin() as conn:
+        conn.execute(
+            insert(table),
+            [
+                {
+                    "job_id": tag,
+                    "job_type": "limited",
+                    "status": "scheduled",
+                    "started_at": ago(minutes=1),
+                    "task_id": task_id,
+                }
+                for tag, task_id in (("first", first), ("second", second))
+            ],
+        )
+    for tag, task_id in (("first", first), ("second", second)):  # queued before it starts
+        fleet.producer.send_task("jr.limited", args=(tag,), queue=fleet.queue, task_id=task_id)
+    worker = fleet.worker("a")
+    wait_until((fleet.tmp / "finished-first").exists, 60, "the first limited task to run")
+    worker.wait_for(rf"Task jr\.limited\[{second}\] received")
+    fleet.periodic_runs(worker, 3)
+    assert not (fleet.tmp / "finished-second").exists()  # still in the token bucket
+    assert fleet.status("second") == "scheduled"

@@ -153,3 +153,9 @@ if os.environ.get("JR_CLOCK_SKEW"):
     import celery_jobreaper.step
 
     _skew_clock(float(os.environ["JR_CLOCK_SKEW"]))
+
+
+@app.task(name="jr.limited", rate_limit="1/m")
+def limited(tag: str) -> None:
+    """A rate-limited task (one a minute): a second one waits in the worker's token bucket."""
+    _mark(f"finished-{tag}")
