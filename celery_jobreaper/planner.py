@@ -140,7 +140,10 @@ def decide(
         return Decision(
             c, "leave", "owner unknown to jobreaper and not provably dead (set jobreaper_max_age)"
         )
-    verdict, why = (rule or facts.ownerless_rule(view, settings)).judge(_age(c, view.now))
+    rule = rule or facts.ownerless_rule(view, settings)
+    if c.task_id is not None:  # not held here (checked above): this worker is not running it
+        rule = rule.for_task_not_held_here()
+    verdict, why = rule.judge(_age(c, view.now))
     if verdict == "fail":
         return _fail(c, view, why)
     return Decision(c, "leave", why)

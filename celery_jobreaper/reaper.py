@@ -304,18 +304,26 @@ class Reaper:
             return frozenset()
 
     def _took_task_since(self, fails: list[Decision]) -> bool:
-        """Whether a job failed because nobody could run it, while this worker now holds one.
+        """Whether this worker took, since the plan, a task that may run one of *fails*.
 
-        Checked with the rows locked, before the commit: a task this worker took between
-        the plan and the update may be running one of those jobs.
+        Checked with the rows locked, before the commit: a job failed because no worker at
+        all could run it (no task id) while this worker now holds some task, or a job whose
+        task this worker now holds.
         """
-        if not any(d.reason == NO_LIVE_WORKER_LEFT for d in fails) or not self._held():
+        if self.held is None:
             return False
-        logger.info(
-            "jobreaper: this worker took a task during the reap; jobs without owner are judged "
-            "again next time"
+        held = self._held()
+        if not held:
+            return False
+        took = any(d.candidate.task_id in held for d in fails if d.candidate.task_id) or any(
+            d.reason == NO_LIVE_WORKER_LEFT and not d.candidate.task_id for d in fails
         )
-        return True
+        if took:
+            logger.info(
+                "jobreaper: this worker took a task during the reap; those jobs are judged "
+                "again next time"
+            )
+        return took
 
     def _decide(self, batch: list[Any], view: LivenessView, queued: _Once) -> list[Decision]:
         """Plan a batch with its task facts: queued (read once per run), held here, held by

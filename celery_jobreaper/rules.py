@@ -37,13 +37,21 @@ class OwnerlessRule:
     nobody_could_run: bool
     grace: float  #: seconds
     max_age: float | None  #: seconds
+    #: no other live worker (this process may hold tasks)
+    no_other_live_worker: bool = False
 
     @classmethod
     def of(
         cls, *, other_live_workers: int, held_here: bool, grace: float, max_age: float | None
     ) -> OwnerlessRule:
         """The rule for one batch: *held_here* says whether this process holds any task."""
-        return cls(other_live_workers == 0 and not held_here, grace, max_age)
+        alone = other_live_workers == 0
+        return cls(alone and not held_here, grace, max_age, alone)
+
+    def for_task_not_held_here(self) -> OwnerlessRule:
+        """The rule for a job whose task id this process does not hold (known exactly, in
+        process): only other workers could be running it."""
+        return dataclasses.replace(self, nobody_could_run=self.no_other_live_worker)
 
     @property
     def where(self) -> str | None:

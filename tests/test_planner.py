@@ -133,3 +133,14 @@ def test_this_worker_holding_any_task_protects_jobs_without_owner() -> None:
 def test_own_node_row_without_start_time_is_not_an_earlier_start() -> None:
     d = decide(job(owner="w1@h", started_at=None), view(), NO_TASKS, settings())
     assert d.verdict == "leave"
+
+
+def test_job_with_task_id_not_held_here_is_not_protected_by_other_held_tasks() -> None:
+    """This worker's held set is exact: a task id it does not hold is not running here."""
+    v = view(other_live_workers=0)
+    busy = TaskFacts(held_here=frozenset({"another"}))
+    assert decide(job(task_id="t-x"), v, busy, settings()).verdict == "fail"
+    assert decide(job(task_id="another"), v, busy, settings()).verdict == "leave"
+    assert decide(job(task_id="t-x"), view(other_live_workers=1), busy, settings()).verdict == (
+        "leave"
+    )
