@@ -253,7 +253,6 @@ class Liveness:
                 view.dead_incarnations[row.id] = f"{row.node}, which stopped at {row.stopped_at}"
             elif row.id in wanted_ids or row.node in wanted_nodes:
                 suspects[row.id] = row
-        view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
 
         to_ping = {r.node for r in suspects.values()}
         my_row = next((r for r in rows if me is not None and r.id == me.id), None)
@@ -332,6 +331,9 @@ class Liveness:
             else:
                 view.live_incarnations.add(inc_id)
 
+        # Every incarnation not proven dead may be running jobs without owner: a live
+        # duplicate of my node name, an undecided earlier start, a suspect that answered.
+        view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
         self._judge_nodes(view, rows, wanted_nodes, replied)
         return view.freeze()
 

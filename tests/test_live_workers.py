@@ -43,6 +43,10 @@ class Fleet:
     table: Table | None = None
     source: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SEED_SOURCE))
 
+    @property
+    def keyprefix(self) -> str:
+        return f"jrl-{self.unique}:"
+
     def seed(self, *, owner: bool = False, task_id: bool = False) -> Table:
         """Create the seed's table (with owner / task-id columns) and map them in the source."""
         self.table = create_seed(self.db, [], owner=owner, task_id=task_id)
@@ -66,7 +70,11 @@ class Fleet:
         ready: bool = True,
     ) -> WorkerProcess:
         conf = {"sources": [self.source], **(settings or {})}
-        full_env = {**worker_env(self.db_url, queue or self.queue, **conf), **(env or {})}
+        full_env = {
+            **worker_env(self.db_url, queue or self.queue, **conf),
+            "JR_KEYPREFIX": self.keyprefix,  # this test's Redis keys only (queues, unacked)
+            **(env or {}),
+        }
         worker = self.starter(
             f"{name}-{self.unique}@h",
             env=full_env,
@@ -145,6 +153,7 @@ def fleet(
     start_worker: Callable[..., WorkerProcess],
 ) -> Iterator[Fleet]:
     producer = Celery(f"jr-producer-{unique}", broker=REDIS_URL, set_as_current=False)
+    producer.conf.broker_transport_options = {"global_keyprefix": f"jrl-{unique}:"}
     queue = f"jrl-{unique}"
     try:
         yield Fleet(tmp_path, engine_for(pg_url), pg_url, queue, unique, producer, start_worker)
@@ -152,9 +161,9 @@ def fleet(
         producer.close()
         client = redis.Redis.from_url(REDIS_URL)
         try:
-            for name in (queue, f"{queue}-b"):
-                client.delete(name, *(f"{name}\x06\x16{p}" for p in (3, 6, 9)))
-                client.delete(f"_kombu.binding.{name}")
+            keys = list(client.scan_iter(match=f"jrl-{unique}:*"))
+            if keys:
+                client.delete(*keys)
         finally:
             client.close()
 
