@@ -72,7 +72,6 @@ from sqlalchemy.engine import Connection
 
 from .apply import CUT_MARK, SETTLED, error_length, ledger_cut_note, ledger_length
 from .clock import format_age
-from .liveness import LivenessView
 from .planner import (
     NO_LIVE_WORKER_LEFT,
     UNOWNED_WHILE_WORKERS_LIVE,
@@ -82,6 +81,7 @@ from .planner import (
     older_than_max_age,
     policy_ignored,
 )
+from .rules import OwnerlessRule
 from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate, JobSource
@@ -115,7 +115,7 @@ def settler_for(
     source: JobSource,
     tables: JobReaperTables,
     settings: Settings,
-    view: LivenessView,
+    rule: OwnerlessRule,
     *,
     dry_run: bool,
     now: datetime,
@@ -154,7 +154,7 @@ def settler_for(
         source,
         tables,
         settings,
-        view,
+        rule,
         now=now,
         run_id=run_id,
         kind=kind,
@@ -203,7 +203,7 @@ class BulkSettler:
         source: JobSource,
         tables: JobReaperTables,
         settings: Settings,
-        view: LivenessView,
+        rule: OwnerlessRule,
         *,
         now: datetime,
         run_id: int | None,
@@ -218,7 +218,7 @@ class BulkSettler:
         self.kind = kind
         self.started = started
         self.ignore = ignore
-        none_live = view.other_live_workers == 0
+        none_live = rule.nobody_could_run  # the one rule for jobs without owner (rules.py)
         #: the *where* of every failure in this run (``None``: the rule fails no row)
         self.where: str | None = NO_LIVE_WORKER_LEFT if none_live else None
         if not none_live and settings.max_age is not None:

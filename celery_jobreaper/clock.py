@@ -1,8 +1,13 @@
-"""Time helpers: every timestamp celery_jobreaper writes is naive UTC."""
+"""Time helpers: every timestamp celery_jobreaper writes is naive UTC; liveness uses the
+database server's clock."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, DateTime, Text, func, literal, select, type_coerce
+from sqlalchemy.engine import Connection
 
 
 def utcnow() -> datetime:
@@ -21,3 +26,31 @@ def format_age(age: timedelta) -> str:
     """Format a duration like the seed did: ``1 day, 0:00:00`` (no fractions of a second)."""
     age = max(age, timedelta(0))
     return str(age - timedelta(microseconds=age.microseconds))
+
+
+def db_now(dialect: str) -> ColumnElement[datetime]:
+    """The database server's current time as naive UTC, in SQL (the one clock of liveness).
+
+    Heartbeats are written with it and judged against it, so a host clock that is off makes
+    no live worker look dead and keeps no dead one alive. PostgreSQL: ``now() at time zone
+    'utc'`` (the transaction's start); MariaDB/MySQL: ``UTC_TIMESTAMP(6)``; SQLite:
+    ``strftime('%Y-%m-%d %H:%M:%f', 'now')`` written as SQLAlchemy stores datetimes (six
+    digits of fraction, so stored and bound values compare equal); other dialects:
+    ``CURRENT_TIMESTAMP``, taken as UTC.
+    """
+    if dialect == "postgresql":
+        expr: ColumnElement[Any] = func.timezone(literal("utc", Text), func.now())
+    elif dialect in ("mysql", "mariadb"):
+        expr = func.utc_timestamp(6)
+    elif dialect == "sqlite":
+        expr = func.strftime("%Y-%m-%d %H:%M:%f", "now").concat("000")
+    else:
+        expr = func.current_timestamp()
+    return type_coerce(expr, DateTime())
+
+
+def db_utcnow(conn: Connection) -> datetime:
+    """The database server's current time (naive UTC), read on *conn*."""
+    value = conn.execute(select(db_now(conn.dialect.name))).scalar_one()
+    assert isinstance(value, datetime)
+    return as_naive_utc(value)

@@ -39,3 +39,18 @@ def jobreaper_held(
     from .broker.holders import held_here
 
     return held_here(state.consumer, tags or (), ids or ())
+
+
+@inspect_command(name="jobreaper_ping")
+def jobreaper_ping(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """Answer a ping with this worker's incarnation id (``None`` if it has none).
+
+    A reaper pinging its own node name tells its own process's reply from another's by it.
+    """
+    from .step import JobReaperStep
+
+    controller = state.consumer.controller
+    for step in getattr(controller, "steps", ()):
+        if isinstance(step, JobReaperStep):
+            return {"ok": "pong", "incarnation": step.incarnation_id}
+    return {"ok": "pong", "incarnation": None}

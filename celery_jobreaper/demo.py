@@ -70,6 +70,9 @@ app.conf.update(
         }
     ],
     jobreaper_ping_timeout=0.5,
+    # A restart right after a kill waits until the earlier start has missed two heartbeats
+    # (to tell it from a live duplicate): keep that short for the demo.
+    jobreaper_heartbeat_interval=1,
 )
 celery_jobreaper.install(app)
 

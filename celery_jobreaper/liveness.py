@@ -7,21 +7,35 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import false, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from .clock import utcnow
+from .clock import db_now, db_utcnow, utcnow
 from .schema import JobReaperTables
 
 logger = logging.getLogger(__name__)
 
 RUNNING, DRAINING, STOPPED, DEAD = "running", "draining", "stopped", "dead"
 
-#: ``ping(nodes, timeout)`` -> the node names that replied; raises if the broker is unreachable.
+
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+def _empty_times() -> Mapping[str, datetime]:
+    return MappingProxyType({})
+
+
+#: The remote-control command a jobreaper worker answers with its incarnation id.
+PING_COMMAND = "jobreaper_ping"
+
+#: ``ping(nodes, timeout)`` -> the node names that replied (never counting a reply of this very
+#: process); raises if the broker is unreachable.
 Pinger = Callable[[Collection[str], float], set[str]]
 
 
@@ -41,22 +55,33 @@ class Incarnation:
         return cls(uuid.uuid4().hex, node, socket.gethostname(), os.getpid(), utcnow())
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LivenessView:
-    """What one reap knows about who is alive; the planner reads it, it does no I/O."""
+    """What one reap knows about who is alive, made once by :meth:`Liveness.assess`.
+
+    The planner reads it; nobody changes it afterwards. What is known about tasks (held by
+    this worker, by live peers, waiting in queues) is a separate value per batch
+    (:class:`~celery_jobreaper.planner.TaskFacts`).
+    """
 
     me: Incarnation | None
     now: datetime
-    dead_incarnations: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> reason
-    live_incarnations: set[str] = dataclasses.field(default_factory=set)
-    incarnation_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> node
-    dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
-    live_nodes: set[str] = dataclasses.field(default_factory=set)
-    refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # node -> reason
+    dead_incarnations: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # id -> reason
+    live_incarnations: frozenset[str] = frozenset()
+    incarnation_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # id -> node
+    dead_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
+    live_nodes: frozenset[str] = frozenset()
+    refused_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
+    #: my node name -> why its earlier starts are not judged yet (their jobs are left alone)
+    undecided_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)
+    #: incarnation id -> the heartbeat it was judged dead on (``mark_dead`` compares it)
+    dead_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
+    #: owner node names with no incarnation ever recorded that did not answer one ping
+    unregistered_silent: frozenset[str] = frozenset()
+    #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
+    recheck_in: float | None = None
+    #: live incarnations other than this one
     other_live_workers: int = 0
-    live_task_ids: set[str] = dataclasses.field(default_factory=set)
-    #: task ids whose messages wait in this worker's queues (``None``: not read yet)
-    queued_task_ids: set[str] | None = None
     ping_failed: str | None = None
 
     def node_is_me(self, node: str | None) -> bool:
@@ -64,24 +89,59 @@ class LivenessView:
         return self.me is not None and node == self.me.node
 
 
-def ping_with(app: Any) -> Pinger:
-    """A :data:`Pinger` asking exactly the named nodes once (it waits only while one is silent)."""
+def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
+    """A :data:`Pinger` asking exactly the named nodes once, with ``jobreaper_ping``.
+
+    Each jobreaper worker answers with its incarnation id, so the reply of this very process
+    (its own consumer answers to its node name) is never taken for another live process: it
+    is left out. A worker without jobreaper answers with an error, which still counts as a
+    reply. Replies are awaited only while one is missing, except when *me*'s own node name is
+    asked: then all of the timeout (two processes may answer to it).
+    """
 
     def ping(nodes: Collection[str], timeout: float) -> set[str]:
         if not nodes:
             return set()
-        replies = app.control.ping(destination=list(nodes), timeout=timeout) or []
-        return {name for reply in replies for name in reply}
+        own = me is not None and me.node in nodes
+        replies = (
+            app.control.broadcast(
+                PING_COMMAND,
+                destination=list(nodes),
+                reply=True,
+                timeout=timeout,
+                limit=None if own else len(nodes),
+            )
+            or []
+        )
+        return {
+            name
+            for reply in replies
+            for name, body in reply.items()
+            if not (me is not None and name == me.node and _incarnation_of(body) == me.id)
+        }
 
     return ping
+
+
+def _incarnation_of(body: Any) -> str | None:
+    return body.get("incarnation") if isinstance(body, dict) else None
 
 
 class Liveness:
     """Reads and writes the incarnations table and judges which owners are dead."""
 
-    def __init__(self, tables: JobReaperTables, *, heartbeat_timeout: float) -> None:
+    def __init__(
+        self,
+        tables: JobReaperTables,
+        *,
+        heartbeat_timeout: float,
+        heartbeat_interval: float | None = None,
+    ) -> None:
         self.t = tables.incarnations
         self.heartbeat_timeout = timedelta(seconds=heartbeat_timeout)
+        interval = heartbeat_timeout / 2 if heartbeat_interval is None else heartbeat_interval
+        #: an incarnation that has not heartbeated for this long is quiet (two beats missed)
+        self.quiet_after = min(timedelta(seconds=2 * interval), self.heartbeat_timeout)
 
     def register(self, conn: Connection, me: Incarnation) -> None:
         """Record *me* as running."""
@@ -91,15 +151,15 @@ class Liveness:
                 node=me.node,
                 host=me.host,
                 pid=me.pid,
-                started_at=me.started_at,
-                heartbeat_at=me.started_at,
+                started_at=db_now(conn.dialect.name),
+                heartbeat_at=db_now(conn.dialect.name),
                 state=RUNNING,
             )
         )
 
     def heartbeat(self, conn: Connection, me: Incarnation, *, state: str | None = None) -> bool:
         """Refresh my heartbeat (and state); False if the row was gone or declared dead."""
-        now = utcnow()
+        now = db_now(conn.dialect.name)  # the database's clock, not this host's
         row = conn.execute(select(self.t.c.state).where(self.t.c.id == me.id)).first()
         if row is None:
             self.register(conn, me)
@@ -123,12 +183,15 @@ class Liveness:
 
     def duplicates_of(self, conn: Connection, me: Incarnation) -> list[str]:
         """Other incarnations of my node name that heartbeated after I started: live duplicates."""
+        my_start = conn.execute(select(self.t.c.started_at).where(self.t.c.id == me.id)).scalar()
+        if my_start is None:
+            return []
         rows = conn.execute(
             select(self.t.c.id, self.t.c.host, self.t.c.pid).where(
                 self.t.c.node == me.node,
                 self.t.c.id != me.id,
                 self.t.c.state.in_((RUNNING, DRAINING)),
-                self.t.c.heartbeat_at > me.started_at + timedelta(seconds=1),
+                self.t.c.heartbeat_at > my_start + timedelta(seconds=1),
             )
         )
         return [f"{r.host} pid {r.pid}" for r in rows]
@@ -150,8 +213,8 @@ class Liveness:
         stop) **and** no reply to one ping of exactly the suspects. This worker's own earlier
         incarnations are dead at once, unless another live process answers for the node name.
         """
-        now = now or utcnow()
-        view = LivenessView(me=me, now=now)
+        now = now or db_utcnow(conn)  # the database's clock: heartbeats are written with it
+        view = _Draft(me=me, now=now)
         wanted_ids = set(incarnation_ids)
         wanted_nodes = {n for n in nodes if n}
         rows = list(
@@ -178,7 +241,9 @@ class Liveness:
                 if row.id in wanted_ids or row.node in wanted_nodes:
                     own_earlier.append(row)  # judged only when it owns candidate jobs
                 continue
-            fresh = row.heartbeat_at >= fresh_after and row.state in (RUNNING, DRAINING)
+            # A verdict of death is not forever: a worker found dead during a pause or a
+            # partition may come back, so a "dead" row is judged again like any other.
+            fresh = row.heartbeat_at >= fresh_after and row.state != STOPPED
             if fresh:
                 view.live_incarnations.add(row.id)
                 newest_live[row.node] = max(
@@ -186,15 +251,39 @@ class Liveness:
                 )
             elif row.state == STOPPED:
                 view.dead_incarnations[row.id] = f"{row.node}, which stopped at {row.stopped_at}"
-            elif row.state == DEAD:
-                view.dead_incarnations[row.id] = f"{row.node}, which was found dead earlier"
             elif row.id in wanted_ids or row.node in wanted_nodes:
                 suspects[row.id] = row
-        view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
 
         to_ping = {r.node for r in suspects.values()}
-        if me is not None and any(not (r.host == me.host and r.pid == me.pid) for r in own_earlier):
-            to_ping.add(me.node)  # is some other live process answering to my node name?
+        my_row = next((r for r in rows if me is not None and r.id == me.id), None)
+        my_start = my_row.started_at if my_row is not None else (me.started_at if me else now)
+        quiet_own: list[Any] = []
+        for row in own_earlier:
+            # Same node name, another incarnation: dead only on two signals too. A heartbeat
+            # after my start is a live duplicate (a busy -P solo one does not answer pings);
+            # a recent one is undecided until it has been quiet for two heartbeat intervals.
+            quiet_for = now - row.heartbeat_at
+            if row.state == STOPPED:
+                view.dead_incarnations[row.id] = _earlier(row, f"which stopped at {row.stopped_at}")
+            elif row.heartbeat_at > my_start and quiet_for < self.quiet_after:
+                view.refused_nodes[row.node] = (
+                    f"another live worker uses this node name {row.node!r} (incarnation on "
+                    f"{row.host} pid {row.pid}, heartbeat {_seconds(quiet_for)} ago, after this "
+                    "worker started); node names must be unique (-n)"
+                )
+                view.live_incarnations.add(row.id)
+            elif quiet_for < self.quiet_after:
+                wait = (self.quiet_after - quiet_for).total_seconds()
+                view.recheck_in = max(view.recheck_in or 0.0, wait)
+                view.undecided[row.node] = (
+                    f"an earlier start of this node name heartbeated {_seconds(quiet_for)} ago; "
+                    "judged once it has been quiet for two heartbeat intervals"
+                )
+                view.live_incarnations.add(row.id)
+            else:
+                quiet_own.append(row)
+        if me is not None and quiet_own:
+            to_ping.add(me.node)  # does another process answer to my node name?
         known_nodes = {row.node for row in rows}
         to_ping |= {n for n in wanted_nodes if n not in known_nodes and not view.node_is_me(n)}
         replied: set[str] = set()
@@ -210,23 +299,21 @@ class Liveness:
                 )
         elif to_ping:
             view.ping_failed = "no broker to ping through"
-        view.live_nodes |= replied
+        view.live_nodes |= replied - ({me.node} if me is not None else set())
 
-        for row in own_earlier:
-            if (
-                me is not None
-                and me.node in replied
-                and not (row.host == me.host and row.pid == me.pid)
-            ):
+        for row in quiet_own:
+            if view.ping_failed is not None:
+                view.undecided[row.node] = f"could not ping this node name ({view.ping_failed})"
+                view.live_incarnations.add(row.id)
+            elif me is not None and me.node in replied:
                 view.refused_nodes[me.node] = (
                     f"another live worker answers to this node name {me.node!r} "
                     f"(incarnation on {row.host} pid {row.pid}); node names must be unique (-n)"
                 )
                 view.live_incarnations.add(row.id)
             else:
-                view.dead_incarnations[row.id] = (
-                    f"{row.node} (an earlier start of this worker, pid {row.pid} on {row.host})"
-                )
+                view.dead_incarnations[row.id] = _earlier(row, "no heartbeat, no reply to ping")
+                view.dead_heartbeats[row.id] = row.heartbeat_at
         for inc_id, row in suspects.items():
             stale = f"last heartbeat {row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
             if view.ping_failed is not None:
@@ -235,18 +322,23 @@ class Liveness:
                 view.dead_incarnations[inc_id] = (
                     f"{row.node}, which stopped ({stale}, no reply to ping)"
                 )
+                view.dead_heartbeats[inc_id] = row.heartbeat_at
             elif newest_live.get(row.node, row.started_at) > row.started_at:
                 view.dead_incarnations[inc_id] = (
                     f"{row.node}, an earlier start superseded by a newer live one ({stale})"
                 )
+                view.dead_heartbeats[inc_id] = row.heartbeat_at
             else:
                 view.live_incarnations.add(inc_id)
 
+        # Every incarnation not proven dead may be running jobs without owner: a live
+        # duplicate of my node name, an undecided earlier start, a suspect that answered.
+        view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
         self._judge_nodes(view, rows, wanted_nodes, replied)
-        return view
+        return view.freeze()
 
     def _judge_nodes(
-        self, view: LivenessView, rows: list[Any], wanted: set[str], replied: set[str]
+        self, view: _Draft, rows: list[Any], wanted: set[str], replied: set[str]
     ) -> None:
         by_node: dict[str, list[Any]] = {}
         for row in rows:
@@ -262,13 +354,78 @@ class Liveness:
                 view.dead_nodes[node] = view.dead_incarnations.get(
                     last.id, f"{node}, which stopped (no heartbeat, no reply to ping)"
                 )
+            elif not incs and view.ping_failed is None:
+                # Never registered: no heartbeat where a jobreaper worker would have one, and
+                # no reply. Dead for its jobs older than the heartbeat timeout (the planner).
+                view.unregistered_silent.add(node)
+
+
+@dataclasses.dataclass
+class _Draft:
+    """The view while :meth:`Liveness.assess` makes it (never seen outside)."""
+
+    me: Incarnation | None
+    now: datetime
+    dead_incarnations: dict[str, str] = dataclasses.field(default_factory=dict)
+    live_incarnations: set[str] = dataclasses.field(default_factory=set)
+    incarnation_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    live_nodes: set[str] = dataclasses.field(default_factory=set)
+    refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    undecided: dict[str, str] = dataclasses.field(default_factory=dict)
+    dead_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
+    unregistered_silent: set[str] = dataclasses.field(default_factory=set)
+    recheck_in: float | None = None
+    other_live_workers: int = 0
+    ping_failed: str | None = None
+
+    def node_is_me(self, node: str | None) -> bool:
+        return self.me is not None and node == self.me.node
+
+    def freeze(self) -> LivenessView:
+        return LivenessView(
+            me=self.me,
+            now=self.now,
+            dead_incarnations=MappingProxyType(dict(self.dead_incarnations)),
+            live_incarnations=frozenset(self.live_incarnations),
+            incarnation_nodes=MappingProxyType(dict(self.incarnation_nodes)),
+            dead_nodes=MappingProxyType(dict(self.dead_nodes)),
+            live_nodes=frozenset(self.live_nodes),
+            refused_nodes=MappingProxyType(dict(self.refused_nodes)),
+            undecided_nodes=MappingProxyType(dict(self.undecided)),
+            dead_heartbeats=MappingProxyType(dict(self.dead_heartbeats)),
+            unregistered_silent=frozenset(self.unregistered_silent),
+            recheck_in=self.recheck_in,
+            other_live_workers=self.other_live_workers,
+            ping_failed=self.ping_failed,
+        )
+
+
+def _earlier(row: Any, why: str) -> str:
+    return f"{row.node} (an earlier start of this worker, pid {row.pid} on {row.host}; {why})"
+
+
+def _seconds(delta: timedelta) -> str:
+    return f"{max(delta.total_seconds(), 0.0):.1f} s"
 
 
 def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> None:
-    """Record incarnations judged dead, so later reaps need not ping them again."""
+    """Record incarnations judged dead by heartbeat and silence, so later reaps need not
+    ping them again (they are judged again only if they own new jobs).
+
+    Compare-and-set on the heartbeat the verdict was made on: an incarnation that heartbeated
+    since (a paused worker that woke up) is not marked.
+    """
     t = tables.incarnations
-    ids = [i for i in view.dead_incarnations if i not in view.live_incarnations]
-    if ids:
+    for inc_id, heartbeat_at in view.dead_heartbeats.items():
+        if inc_id in view.live_incarnations:
+            continue
         conn.execute(
-            update(t).where(t.c.id.in_(ids), t.c.state.in_((RUNNING, DRAINING))).values(state=DEAD)
+            update(t)
+            .where(
+                t.c.id == inc_id,
+                t.c.state.in_((RUNNING, DRAINING)),
+                t.c.heartbeat_at == heartbeat_at,
+            )
+            .values(state=DEAD)
         )

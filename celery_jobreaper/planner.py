@@ -9,31 +9,49 @@ from typing import Literal
 
 from .clock import as_naive_utc, format_age
 from .liveness import LivenessView
+from .rules import (
+    NO_LIVE_WORKER_LEFT,
+    UNOWNED_WHILE_WORKERS_LIVE,
+    YOUNGER_THAN_GRACE,
+    OwnerlessRule,
+    older_than_max_age,
+)
 from .settings import Settings
 from .sources.base import Candidate
 
+__all__ = [
+    "NO_LIVE_WORKER_LEFT",
+    "UNOWNED_WHILE_WORKERS_LIVE",
+    "YOUNGER_THAN_GRACE",
+    "Decision",
+    "TaskFacts",
+    "decide",
+    "failure_error",
+    "older_than_max_age",
+    "plan",
+    "policy_ignored",
+]
+
 Verdict = Literal["fail", "leave"]
 
-# Reasons and error texts, defined once: the set-based path of :mod:`celery_jobreaper.bulk`
-# builds the same texts in SQL from these.
-#: Left alone: a job without owner that started less than ``jobreaper_grace`` ago.
-YOUNGER_THAN_GRACE = "younger than jobreaper_grace"
-#: Failed: a job without owner while no other worker is alive.
-NO_LIVE_WORKER_LEFT = "with no live worker left that could be running it"
-#: Left alone: a job without owner, other live workers, and no (exceeded) ``jobreaper_max_age``.
-UNOWNED_WHILE_WORKERS_LIVE = (
-    "no owner recorded and other live workers may be running it (set jobreaper_max_age)"
+#: Left alone: the task is held by this worker or a live peer.
+TASK_HELD = "task is active, reserved, scheduled or rate-limited on a live worker"
+#: Failed: the owner never registered with jobreaper and did not answer a ping.
+NEVER_REGISTERED = (
+    "a node never registered with jobreaper (no heartbeat) that does not answer a ping"
+)
+#: Left alone: the task's message waits in a queue.
+TASK_QUEUED = "its message is still waiting in a queue"
+#: Failed: a row of this worker's current start whose task this worker no longer holds.
+POOL_PROCESS_LOST = (
+    "its task is no longer held by this worker (the pool process running it died: "
+    "out of memory, hard time limit, killed)"
 )
 
 
 def policy_ignored(kind: str | None) -> str:
     """Reason for leaving a job whose kind has the policy 'ignore'."""
     return f"policy 'ignore' for {kind}"
-
-
-def older_than_max_age(max_age: float) -> str:
-    """Reason (the *where* part) for failing a job older than ``jobreaper_max_age``."""
-    return f"older than jobreaper_max_age ({max_age:g} s)"
 
 
 def failure_error(status: str, age: str | None, where: str) -> str:
@@ -46,6 +64,27 @@ def failure_error(status: str, age: str | None, where: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TaskFacts:
+    """What one batch knows about tasks, read after the batch's rows (one value per batch)."""
+
+    #: every task id this worker process holds (active, reserved, scheduled, rate-limited)
+    held_here: frozenset[str] = frozenset()
+    #: of the batch's task ids, those a live peer holds (its ``query_task`` reply)
+    held_by_peers: frozenset[str] = frozenset()
+    #: task ids whose messages wait in this worker's queues
+    queued: frozenset[str] = frozenset()
+
+    def ownerless_rule(self, view: LivenessView, settings: Settings) -> OwnerlessRule:
+        """The rule for jobs without owner under these facts."""
+        return OwnerlessRule.of(
+            other_live_workers=view.other_live_workers,
+            held_here=bool(self.held_here),
+            grace=settings.grace,
+            max_age=settings.max_age,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
     """What to do with one candidate, with the reason shown in logs, the ledger and dry runs."""
 
@@ -55,19 +94,28 @@ class Decision:
     error: str | None = None  #: the error text to store on a failed job
 
 
-def plan(candidates: Iterable[Candidate], view: LivenessView, settings: Settings) -> list[Decision]:
+def plan(
+    candidates: Iterable[Candidate], view: LivenessView, facts: TaskFacts, settings: Settings
+) -> list[Decision]:
     """Decide every candidate; see DESIGN §2 and §4 for the rules."""
-    return [decide(c, view, settings) for c in candidates]
+    rule = facts.ownerless_rule(view, settings)
+    return [decide(c, view, facts, settings, rule) for c in candidates]
 
 
-def decide(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
+def decide(
+    c: Candidate,
+    view: LivenessView,
+    facts: TaskFacts,
+    settings: Settings,
+    rule: OwnerlessRule | None = None,
+) -> Decision:
     """Decide one candidate."""
     if settings.policy_for(c.kind) == "ignore":
         return Decision(c, "leave", policy_ignored(c.kind))
-    if c.task_id is not None and c.task_id in view.live_task_ids:
-        return Decision(c, "leave", "task is active, reserved or scheduled on a live worker")
-    if c.task_id is not None and view.queued_task_ids and c.task_id in view.queued_task_ids:
-        return Decision(c, "leave", "its message is still waiting in a queue")
+    if c.task_id is not None and (c.task_id in facts.held_here or c.task_id in facts.held_by_peers):
+        return Decision(c, "leave", TASK_HELD)
+    if c.task_id is not None and c.task_id in facts.queued:
+        return Decision(c, "leave", TASK_QUEUED)
     if c.owner is not None and c.owner in view.refused_nodes:
         return Decision(c, "leave", f"refused: {view.refused_nodes[c.owner]}")
     if c.incarnation_id is not None:
@@ -77,30 +125,52 @@ def decide(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
         return Decision(c, "leave", "owner worker is alive")
     if c.owner is not None:
         if view.node_is_me(c.owner):
-            assert view.me is not None
-            started = None if c.started_at is None else as_naive_utc(c.started_at)
-            if started is None or started < view.me.started_at:
-                return _fail(c, view, f"on {c.owner} (an earlier start of this worker)")
-            return Decision(c, "leave", "owned by this worker's current start")
+            return _own_node(c, view, settings)
         if c.owner in view.dead_nodes:
             return _fail(c, view, f"on {view.dead_nodes[c.owner]}")
         if c.owner in view.live_nodes:
             return Decision(c, "leave", "owner worker is alive")
+        if c.owner in view.unregistered_silent:
+            age = _age(c, view.now)
+            if age is not None and age > timedelta(seconds=settings.heartbeat_timeout):
+                return _fail(c, view, f"on {c.owner}; {NEVER_REGISTERED}")
         old = _older_than_max_age(c, view.now, settings)
         if old:
             return _fail(c, view, f"on {c.owner}; {old}")
         return Decision(
             c, "leave", "owner unknown to jobreaper and not provably dead (set jobreaper_max_age)"
         )
+    rule = rule or facts.ownerless_rule(view, settings)
+    if c.task_id is not None:  # not held here (checked above): this worker is not running it
+        rule = rule.for_task_not_held_here()
+    verdict, why = rule.judge(_age(c, view.now))
+    if verdict == "fail":
+        return _fail(c, view, why)
+    return Decision(c, "leave", why)
+
+
+def _own_node(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
+    """A row whose owner column names this worker's node."""
+    assert view.me is not None
+    if c.started_at is None:
+        return Decision(c, "leave", "owned by this node name, start time unknown")
+    started = as_naive_utc(c.started_at)
+    if started < view.me.started_at:
+        undecided = view.undecided_nodes.get(view.me.node)
+        if undecided is not None:
+            return Decision(c, "leave", undecided)
+        return _fail(c, view, f"on {c.owner} (an earlier start of this worker)")
+    # This worker's current start. Its task was checked above: not held here or by a live
+    # peer, not queued. A row younger than one heartbeat interval may belong to a task whose
+    # message this worker is only now taking (or that is writing its end right now).
     age = _age(c, view.now)
-    if age is not None and age < timedelta(seconds=settings.grace):
-        return Decision(c, "leave", YOUNGER_THAN_GRACE)
-    if view.other_live_workers == 0:
-        return _fail(c, view, NO_LIVE_WORKER_LEFT)
-    old = _older_than_max_age(c, view.now, settings)
-    if old:
-        return _fail(c, view, old)
-    return Decision(c, "leave", UNOWNED_WHILE_WORKERS_LIVE)
+    if (
+        c.task_id is not None
+        and age is not None
+        and age > timedelta(seconds=settings.heartbeat_interval)
+    ):
+        return _fail(c, view, f"on {c.owner}; {POOL_PROCESS_LOST}")
+    return Decision(c, "leave", "owned by this worker's current start")
 
 
 def _age(c: Candidate, now: datetime) -> timedelta | None:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import insert, update
 
 from . import bulk, signals
 from .apply import settle_batch
-from .clock import utcnow
+from .clock import db_utcnow, utcnow
 from .database import Database
 from .liveness import Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
-from .planner import Decision, plan
+from .planner import Decision, TaskFacts, plan
 from .report import Report
+from .rules import NO_LIVE_WORKER_LEFT
 from .schema import JobReaperTables, check_version, create_all, tables
 from .settings import Settings
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
@@ -31,6 +34,8 @@ TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
 AfterSettle = Callable[[Report, LivenessView, set[str]], None]
 #: Task ids whose messages wait in this worker's queues (for reconciliation).
 QueuedIds = Callable[[], set[str]]
+#: Task ids this worker process holds (active, reserved, scheduled, rate-limited).
+HeldIds = Callable[[], set[str]]
 MAX_PLANNED_IN_REPORT = 1000
 
 
@@ -60,15 +65,22 @@ class Reaper:
         me: Incarnation | None = None,
         ping: Pinger | None = None,
         ask: TaskAsker | None = None,
+        held: HeldIds | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.db = db
         self.tables = tbls
         self.me = me
-        self.ping = ping if ping is not None else ping_with(app)
+        self.ping = ping if ping is not None else ping_with(app, me)
         self.ask = ask if ask is not None else ask_with(app)
-        self.liveness = Liveness(tbls, heartbeat_timeout=settings.heartbeat_timeout)
+        #: in a worker, the tasks it holds; ``None`` in a process that runs no task
+        self.held = held
+        self.liveness = Liveness(
+            tbls,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            heartbeat_interval=settings.heartbeat_interval,
+        )
         self.after_settle: list[AfterSettle] = []
         self.queued_ids: QueuedIds | None = None
         self.last_report: Report | None = None
@@ -115,22 +127,22 @@ class Reaper:
     def _run(self, report: Report) -> None:
         sources = self.prepare()
         with self.db.connect() as conn:
-            with conn.begin():
-                inc_ids: set[str] = set()
-                nodes: set[str] = set()
-                for source in sources:
-                    ids, names = source.owners(conn)
-                    inc_ids |= ids
-                    nodes |= names
-                view = self.liveness.assess(
-                    conn,
-                    me=self.me,
-                    incarnation_ids=inc_ids,
-                    nodes=nodes,
-                    ping=self.ping,
-                    ping_timeout=self.settings.ping_timeout,
-                    now=report.started_at,
+            view = self._assess(conn, sources)
+            if view.recheck_in is not None and report.trigger == "startup":
+                # An earlier start of this node name heartbeated moments ago: it crashed just
+                # now (a quick restart) or it is a live duplicate. Before consuming, wait
+                # until it has missed two heartbeats, then judge again (once).
+                logger.info(
+                    "jobreaper: an earlier start of %s heartbeated moments ago; waiting %.1f s "
+                    "to tell a restart from a live duplicate",
+                    report.node,
+                    view.recheck_in,
                 )
+                time.sleep(view.recheck_in + 0.1)
+                view = self._assess(conn, sources)
+            # One clock: the run's time (ages, completed_at, the ledger) is the database's.
+            report.started_at = view.now
+            with conn.begin():
                 key = conn.execute(
                     insert(self.tables.runs).values(
                         node=report.node,
@@ -144,8 +156,9 @@ class Reaper:
             for node, why in view.refused_nodes.items():
                 logger.error("jobreaper: refusing to settle jobs of %s: %s", safe(node), safe(why))
             settled_task_ids: set[str] = set()
+            queued = _Once(self._read_queues)
             for source in sources:
-                self._reap_source(conn, source, view, report, settled_task_ids)
+                self._reap_source(conn, source, view, report, settled_task_ids, queued=queued)
             if not report.dry_run and view.dead_incarnations:
                 with conn.begin():
                     mark_dead(conn, self.tables, view)
@@ -159,13 +172,18 @@ class Reaper:
         view: LivenessView,
         report: Report,
         settled_task_ids: set[str],
+        *,
+        queued: _Once,
     ) -> None:
+        # Ownerless rows only (no task ids): what matters is whether this worker holds any
+        # task at all; checked again before each batch commits (see _reap_in_bulk).
+        rule = TaskFacts(held_here=frozenset(self._held())).ownerless_rule(view, self.settings)
         settler = bulk.settler_for(
             conn,
             source,
             self.tables,
             self.settings,
-            view,
+            rule,
             dry_run=report.dry_run,
             now=report.started_at,
             run_id=report.run_id,
@@ -181,8 +199,9 @@ class Reaper:
                 return
             after = batch[-1].job_id
             report.candidates += len(batch)
-            decisions = plan(batch, view, self.settings)
-            decisions = self._check_tasks(decisions, view)
+            # Task facts are read after the rows: a task that wrote its row before the read
+            # is held now, or has finished (and written its end; the update then misses).
+            decisions = self._decide(batch, view, queued)
             fails = [d for d in decisions if d.verdict == "fail"]
             for d in decisions:
                 if d.verdict == "leave":
@@ -201,7 +220,7 @@ class Reaper:
                     if d.candidate.task_id:
                         settled_task_ids.add(d.candidate.task_id)
             elif fails:
-                with conn.begin():
+                with conn.begin() as tx:
                     done = settle_batch(
                         conn,
                         self.db,
@@ -212,6 +231,9 @@ class Reaper:
                         run_id=report.run_id,
                         revoked_expires=self.settings.revoked_expires,
                     )
+                    if self._took_task_since(fails):
+                        tx.rollback()
+                        done = []
                 self._settled(source, done, report, settled_task_ids)
             if len(batch) < self.settings.batch_size:
                 return
@@ -229,8 +251,15 @@ class Reaper:
         while True:
             # Settled jobs come back one by one only if someone reads them (log, signal).
             detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
-            with conn.begin():
+            with conn.begin() as tx:
                 got = settler.batch(conn, after, detail=detail)
+                if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
+                    tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
+                    logger.info(
+                        "jobreaper: this worker took a task during the reap; jobs without "
+                        "owner are judged again next time"
+                    )
+                    return
             # counted only once the batch is committed
             report.candidates += got.seen
             report.left_alone.update(got.left_alone)
@@ -243,49 +272,102 @@ class Reaper:
                 return
             after = got.last
 
-    def _check_tasks(self, decisions: list[Decision], view: LivenessView) -> list[Decision]:
-        """Re-plan would-fail jobs whose task is queued, or held by a live worker.
+    def _assess(self, conn: Any, sources: list[JobSource]) -> LivenessView:
+        """Judge the owners of every source's stale jobs (one transaction, the database's
+        clock read in it)."""
+        with conn.begin():
+            now = db_utcnow(conn)
+            inc_ids: set[str] = set()
+            nodes: set[str] = set()
+            for source in sources:
+                ids, names = source.owners(conn)
+                inc_ids |= ids
+                nodes |= names
+            return self.liveness.assess(
+                conn,
+                me=self.me,
+                incarnation_ids=inc_ids,
+                nodes=nodes,
+                ping=self.ping,
+                ping_timeout=self.settings.ping_timeout,
+                now=now,
+            )
 
-        Live workers are asked once per batch, exactly them (``query_task`` with a reply
-        limit); the queues are read at most once per run.
+    def _held(self) -> set[str]:
+        return set() if self.held is None else self.held()
+
+    def _read_queues(self) -> frozenset[str]:
+        if self.queued_ids is None:
+            return frozenset()
+        try:
+            return frozenset(self.queued_ids())
+        except Exception as error:
+            logger.warning("jobreaper: could not read the queues (%s)", safe(error))
+            return frozenset()
+
+    def _took_task_since(self, fails: list[Decision]) -> bool:
+        """Whether this worker took, since the plan, a task that may run one of *fails*.
+
+        Checked with the rows locked, before the commit: a job failed because no worker at
+        all could run it (no task id) while this worker now holds some task, or a job whose
+        task this worker now holds.
         """
+        if self.held is None:
+            return False
+        held = self._held()
+        if not held:
+            return False
+        took = any(d.candidate.task_id in held for d in fails if d.candidate.task_id) or any(
+            d.reason == NO_LIVE_WORKER_LEFT and not d.candidate.task_id for d in fails
+        )
+        if took:
+            logger.info(
+                "jobreaper: this worker took a task during the reap; those jobs are judged "
+                "again next time"
+            )
+        return took
+
+    def _decide(self, batch: list[Any], view: LivenessView, queued: _Once) -> list[Decision]:
+        """Plan a batch with its task facts: queued (read once per run), held here, held by
+        live peers (asked once per batch, exactly them: ``query_task`` with a reply limit)."""
+        with_task = any(c.task_id for c in batch)
+        facts = TaskFacts(
+            queued=queued() if with_task else frozenset(),
+            held_here=frozenset(self._held()),
+        )
+        decisions = plan(batch, view, facts, self.settings)
         task_ids = [
             d.candidate.task_id for d in decisions if d.verdict == "fail" and d.candidate.task_id
         ]
         if not task_ids:
             return decisions
-        if view.queued_task_ids is None:
-            view.queued_task_ids = set()
-            if self.queued_ids is not None:
-                try:
-                    view.queued_task_ids = self.queued_ids()
-                except Exception as error:
-                    logger.warning("jobreaper: could not read the queues (%s)", safe(error))
         nodes = {
             view.incarnation_nodes[i] for i in view.live_incarnations if i in view.incarnation_nodes
         } | view.live_nodes
         if view.me is not None:
             nodes.discard(view.me.node)
-        if nodes:
-            try:
-                view.live_task_ids = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
-            except Exception as error:
-                logger.warning(
-                    "jobreaper: could not ask live workers %s about %d tasks (%s); "
-                    "leaving those jobs alone this time",
-                    sorted(nodes),
-                    len(task_ids),
-                    safe(error),
-                )
-                return [
-                    Decision(d.candidate, "leave", "could not ask live workers about its task")
-                    if d.verdict == "fail" and d.candidate.task_id
-                    else d
-                    for d in decisions
-                ]
-        if not (view.live_task_ids or view.queued_task_ids):
+        if not nodes:
             return decisions
-        return plan([d.candidate for d in decisions], view, self.settings)
+        try:
+            peers = self.ask(sorted(nodes), task_ids, self.settings.ping_timeout)
+        except Exception as error:
+            logger.warning(
+                "jobreaper: could not ask live workers %s about %d tasks (%s); "
+                "leaving those jobs alone this time",
+                sorted(nodes),
+                len(task_ids),
+                safe(error),
+            )
+            return [
+                Decision(d.candidate, "leave", "could not ask live workers about its task")
+                if d.verdict == "fail" and d.candidate.task_id
+                else d
+                for d in decisions
+            ]
+        if not peers:
+            return decisions
+        facts = dataclasses.replace(facts, held_by_peers=frozenset(peers))
+        return plan(batch, view, facts, self.settings)
 
     def _settled(
         self, source: JobSource, done: list[Decision], report: Report, task_ids: set[str]
@@ -315,7 +397,8 @@ class Reaper:
                         update(self.tables.runs)
                         .where(self.tables.runs.c.id == report.run_id)
                         .values(
-                            finished_at=utcnow(),
+                            finished_at=report.started_at
+                            + timedelta(seconds=report.duration or 0.0),
                             duration=report.duration,
                             candidates=report.candidates,
                             settled=report.settled or report.would_settle,
@@ -359,6 +442,19 @@ class Reaper:
         for reason, count in report.left_alone.items():
             level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
             logger.log(level, "jobreaper: left %d job(s) alone: %s", count, safe(reason))
+
+
+class _Once:
+    """A value read at most once per run, on first use."""
+
+    def __init__(self, read: Callable[[], frozenset[str]]) -> None:
+        self._read = read
+        self._value: frozenset[str] | None = None
+
+    def __call__(self) -> frozenset[str]:
+        if self._value is None:
+            self._value = self._read()
+        return self._value
 
 
 def _planned(d: Decision) -> dict[str, Any]:

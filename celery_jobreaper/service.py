@@ -50,8 +50,17 @@ class _Loop(threading.Thread):
 class ReaperService:
     """Registers this worker's incarnation, heartbeats it, and reaps on a timer."""
 
-    def __init__(self, reaper: Reaper, me: Incarnation) -> None:
+    def __init__(
+        self,
+        reaper: Reaper,
+        me: Incarnation,
+        *,
+        reaps: bool = True,
+        revoked_sync: RevokedSync | None = None,
+    ) -> None:
         self.reaper = reaper
+        #: False: register and heartbeat only (``--without-jobreaper``, ``jobreaper_enabled``)
+        self.reaps = reaps
         self.me = me
         self.settings = reaper.settings
         self.liveness: Liveness = reaper.liveness
@@ -59,7 +68,7 @@ class ReaperService:
         self.startup_done = False
         self._warned_duplicates: set[str] = set()
         #: copies this worker's in-memory revoked ids to the table on every heartbeat
-        self.revoked_sync: RevokedSync | None = None
+        self.revoked_sync = revoked_sync
         self._heart = _Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
         self._timer = _Loop("jobreaper-reaper", self.settings.interval, self.periodic)
 
@@ -75,13 +84,15 @@ class ReaperService:
     def startup(self) -> None:
         """Register and run the startup reap, in the calling thread (raises on failure)."""
         self.register()
-        self.reaper.run("startup")
+        if self.reaps:
+            self.reaper.run("startup")
         self.startup_done = True
 
     def start_threads(self) -> None:
         """Start heartbeating and periodic reaping."""
         self._heart.start()
-        self._timer.start()
+        if self.reaps:
+            self._timer.start()
 
     def beat(self, state: str | None = None) -> None:
         """One heartbeat (registering first if the database was down at start)."""

@@ -9,6 +9,7 @@ import click
 from celery import bootsteps
 from celery import signals as celery_signals
 
+from . import workerstate
 from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .extras import check_broker_transport
@@ -46,26 +47,51 @@ class JobReaperStep(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.service: ReaperService | None = None
         self.tracker: Tracker | None = None
-        if without_jobreaper:
+        overrides = {"dry_run": True} if jobreaper_dry_run else {}
+        try:
+            self.settings = Settings.from_app(parent.app, **overrides)
+        except ConfigurationError as error:
+            if not without_jobreaper:
+                raise
+            # Not reaping here: invalid jobreaper settings do not stop this worker; it just
+            # cannot register either.
+            logger.warning("jobreaper: this worker does not register (%s)", error)
             self.enabled = False
             return
-        overrides = {"dry_run": True} if jobreaper_dry_run else {}
-        self.settings = Settings.from_app(parent.app, **overrides)
-        self.enabled = self.settings.enabled
+        #: whether this worker reaps; a worker that does not still registers and heartbeats
+        #: (it is live, and its jobs must not look like a dead worker's)
+        self.reaps = self.settings.enabled and not without_jobreaper
+        self.enabled = self.settings.database_url is not None or self.settings.engine is not None
         if not self.enabled:
             return
         me = Incarnation.new(parent.hostname)
         db = Database.from_settings(self.settings)
-        reaper = Reaper(parent.app, self.settings, db, me=me)
-        self.service = ReaperService(reaper, me)
+        # This worker is a live worker too: the tasks it holds protect their jobs.
+        reaper = Reaper(parent.app, self.settings, db, me=me, held=workerstate.held_by(parent))
+        self.service = ReaperService(
+            reaper,
+            me,
+            reaps=self.reaps,
+            revoked_sync=RevokedSync(db, tables, self.settings, me.node),
+        )
         if self.settings.track_tasks:
             # Made before the pool forks, so pool processes inherit it.
             self.tracker = Tracker(db, tables, self.settings, me)
             set_tracker(self.tracker)
             connect_signals()
-        install_sweep(parent.app, reaper)
-        self.service.revoked_sync = RevokedSync(db, tables, self.settings, me.node)
-        logger.debug("jobreaper: enabled on %s (database %s)", me.node, db.url)
+        if self.reaps:
+            install_sweep(parent.app, reaper)
+        logger.debug(
+            "jobreaper: %s on %s (database %s)",
+            "enabled" if self.reaps else "registers and heartbeats only (no reaping)",
+            me.node,
+            db.url,
+        )
+
+    @property
+    def incarnation_id(self) -> str | None:
+        """This worker's incarnation id (``None`` when it has none)."""
+        return None if self.service is None else self.service.me.id
 
     def create(self, parent: Any) -> JobReaperStep:  # type: ignore[override]
         """Nothing to create: the service was built in ``__init__``."""
@@ -123,7 +149,7 @@ class JobReaperStep(bootsteps.StartStopStep):
         report = service.reaper.last_report
         return {
             "jobreaper": {
-                "enabled": True,
+                "enabled": self.reaps,
                 "incarnation": service.me.id,
                 "dry_run": self.settings.dry_run,
                 "last_run": report.as_dict() if report else None,

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from celery import signals as celery_signals
-from celery.exceptions import WorkerLostError
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from sqlalchemy import (
     DateTime,
     String,
@@ -228,8 +228,9 @@ class Tracker:
         else:
             self._submit(record)
 
-    def lost(self, task_id: str, error: str) -> None:
-        """The main process saw the task end without its pool process (revoked, worker lost)."""
+    def lost(self, task_id: str, error: str, status: str = FAILED) -> None:
+        """The main process saw the task end without its pool process (revoked, worker lost,
+        hard time limit): the job becomes *status* (``failed`` or ``revoked``)."""
         self._fences.pop(task_id, None)
         if self._pid == os.getpid() and (self._pending or self._inflight):
             self.flush()  # a start of this task still queued here must not come after this
@@ -238,7 +239,7 @@ class Tracker:
             update(t)
             .where(t.c.task_id == task_id, t.c.status == RUNNING, t.c.incarnation_id == self.me.id)
             .values(
-                status=FAILED if "WorkerLost" in error else REVOKED,
+                status=status,
                 completed_at=utcnow(),
                 error=error,
                 fence=None,
@@ -999,16 +1000,25 @@ def _on_revoked(
     tracker = _tracker
     if tracker is None or request is None or not terminated:
         return
-    _guard("the revoke", request.id, tracker.lost, request.id, "revoked and terminated")
+    _guard("the revoke", request.id, tracker.lost, request.id, "revoked and terminated", REVOKED)
 
 
 def _on_failure(
     sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any
 ) -> None:
+    """The main process saw a task's pool process die (killed, out of memory, hard time limit).
+
+    Celery sends ``task_failure`` from the main process with ``WorkerLostError`` when a pool
+    process exits during a task, and with ``TimeLimitExceeded`` when it kills one for a hard
+    time limit (``Request.on_timeout``): the task's own process cannot record its end then.
+    """
     tracker = _tracker
-    if tracker is None or task_id is None or not isinstance(exception, WorkerLostError):
+    if tracker is None or task_id is None:
         return
-    _guard("the loss", task_id, tracker.lost, task_id, f"WorkerLostError: {exception}")
+    if not isinstance(exception, (WorkerLostError, TimeLimitExceeded)):
+        return
+    error = f"{type(exception).__name__}: {exception}"
+    _guard("the loss", task_id, tracker.lost, task_id, error, FAILED)
 
 
 def _on_process_shutdown(sender: Any = None, **_: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -16,13 +16,52 @@ def snapshot(collection: Iterable[Any]) -> set[Any]:
     return set()
 
 
-def held_task_ids() -> set[str]:
-    """Tasks this process holds (active, reserved, scheduled) when it is a worker."""
+def _copy(collection: Iterable[Any]) -> list[Any]:
+    """Copy *collection* from another thread; raises if it never holds still (no guess)."""
+    for _ in range(100):
+        try:
+            return list(collection)
+        except RuntimeError:  # changed during iteration: try again
+            continue
+    raise RuntimeError("jobreaper: the worker's task state kept changing while being read")
+
+
+def held_task_ids(consumer: Any = None) -> set[str]:
+    """Tasks this worker process holds: active, reserved, scheduled (ETA) and rate-limited.
+
+    Read in-process from :mod:`celery.worker.state` (no broadcast): ``requests`` (every
+    reserved, scheduled or active request by id), ``reserved_requests``, ``active_requests``
+    and ``scheduled_requests``. Celery keeps a rate-limited request without ETA only in its
+    task's token bucket on the consumer (``Consumer.task_buckets``) until a token frees up,
+    so the buckets of *consumer* are read too.
+    """
     from celery.worker import state as worker_state
 
-    held = snapshot(worker_state.reserved_requests) | snapshot(worker_state.active_requests)
-    held |= snapshot(getattr(worker_state, "scheduled_requests", ()))
-    return {r.id for r in held}
+    ids: set[str] = set(_copy(worker_state.requests))
+    for requests in (
+        worker_state.reserved_requests,
+        worker_state.active_requests,
+        getattr(worker_state, "scheduled_requests", ()),
+    ):
+        ids.update(r.id for r in _copy(requests))
+    buckets = getattr(consumer, "task_buckets", None)
+    if buckets:
+        for bucket in _copy(buckets.values()):
+            for entry in _copy(getattr(bucket, "contents", None) or ()):
+                request = entry[0] if isinstance(entry, tuple) else entry
+                task_id = getattr(request, "id", None)
+                if task_id is not None:
+                    ids.add(task_id)
+    return ids
+
+
+def held_by(worker: Any) -> Callable[[], set[str]]:
+    """The task ids *worker* (a Celery ``WorkController``, in its own process) holds."""
+
+    def held() -> set[str]:
+        return held_task_ids(getattr(worker, "consumer", None))
+
+    return held
 
 
 def revoked_ids() -> set[str]:

@@ -71,3 +71,78 @@ def test_warm_shutdown_marks_draining_then_stopped_and_task_completes(
         job = conn.execute(select(tables.jobs).where(tables.jobs.c.task_id == result.id)).one()
     assert job.status == "succeeded" and job.fence is None
     sender.close()
+
+
+# --- dead is not forever (a paused worker that comes back) ----------------------------------
+
+
+def test_mark_dead_does_not_remark_an_incarnation_that_heartbeated_since(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Judged dead on a stale heartbeat; it beats before the verdict is written: still live."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from celery_jobreaper.clock import utcnow
+    from celery_jobreaper.liveness import Incarnation, Liveness, mark_dead
+    from celery_jobreaper.schema import create_all
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    liveness = Liveness(tables, heartbeat_timeout=3, heartbeat_interval=1)
+    paused = Incarnation("p" * 32, "paused@h", "h", 1, utcnow() - timedelta(minutes=5))
+    t = tables.incarnations
+    with engine.begin() as conn:
+        liveness.register(conn, paused)
+        old = utcnow() - timedelta(minutes=5)  # its last heartbeat: 5 minutes ago
+        conn.execute(update(t).where(t.c.id == paused.id).values(heartbeat_at=old))
+    silent = lambda nodes, timeout: set()  # noqa: E731
+    with engine.begin() as conn:
+        view = liveness.assess(
+            conn, me=None, incarnation_ids={paused.id}, ping=silent, ping_timeout=0.1
+        )
+    assert paused.id in view.dead_incarnations
+    with engine.begin() as conn:
+        assert liveness.heartbeat(conn, paused)  # it wakes up and beats
+    with engine.begin() as conn:
+        mark_dead(conn, tables, view)
+    with engine.connect() as conn:
+        state = conn.execute(
+            select(tables.incarnations.c.state).where(tables.incarnations.c.id == paused.id)
+        ).scalar()
+    assert state == "running"
+
+
+def test_an_incarnation_found_dead_earlier_is_judged_again(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """A dead verdict is not forever: fresh heartbeat or a ping reply makes it live again."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from celery_jobreaper.clock import utcnow
+    from celery_jobreaper.liveness import Incarnation, Liveness
+    from celery_jobreaper.schema import create_all
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    t = tables.incarnations
+    liveness = Liveness(tables, heartbeat_timeout=3, heartbeat_interval=1)
+    back = Incarnation("b" * 32, "back@h", "h", 1, utcnow() - timedelta(minutes=5))
+    with engine.begin() as conn:
+        liveness.register(conn, back)
+        conn.execute(update(t).where(t.c.id == back.id).values(state="dead"))
+    answers = lambda nodes, timeout: set(nodes)  # noqa: E731
+    with engine.begin() as conn:
+        view = liveness.assess(
+            conn, me=None, incarnation_ids={back.id}, ping=answers, ping_timeout=0.1
+        )
+    assert back.id not in view.dead_incarnations and back.id in view.live_incarnations
+    with engine.begin() as conn:  # fresh heartbeat while still marked dead (no ping at all)
+        conn.execute(update(t).where(t.c.id == back.id).values(heartbeat_at=utcnow()))
+        view = liveness.assess(
+            conn, me=None, incarnation_ids={back.id}, ping=None, ping_timeout=0.1
+        )
+    assert back.id not in view.dead_incarnations and back.id in view.live_incarnations

@@ -9,7 +9,7 @@ from celery import Celery
 
 from celery_jobreaper import Settings
 from celery_jobreaper.liveness import Incarnation, LivenessView
-from celery_jobreaper.planner import decide
+from celery_jobreaper.planner import TaskFacts, decide
 from celery_jobreaper.sources.base import Candidate
 
 NOW = datetime(2026, 11, 28, 12, 0, 0)
@@ -28,6 +28,9 @@ def view(**kw: Any) -> LivenessView:
     return LivenessView(me=kw.pop("me", ME), now=NOW, **kw)
 
 
+NO_TASKS = TaskFacts()
+
+
 def job(**kw: Any) -> Candidate:
     base: dict[str, Any] = {
         "source": "system_jobs",
@@ -41,64 +44,103 @@ def job(**kw: Any) -> Candidate:
 
 
 def test_seed_rule_no_owner_and_no_other_live_worker_fails_with_age() -> None:
-    d = decide(job(), view(other_live_workers=0), settings())
+    d = decide(job(), view(other_live_workers=0), NO_TASKS, settings())
     assert d.verdict == "fail"
     assert d.error is not None and "was running for 1 day, 0:00:00" in d.error
 
 
 def test_no_owner_with_other_live_workers_is_left_alone_unless_older_than_max_age() -> None:
     v = view(other_live_workers=2)
-    assert decide(job(), v, settings()).verdict == "leave"
-    assert decide(job(), v, settings(max_age=3600)).verdict == "fail"
+    assert decide(job(), v, NO_TASKS, settings()).verdict == "leave"
+    assert decide(job(), v, NO_TASKS, settings(max_age=3600)).verdict == "fail"
     young = job(started_at=NOW - timedelta(minutes=5))
-    assert decide(young, v, settings(max_age=3600)).verdict == "leave"
+    assert decide(young, v, NO_TASKS, settings(max_age=3600)).verdict == "leave"
 
 
 def test_grace_protects_young_jobs() -> None:
     young = job(started_at=NOW - timedelta(seconds=10))
-    d = decide(young, view(other_live_workers=0), settings(grace=30))
+    d = decide(young, view(other_live_workers=0), NO_TASKS, settings(grace=30))
     assert d.verdict == "leave" and "grace" in d.reason
 
 
 def test_policy_ignore_by_kind() -> None:
-    d = decide(job(kind="system.backup"), view(), settings(policies={"system.*": "ignore"}))
+    d = decide(
+        job(kind="system.backup"), view(), NO_TASKS, settings(policies={"system.*": "ignore"})
+    )
     assert d.verdict == "leave" and "policy" in d.reason
 
 
 def test_tracked_job_of_dead_incarnation_fails_live_one_is_left() -> None:
     v = view(dead_incarnations={"dead1": "w2@h, which stopped"}, live_incarnations={"live1"})
-    assert decide(job(incarnation_id="dead1", owner="w2@h"), v, settings()).verdict == "fail"
-    assert decide(job(incarnation_id="live1", owner="w3@h"), v, settings()).verdict == "leave"
+    assert (
+        decide(job(incarnation_id="dead1", owner="w2@h"), v, NO_TASKS, settings()).verdict == "fail"
+    )
+    assert (
+        decide(job(incarnation_id="live1", owner="w3@h"), v, NO_TASKS, settings()).verdict
+        == "leave"
+    )
     # unknown incarnation: never settled
-    assert decide(job(incarnation_id="other", owner="w4@h"), v, settings()).verdict == "leave"
+    assert (
+        decide(job(incarnation_id="other", owner="w4@h"), v, NO_TASKS, settings()).verdict
+        == "leave"
+    )
 
 
 def test_owner_column_own_node_earlier_start_fails_current_start_is_left() -> None:
     v = view()
     earlier = job(owner="w1@h", started_at=ME.started_at - timedelta(seconds=1))
     current = job(owner="w1@h", started_at=ME.started_at + timedelta(seconds=1))
-    assert decide(earlier, v, settings()).verdict == "fail"
-    assert decide(current, v, settings()).verdict == "leave"
+    assert decide(earlier, v, NO_TASKS, settings()).verdict == "fail"
+    assert decide(current, v, NO_TASKS, settings()).verdict == "leave"
 
 
 def test_owner_column_dead_live_and_unknown_nodes() -> None:
     v = view(dead_nodes={"w2@h": "w2@h, which stopped"}, live_nodes={"w3@h"})
-    assert decide(job(owner="w2@h"), v, settings()).verdict == "fail"
-    assert decide(job(owner="w3@h"), v, settings()).verdict == "leave"
-    unknown = decide(job(owner="w9@h"), v, settings())
+    assert decide(job(owner="w2@h"), v, NO_TASKS, settings()).verdict == "fail"
+    assert decide(job(owner="w3@h"), v, NO_TASKS, settings()).verdict == "leave"
+    unknown = decide(job(owner="w9@h"), v, NO_TASKS, settings())
     assert unknown.verdict == "leave" and "unknown" in unknown.reason
-    assert decide(job(owner="w9@h"), v, settings(max_age=60)).verdict == "fail"
+    assert decide(job(owner="w9@h"), v, NO_TASKS, settings(max_age=60)).verdict == "fail"
 
 
 def test_live_task_id_is_never_settled() -> None:
-    v = view(
-        other_live_workers=0, live_task_ids={"t-1"}, dead_nodes={"w2@h": "w2@h, which stopped"}
-    )
-    d = decide(job(task_id="t-1", owner="w2@h"), v, settings())
+    v = view(other_live_workers=0, dead_nodes={"w2@h": "w2@h, which stopped"})
+    held_by_peer = TaskFacts(held_by_peers=frozenset({"t-1"}))
+    d = decide(job(task_id="t-1", owner="w2@h"), v, held_by_peer, settings())
     assert d.verdict == "leave" and "live worker" in d.reason
+    held_here = TaskFacts(held_here=frozenset({"t-1"}))
+    assert decide(job(task_id="t-1", owner="w2@h"), v, held_here, settings()).verdict == "leave"
 
 
 def test_refused_duplicate_node_is_left_alone() -> None:
     v = view(refused_nodes={"w1@h": "another live worker answers to this node name"})
-    d = decide(job(owner="w1@h", started_at=ME.started_at - timedelta(days=1)), v, settings())
+    d = decide(
+        job(owner="w1@h", started_at=ME.started_at - timedelta(days=1)), v, NO_TASKS, settings()
+    )
     assert d.verdict == "leave" and "refused" in d.reason
+
+
+def test_this_worker_holding_any_task_protects_jobs_without_owner() -> None:
+    """Item 1: this worker is a live worker too; after its startup reap it may run any job."""
+    v = view(other_live_workers=0)
+    busy = TaskFacts(held_here=frozenset({"some-task"}))
+    d = decide(job(), v, busy, settings())
+    assert d.verdict == "leave" and "this one or another" in d.reason
+    assert decide(job(), v, busy, settings(max_age=3600)).verdict == "fail"
+    assert decide(job(), v, NO_TASKS, settings()).verdict == "fail"
+
+
+def test_own_node_row_without_start_time_is_not_an_earlier_start() -> None:
+    d = decide(job(owner="w1@h", started_at=None), view(), NO_TASKS, settings())
+    assert d.verdict == "leave"
+
+
+def test_job_with_task_id_not_held_here_is_not_protected_by_other_held_tasks() -> None:
+    """This worker's held set is exact: a task id it does not hold is not running here."""
+    v = view(other_live_workers=0)
+    busy = TaskFacts(held_here=frozenset({"another"}))
+    assert decide(job(task_id="t-x"), v, busy, settings()).verdict == "fail"
+    assert decide(job(task_id="another"), v, busy, settings()).verdict == "leave"
+    assert decide(job(task_id="t-x"), view(other_live_workers=1), busy, settings()).verdict == (
+        "leave"
+    )

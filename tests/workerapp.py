@@ -71,3 +71,91 @@ def record(value: str) -> None:
 @app.task(name="jr.noop")
 def noop() -> None:
     """Do nothing (throughput benchmarks)."""
+
+
+_engines: dict[int, Any] = {}
+
+
+def _jobs_table() -> tuple[Any, Any]:
+    """This process's engine on JR_DATABASE_URL and its ``system_jobs`` table (reflected)."""
+    from sqlalchemy import MetaData, Table, create_engine
+
+    made = _engines.get(os.getpid())
+    if made is None:
+        engine = create_engine(os.environ["JR_DATABASE_URL"])
+        table = Table("system_jobs", MetaData(), autoload_with=engine)
+        made = _engines[os.getpid()] = (engine, table)
+    return made
+
+
+@app.task(name="jr.job", bind=True)
+def job(self: Any, job_id: str, seconds: float) -> str:
+    """A user job in the seed's ``system_jobs`` table: written running, then completed.
+
+    Writes the owner / task id columns when the table has them (``owner`` is this worker's
+    node name, as ``task.request.hostname``), and announces its pool process's pid in
+    ``started-<job_id>`` under JR_SIGNAL_DIR.
+    """
+    from datetime import datetime, timezone
+
+    from sqlalchemy import insert, update
+
+    engine, table = _jobs_table()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    values: dict[str, Any] = {
+        "job_id": job_id,
+        "job_type": "library_scan",
+        "status": "running",
+        "started_at": now,
+    }
+    if "owner" in table.c:
+        values["owner"] = self.request.hostname
+    if "task_id" in table.c:
+        values["task_id"] = self.request.id
+    with engine.begin() as conn:
+        conn.execute(insert(table).values(**values))
+    _mark(f"started-{job_id}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    with engine.begin() as conn:
+        conn.execute(
+            update(table)
+            .where(table.c.job_id == job_id, table.c.status == "running")
+            .values(
+                status="completed", completed_at=datetime.now(timezone.utc).replace(tzinfo=None)
+            )
+        )
+    _mark(f"finished-{job_id}")
+    return job_id
+
+
+def _skew_clock(seconds: float) -> None:
+    """Make this worker's host clock look *seconds* off (JR_CLOCK_SKEW): every
+    ``celery_jobreaper`` module's ``utcnow`` is replaced (tests only)."""
+    import sys
+    from datetime import timedelta
+
+    from celery_jobreaper import clock
+
+    real = clock.utcnow
+
+    def skewed() -> Any:
+        return real() + timedelta(seconds=seconds)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("celery_jobreaper") and getattr(module, "utcnow", None) is real:
+            module.utcnow = skewed  # type: ignore[attr-defined]
+
+
+if os.environ.get("JR_CLOCK_SKEW"):
+    import celery_jobreaper.reaper  # load the modules whose clock is replaced
+    import celery_jobreaper.step
+
+    _skew_clock(float(os.environ["JR_CLOCK_SKEW"]))
+
+
+@app.task(name="jr.limited", rate_limit="1/m")
+def limited(tag: str) -> None:
+    """A rate-limited task (one a minute): a second one waits in the worker's token bucket."""
+    _mark(f"finished-{tag}")

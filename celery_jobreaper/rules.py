@@ -1,0 +1,73 @@
+"""The rule for jobs without owner, defined once: the planner applies it in Python and
+:mod:`celery_jobreaper.bulk` builds the same verdicts in SQL from the same object."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Literal
+
+#: Left alone: a job without owner that started less than ``jobreaper_grace`` ago.
+YOUNGER_THAN_GRACE = "younger than jobreaper_grace"
+#: Failed: a job without owner while no worker at all could be running it.
+NO_LIVE_WORKER_LEFT = "with no live worker left that could be running it"
+#: Left alone: a job without owner that a live worker (this one or another) may be running.
+UNOWNED_WHILE_WORKERS_LIVE = (
+    "no owner recorded and a live worker (this one or another) may be running it "
+    "(set jobreaper_max_age)"
+)
+
+
+def older_than_max_age(max_age: float) -> str:
+    """Reason (the *where* part) for failing a job older than ``jobreaper_max_age``."""
+    return f"older than jobreaper_max_age ({max_age:g} s)"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OwnerlessRule:
+    """When a job with neither owner nor task id may be failed (DESIGN §4).
+
+    Such a job is stale when no worker at all could be running it — this worker holds no
+    task (at startup, before the consumer runs, it holds none; a process that is not a
+    worker holds none) **and** no other worker is live — or when it is older than
+    ``max_age``. Jobs younger than ``grace`` are always left alone.
+    """
+
+    #: no other live worker and this process holds no task
+    nobody_could_run: bool
+    grace: float  #: seconds
+    max_age: float | None  #: seconds
+    #: no other live worker (this process may hold tasks)
+    no_other_live_worker: bool = False
+
+    @classmethod
+    def of(
+        cls, *, other_live_workers: int, held_here: bool, grace: float, max_age: float | None
+    ) -> OwnerlessRule:
+        """The rule for one batch: *held_here* says whether this process holds any task."""
+        alone = other_live_workers == 0
+        return cls(alone and not held_here, grace, max_age, alone)
+
+    def for_task_not_held_here(self) -> OwnerlessRule:
+        """The rule for a job whose task id this process does not hold (known exactly, in
+        process): only other workers could be running it."""
+        return dataclasses.replace(self, nobody_could_run=self.no_other_live_worker)
+
+    @property
+    def where(self) -> str | None:
+        """The *where* of every failure this rule makes (``None``: it fails no row)."""
+        if self.nobody_could_run:
+            return NO_LIVE_WORKER_LEFT
+        if self.max_age is not None:
+            return older_than_max_age(self.max_age)
+        return None
+
+    def judge(self, age: timedelta | None) -> tuple[Literal["fail", "leave"], str]:
+        """The verdict for a job of *age* (``None``: start unknown) and its reason/where."""
+        if age is not None and age < timedelta(seconds=self.grace):
+            return "leave", YOUNGER_THAN_GRACE
+        if self.nobody_could_run:
+            return "fail", NO_LIVE_WORKER_LEFT
+        if self.max_age is not None and age is not None and age > timedelta(seconds=self.max_age):
+            return "fail", older_than_max_age(self.max_age)
+        return "leave", UNOWNED_WHILE_WORKERS_LIVE
