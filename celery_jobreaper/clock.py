@@ -51,6 +51,5 @@ def db_now(dialect: str) -> ColumnElement[datetime]:
 
 def db_utcnow(conn: Connection) -> datetime:
     """The database server's current time (naive UTC), read on *conn*."""
-    value = conn.execute(select(db_now(conn.dialect.name))).scalar_one()
-    assert isinstance(value, datetime)
+    value: datetime = conn.execute(select(db_now(conn.dialect.name))).scalar_one()
     return as_naive_utc(value)

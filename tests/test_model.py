@@ -30,27 +30,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from clustermodel import ClusterModel
 from modelrun import replay, run_model
 
 EXAMPLES = int(os.environ.get("JR_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("JR_MODEL_STEPS", "30"))
 
-# Real product bugs of issue 6 that this model finds on the code before their fixes (see the
-# report on branch h-model); the integrator removes this mark once the fixes are merged.
-KNOWN_BUGS = pytest.mark.xfail(
-    strict=False,
-    reason="issue 6 items 1, 2, 5, 7: the model finds them until the fixes are merged",
-)
-
-
-@KNOWN_BUGS
 def test_model_sqlite(sqlite_url: str) -> None:
     run_model(ClusterModel, sqlite_url, examples=EXAMPLES, steps=STEPS)
 
 
-@KNOWN_BUGS
 def test_model_postgresql(pg_url: str) -> None:
     run_model(ClusterModel, pg_url, examples=max(1, EXAMPLES * 2 // 3), steps=STEPS)
 
@@ -68,7 +57,6 @@ N0, N1 = "celery@n0", "celery@n1"
 OUTSIDE = {"pick": 7}  # reap(): past the awake workers, the reaper that is not a worker
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 item 1: this worker is a live worker too")
 def test_seed_deployment_own_periodic_reap_leaves_the_running_job(sqlite_url: str) -> None:
     """One worker, the seed's ownerless table, a job longer than the interval (§2.1)."""
     replay(
@@ -80,7 +68,6 @@ def test_seed_deployment_own_periodic_reap_leaves_the_running_job(sqlite_url: st
     )
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 item 2: a pool process dies, the worker lives")
 def test_row_of_a_dead_pool_process_is_settled_by_the_next_reap(sqlite_url: str) -> None:
     """Owner and task-id columns; the worker no longer holds the task (the bound)."""
     replay(
@@ -93,7 +80,6 @@ def test_row_of_a_dead_pool_process_is_settled_by_the_next_reap(sqlite_url: str)
     )
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 item 5: heartbeats judged with another clock")
 def test_heartbeat_clock_behind_does_not_make_a_live_worker_dead(sqlite_url: str) -> None:
     """A live worker whose clock is 90 s behind, one lost ping reply (§2.1)."""
     replay(
@@ -106,7 +92,6 @@ def test_heartbeat_clock_behind_does_not_make_a_live_worker_dead(sqlite_url: str
     )
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 item 5: heartbeats judged with another clock")
 def test_heartbeat_clock_ahead_does_not_keep_a_dead_worker_alive(sqlite_url: str) -> None:
     """A dead worker whose clock was 90 s ahead is settled within the bound."""
     replay(
@@ -119,7 +104,6 @@ def test_heartbeat_clock_ahead_does_not_keep_a_dead_worker_alive(sqlite_url: str
     )
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 item 7: dead is not forever")
 def test_worker_declared_dead_during_a_pause_keeps_its_new_jobs(sqlite_url: str) -> None:
     """Paused past the timeout (its job then settled: allowed), it wakes and takes a new job;
     it answers pings again, so the new job is not settled before its next heartbeat (§2.1)."""
@@ -137,9 +121,6 @@ def test_worker_declared_dead_during_a_pause_keeps_its_new_jobs(sqlite_url: str)
     )
 
 
-@pytest.mark.xfail(
-    strict=False, reason="issue 6 item 1: 'no other worker is live' needs both signals (§2.1)"
-)
 def test_worker_that_answers_is_live_for_the_ownerless_rule(sqlite_url: str) -> None:
     """Woken from a long pause, the worker has not heartbeated yet but answers pings: a reap
     from outside must not fail its running job of the seed's ownerless table."""
