@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from .api import reap
-from .errors import ConfigurationError, JobReaperError, SchemaVersionError, StartupReapError
+from .errors import (
+    ConfigurationError,
+    JobReaperError,
+    MissingTableError,
+    SchemaVersionError,
+    StartupReapError,
+)
 from .report import Report
 from .revoked import revoke
 from .settings import Settings
@@ -15,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "JobReaperError",
     "JobReaperStep",
+    "MissingTableError",
     "Report",
     "SchemaVersionError",
     "Settings",

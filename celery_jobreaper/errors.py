@@ -28,3 +28,13 @@ class StartupReapError(JobReaperError):
 
 class MissingExtraError(JobReaperError, ImportError):
     """Raised when the configured broker needs an optional dependency that is not installed."""
+
+
+class MissingTableError(JobReaperError):
+    """A configured job table does not exist (yet): a migration not run. Not a setting error:
+    the worker starts, that source is skipped and looked up again on every reap."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"jobreaper: {key}: {problem}")

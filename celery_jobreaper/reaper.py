@@ -16,6 +16,7 @@ from . import bulk, signals
 from .apply import settle_batch
 from .clock import db_utcnow, utcnow
 from .database import Database
+from .errors import MissingTableError
 from .liveness import Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
 from .planner import Decision, TaskFacts, plan
 from .report import Report
@@ -66,6 +67,7 @@ class Reaper:
         ping: Pinger | None = None,
         ask: TaskAsker | None = None,
         held: HeldIds | None = None,
+        skip_missing_tables: bool = False,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -84,23 +86,54 @@ class Reaper:
         self.after_settle: list[AfterSettle] = []
         self.queued_ids: QueuedIds | None = None
         self.last_report: Report | None = None
+        #: a worker skips a configured table that does not exist yet (a migration not run)
+        #: and looks it up again on every reap; ``reap()`` from any other process raises
+        self.skip_missing_tables = skip_missing_tables
+        #: sources skipped by the last :meth:`prepare`: ``jobreaper_sources[i].table`` -> why
+        self.missing_sources: dict[str, str] = {}
+        self._tables_ready = False
         self._sources: list[JobSource] | None = None
         self._lock = threading.Lock()
 
-    def prepare(self) -> list[JobSource]:
-        """Create/check tables and resolve sources (once; retried after a failure)."""
-        if self._sources is not None:
-            return self._sources
+    def prepare_tables(self) -> None:
+        """Create (if configured) and check jobreaper's own tables, once."""
+        if self._tables_ready:
+            return
         if self.settings.create_tables:
             create_all(self.db.engine, self.tables)
-        sources: list[JobSource] = []
         with self.db.connect() as conn:
             check_version(conn, self.tables)
+        self._tables_ready = True
+
+    def prepare(self) -> list[JobSource]:
+        """Own tables, then the sources (resolved once; retried while a table is missing)."""
+        self.prepare_tables()
+        if self._sources is not None:
+            return self._sources
+        sources: list[JobSource] = []
+        missing: dict[str, str] = {}
+        with self.db.connect() as conn:
             if self.settings.track_tasks:
                 sources.append(TrackedJobsSource(self.tables))
             for spec in self.settings.sources:
-                sources.append(UserTableSource(spec, resolve_table(spec, conn)))
-        self._sources = sources
+                try:
+                    sources.append(UserTableSource(spec, resolve_table(spec, conn)))
+                except MissingTableError as error:
+                    if not self.skip_missing_tables:
+                        raise
+                    missing[error.key] = error.problem
+        for key in missing.keys() - self.missing_sources.keys():
+            logger.warning(
+                "jobreaper: %s: %s; its jobs are not reaped until it exists (looked up again "
+                "on every reap)",
+                key,
+                safe(missing[key]),
+            )
+        for key in self.missing_sources.keys() - missing.keys():
+            logger.info("jobreaper: %s exists now; its jobs are reaped from now on", key)
+        self.missing_sources = missing
+        if not missing:
+            self._sources = sources
         return sources
 
     def run(self, trigger: str = "manual", *, dry_run: bool | None = None) -> Report:

@@ -76,7 +76,7 @@ class ReaperService:
         """Create this incarnation's row (once)."""
         if self.registered:
             return
-        self.reaper.prepare()
+        self.reaper.prepare_tables()
         with self.reaper.db.connect() as conn, conn.begin():
             self.liveness.register(conn, self.me)
         self.registered = True

@@ -67,7 +67,15 @@ class JobReaperStep(bootsteps.StartStopStep):
         me = Incarnation.new(parent.hostname)
         db = Database.from_settings(self.settings)
         # This worker is a live worker too: the tasks it holds protect their jobs.
-        reaper = Reaper(parent.app, self.settings, db, me=me, held=workerstate.held_by(parent))
+        reaper = Reaper(
+            parent.app,
+            self.settings,
+            db,
+            me=me,
+            held=workerstate.held_by(parent),
+            # a table not migrated yet: skipped and looked up again, unless strict
+            skip_missing_tables=not self.settings.strict,
+        )
         self.service = ReaperService(
             reaper,
             me,

@@ -14,6 +14,7 @@ from support import make_app
 
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError, SchemaVersionError
+from celery_jobreaper.errors import MissingTableError
 from celery_jobreaper.schema import tables
 
 
@@ -133,14 +134,16 @@ def test_owner_column_and_incarnations_make_it_precise(
     assert state == "dead"
 
 
-def test_unknown_table_is_a_configuration_error_and_never_sql(
+def test_unknown_table_is_refused_by_reap_and_never_sql(
     db_url: str, engine_for: Callable[[str], Engine]
 ) -> None:
+    """``reap()`` outside a worker raises for a missing table (a worker skips it and retries:
+    tests/test_missing_table.py); the name is looked up, never run as SQL."""
     engine = engine_for(db_url)
     create_seed(engine, [])
     evil = "system_jobs; DROP TABLE system_jobs"
     app = make_app(db_url, sources=[{**SEED_SOURCE, "table": evil}])
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(MissingTableError) as info:
         celery_jobreaper.reap(app)
     assert info.value.key == "jobreaper_sources[0].table"
     with engine.connect() as conn:

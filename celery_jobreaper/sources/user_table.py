@@ -9,7 +9,7 @@ from sqlalchemy import Column, ColumnElement, DateTime, Enum, MetaData, Table, e
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import Date
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, MissingTableError
 from ..settings import SourceSpec
 from ..timezones import localize
 from .base import Candidate, SettleTarget, keyset_batch
@@ -55,10 +55,11 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     return reflected
 
 
-def _no_table(spec: SourceSpec, name: str) -> ConfigurationError:
+def _no_table(spec: SourceSpec, name: str) -> MissingTableError:
     where = f" in schema {spec.schema!r}" if spec.schema else ""
-    return ConfigurationError(
-        f"{spec.key}.table", f"no table named {name!r}{where} in the database"
+    return MissingTableError(
+        f"{spec.key}.table",
+        f"no table named {name!r}{where} in the database (a migration not run yet?)",
     )
 
 
