@@ -24,7 +24,7 @@ from .statements import _AUTOCOMMIT
 logger = logging.getLogger("celery_jobreaper.tracking")
 
 #: Seconds between two flushes of a process's writer thread (one transaction each); a record
-#: waits at most about twice this long (see ``Tracker._take``).
+#: waits at most about twice this long (see ``BatchWriter._take``).
 FLUSH_INTERVAL = 0.005
 #: Pending records that make the writer write at once, without waiting for the interval.
 FLUSH_EARLY = 100
