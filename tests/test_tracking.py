@@ -22,13 +22,14 @@ from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine, Row
 from support import REDIS_URL, WorkerProcess, wait_until
 
-from celery_jobreaper import signals, tracking
+from celery_jobreaper import signals
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.database import Database
 from celery_jobreaper.liveness import Incarnation
 from celery_jobreaper.schema import create_all, tables
 from celery_jobreaper.settings import Settings
-from celery_jobreaper.tracking import Tracker
+from celery_jobreaper.tracking import Tracker, records
+from celery_jobreaper.tracking import writer as tracking
 
 NODE = "w1@h"
 jobs, events = tables.jobs, tables.events
@@ -429,13 +430,13 @@ def test_forked_child_writes_its_own_records_only(
 def test_rounds_keep_each_tasks_records_in_order() -> None:
     now = utcnow()
 
-    def start(task_id: str, fence: str) -> tracking._Start:
-        return tracking._Start(task_id, "n", NODE, "inc", now, fence)
+    def start(task_id: str, fence: str) -> records._Start:
+        return records._Start(task_id, "n", NODE, "inc", now, fence)
 
-    def finish(task_id: str, fence: str, status: str = "succeeded") -> tracking._Finish:
-        return tracking._Finish(task_id, fence, status, now, None)
+    def finish(task_id: str, fence: str, status: str = "succeeded") -> records._Finish:
+        return records._Finish(task_id, fence, status, now, None)
 
-    rounds = tracking._rounds(
+    rounds = records._rounds(
         [
             finish("old", "f0"),  # started in an earlier flush
             start("old", "f1"),  # redelivered: after its finish
@@ -452,7 +453,7 @@ def test_rounds_keep_each_tasks_records_in_order() -> None:
 
 
 SLOW_FLUSH_APP = """
-import celery_jobreaper.tracking as tracking
+import celery_jobreaper.tracking.writer as tracking
 
 tracking.FLUSH_INTERVAL = 30.0  # records wait for a shutdown flush (or FLUSH_EARLY of them)
 
