@@ -251,7 +251,9 @@ class Liveness:
                 )
             elif row.state == STOPPED:
                 view.dead_incarnations[row.id] = f"{row.node}, which stopped at {row.stopped_at}"
-            elif row.id in wanted_ids or row.node in wanted_nodes:
+            else:
+                # Stale, owning candidate jobs or not: it may be running jobs without owner
+                # (a worker woken from a pause), so it is live until silence proves it dead.
                 suspects[row.id] = row
 
         to_ping = {r.node for r in suspects.values()}
