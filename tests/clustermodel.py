@@ -77,12 +77,13 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
 
     # --- simulated collaborators of the Reaper ---------------------------------------------
 
-    def ping(self, nodes: Collection[str], timeout: float) -> set[str]:
-        """Nodes whose awake worker's control consumer replies (lost replies are dropped)."""
+    def ping(self, nodes: Collection[str], timeout: float, me: Worker | None = None) -> set[str]:
+        """Nodes whose awake worker's control consumer replies (lost replies are dropped), as
+        ``ping_with(app, me)`` gives them: never the reply of the pinging worker *me* itself."""
         replied = set()
         with self.lock:
             for node in nodes:
-                if any(w.node == node and w.answering for w in self.awake()):
+                if any(w.node == node and w.answering and w is not me for w in self.awake()):
                     if self.lost[node] > 0:
                         self.lost[node] -= 1
                     else:
@@ -320,7 +321,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     def _run(self, r: Reap) -> None:
         kwargs: dict[str, Any] = {
             "me": None if r.worker is None else r.worker.me,
-            "ping": self.ping,
+            "ping": lambda nodes, timeout: self.ping(nodes, timeout, r.worker),
             "ask": self.ask,
         }
         if HAS_HELD and r.worker is not None:
