@@ -133,6 +133,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
             host=f"host-{node}",
             pid=next(self.pids),
             started_at=started,
+            started_monotonic=clock.monotonic(),
         )
         w = Worker(me, skew, self.now, self.now, self.now + INTERVAL)
         with self.env.db.engine.begin() as conn, host_clock(skew):
@@ -275,6 +276,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     def _tick(self) -> None:
         self._shift(TICK)
         self.now += TICK
+        self.env.waits.elapsed += TICK
         for w in self.awake():
             with self.env.db.engine.begin() as conn, host_clock(w.skew):
                 self.liveness.heartbeat(conn, w.me)

@@ -76,6 +76,7 @@ def model_for(url: str, machine: type[ClusterModel] = ClusterModel) -> Iterator[
         with (
             mock.patch.object(clock, "datetime", HostClock),
             mock.patch.object(reaper, "time", env.waits),
+            mock.patch.object(clock, "time", env.waits),
         ):
             yield type(machine.__name__, (machine,), {"env": env})
     finally:

@@ -100,16 +100,21 @@ def user_table(metadata: MetaData, name: str, *, owner: bool, task_id: bool) -> 
 
 
 class ModelTime:
-    """The ``time`` module as :mod:`celery_jobreaper.reaper` sees it: its sleeps pass model
-    time (the current example's :meth:`wait`), not real time."""
+    """The ``time`` module as :mod:`celery_jobreaper.reaper` and :mod:`celery_jobreaper.clock`
+    see it: its sleeps pass model time (the current example's :meth:`wait`), not real time;
+    its monotonic clock runs with model time (``elapsed``: model seconds passed so far)."""
 
     perf_counter = staticmethod(time.perf_counter)
 
     def __init__(self) -> None:
         self.wait: Callable[[float], None] = time.sleep
+        self.elapsed = 0.0
 
     def sleep(self, seconds: float) -> None:
         self.wait(seconds)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.elapsed
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -183,3 +184,26 @@ def test_a_stale_incarnation_owning_no_candidate_is_live_if_it_answers(
     with engine.connect() as conn:
         state = conn.execute(select(t.c.state).where(t.c.id == woken.id)).scalar()
     assert state == "dead"  # judged on both signals: not pinged again by later reaps
+
+
+def test_start_is_read_on_the_host_clock_as_it_is_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host clock stepped back 90 s after 100 s up: rows this worker stamps now look 90 s
+    older, so its start is moved back as far (never forward when the clock steps ahead)."""
+    from datetime import timedelta
+
+    from celery_jobreaper import liveness
+    from celery_jobreaper.liveness import Incarnation
+
+    me = Incarnation.new("n@h")
+    assert me.started_monotonic is not None
+    up = me.started_monotonic + 100.0
+    monkeypatch.setattr(liveness, "monotonic", lambda: up)
+    for step, start in (
+        (-90, me.started_at - timedelta(seconds=90)),
+        (0, me.started_at),
+        (90, me.started_at),
+    ):
+        now = me.started_at + timedelta(seconds=100 + step)
+        monkeypatch.setattr(liveness, "utcnow", lambda now=now: now)
+        moved = me.as_of_now()
+        assert moved.started_at == start and (moved.id, moved.node) == (me.id, me.node)

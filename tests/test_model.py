@@ -50,8 +50,8 @@ def test_model_postgresql(pg_url: str) -> None:
 
 # Counterexamples of the model on the code before issue 6's fixes, shortened (found by the search,
 # or, for the two it reaches rarely, the clock ahead and the pause, built from its rules), kept
-# as plain tests so that each stays checked whatever the search happens to find first. The two
-# marked xfail at the end are open product bugs (not in issue 6's list), kept so that a fix shows.
+# as plain tests so that each stays checked whatever the search happens to find first. The one
+# marked xfail at the end is an open product bug (not in issue 6's list), kept so a fix shows.
 N0, N1 = "celery@n0", "celery@n1"
 OUTSIDE = {"pick": 7}  # reap(): past the awake workers, the reaper that is not a worker
 
@@ -151,13 +151,13 @@ def test_quick_restart_waits_in_model_time_then_settles_the_earlier_start_job(
     assert [j.settled for j in state.jobs] == [True]
 
 
-@pytest.mark.xfail(strict=True, reason="open: a host clock stepped back past the uptime (§2.1)")
 def test_host_clock_stepped_back_past_the_uptime_keeps_the_own_owner_only_job(
     sqlite_url: str,
 ) -> None:
     """The worker's host clock steps back 90 s after 80 s up; its task writes an owner-only row
     (no task-id column) with that clock, which looks older than the worker's start: its next
-    periodic reap takes it for an earlier start's and fails it (§2.1)."""
+    periodic reap took it for an earlier start's and failed it (§2.1). The start is now read on
+    the host clock as it is (moved back by the step; uptime from the monotonic clock)."""
     replay(
         sqlite_url,
         [
