@@ -188,3 +188,23 @@ def test_worker_marked_dead_during_a_pause_keeps_its_new_ownerless_job(sqlite_ur
             ("reap", OUTSIDE),
         ],
     )
+
+
+@pytest.mark.xfail(strict=True, reason="open: a host clock stepped back, then partly forward")
+def test_host_clock_stepped_back_then_partly_forward_keeps_the_own_owner_only_job(
+    sqlite_url: str,
+) -> None:
+    """The host clock steps back 90 s, the task stamps its owner-only row, the clock steps
+    forward 45 s before the reap: read on the clock as it is at the reap, the start is moved
+    back 45 s only, and the row still looks like an earlier start's (§2.1). Found by the
+    search on PostgreSQL (``JR_MODEL_EXAMPLES=400 JR_MODEL_STEPS=50 JR_MODEL_RANDOM=1``)."""
+    replay(
+        sqlite_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": []}),
+            ("skew_clock", {"which": 0, "skew": -90.0}),
+            ("take_job", {"pick": 0, "kind": "jobs_owner", "slot": 0}),
+            ("skew_clock", {"which": 0, "skew": -45.0}),
+            ("reap", {"pick": 0}),
+        ],
+    )
