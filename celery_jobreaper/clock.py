@@ -3,6 +3,7 @@ database server's clock."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -13,6 +14,11 @@ from sqlalchemy.engine import Connection
 def utcnow() -> datetime:
     """Return the current time as a naive UTC datetime (portable across SQL dialects)."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def monotonic() -> float:
+    """Seconds of a clock that never steps (``time.monotonic``), for uptimes."""
+    return time.monotonic()
 
 
 def as_naive_utc(value: datetime) -> datetime:

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import false, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from .clock import db_now, db_utcnow, utcnow
+from .clock import db_now, db_utcnow, monotonic, utcnow
 from .schema import JobReaperTables
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,26 @@ class Incarnation:
     node: str
     host: str
     pid: int
-    started_at: datetime
+    started_at: datetime  #: on this host's clock
+    #: :func:`~celery_jobreaper.clock.monotonic` at the start (``None``: not known)
+    started_monotonic: float | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def new(cls, node: str) -> Incarnation:
         """A new incarnation of *node* for this process, starting now."""
-        return cls(uuid.uuid4().hex, node, socket.gethostname(), os.getpid(), utcnow())
+        return cls(uuid.uuid4().hex, node, socket.gethostname(), os.getpid(), utcnow(), monotonic())
+
+    def as_of_now(self) -> Incarnation:
+        """This incarnation with its start read on this host's clock as it is now.
+
+        If the host clock stepped back since the start, rows this worker's tasks stamp with it
+        may look older than ``started_at``: the start is moved back as far (never forward), so
+        they are not taken for an earlier start's.
+        """
+        if self.started_monotonic is None:
+            return self
+        up = timedelta(seconds=max(monotonic() - self.started_monotonic, 0.0))
+        return dataclasses.replace(self, started_at=min(self.started_at, utcnow() - up))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +265,9 @@ class Liveness:
                 )
             elif row.state == STOPPED:
                 view.dead_incarnations[row.id] = f"{row.node}, which stopped at {row.stopped_at}"
-            elif row.id in wanted_ids or row.node in wanted_nodes:
+            else:
+                # Stale, owning candidate jobs or not: it may be running jobs without owner
+                # (a worker woken from a pause), so it is live until silence proves it dead.
                 suspects[row.id] = row
 
         to_ping = {r.node for r in suspects.values()}

@@ -318,7 +318,7 @@ class Reaper:
                 nodes |= names
             return self.liveness.assess(
                 conn,
-                me=self.me,
+                me=None if self.me is None else self.me.as_of_now(),
                 incarnation_ids=inc_ids,
                 nodes=nodes,
                 ping=self.ping,

@@ -20,11 +20,12 @@ from modelworld import (
     USER_TABLES,
     Env,
     HostClock,
+    ModelTime,
     user_table,
 )
 from sqlalchemy import MetaData
 
-from celery_jobreaper import clock
+from celery_jobreaper import clock, reaper
 from celery_jobreaper.database import Database
 from celery_jobreaper.schema import create_all
 from celery_jobreaper.settings import Settings
@@ -71,8 +72,12 @@ def model_for(url: str, machine: type[ClusterModel] = ClusterModel) -> Iterator[
     try:
         create_all(db.engine)
         metadata.create_all(db.engine)
-        env = Env(db=db, app=app, settings=settings, user=user)
-        with mock.patch.object(clock, "datetime", HostClock):
+        env = Env(db=db, app=app, settings=settings, user=user, waits=ModelTime())
+        with (
+            mock.patch.object(clock, "datetime", HostClock),
+            mock.patch.object(reaper, "time", env.waits),
+            mock.patch.object(clock, "time", env.waits),
+        ):
             yield type(machine.__name__, (machine,), {"env": env})
     finally:
         db.dispose()
@@ -99,12 +104,13 @@ def run_model(machine: type[ClusterModel], url: str, *, examples: int, steps: in
         run_state_machine_as_test(bound, settings=config)
 
 
-def replay(url: str, steps: list[tuple[str, dict[str, Any]]]) -> None:
+def replay(url: str, steps: list[tuple[str, dict[str, Any]]]) -> ClusterModel:
     """Run *steps* (rule name, arguments), as Hypothesis prints a failing case, checking the
-    invariants after each."""
+    invariants after each; the state at the end."""
     with model_for(url) as model:
         state = model()
         state.settled_exactly_once_and_within_the_bound()
         for name, arguments in steps:
             getattr(state, name)(**arguments)
             state.settled_exactly_once_and_within_the_bound()
+        return state

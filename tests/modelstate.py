@@ -6,8 +6,10 @@ from collections import Counter
 
 from modelworld import (
     FRESH_MARGIN,
+    HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     INTERVAL,
+    SKEWS,
     STALE_SLACK,
     TICK,
     TRACKED,
@@ -16,6 +18,11 @@ from modelworld import (
     Reap,
     Worker,
 )
+
+#: Seconds a row of a worker's current start whose task it no longer holds is left alone: a task
+#: may be only now being taken, or writing its end (the product's margin, README "A pool
+#: process dies").
+MARGIN = HEARTBEAT_INTERVAL
 
 
 class ClusterState:
@@ -77,7 +84,9 @@ class ClusterState:
         * user row with an owner column: of an earlier start of the reaper's node (started
           before this start) (§2.2); of a node all of whose incarnations are dead (§2.1);
           with a task-id column too, owned by the reaper's own worker, whose pool process died:
-          its periodic reap, as the worker no longer holds the task (§4);
+          its periodic reap, as the worker no longer holds the task, once the row is older
+          than ``heartbeat_interval`` (§4 and the margin README promises: a task just taken,
+          or writing its end, is not misjudged);
         * user row without owner column (task-id column or not): only when no worker could be
           running it: every other incarnation is dead, and the reaper is not a worker, or is at
           its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may),
@@ -96,8 +105,11 @@ class ClusterState:
         if has_owner:
             if me is not None and me.node == owner.node:
                 if me is owner:
-                    if _has_task and r.trigger == "periodic":
-                        return "its pool process died; its worker no longer holds its task (§4)"
+                    if _has_task and r.trigger == "periodic" and self.row_age(j, r) > MARGIN:
+                        return (
+                            "its pool process died; its worker no longer holds its task and "
+                            "the row is older than heartbeat_interval (§4)"
+                        )
                     return None
                 if j.started_at < me.me.started_at:
                     return "owned by the reaper's node and started before this start (§2.2)"
@@ -105,10 +117,7 @@ class ClusterState:
             if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
                 return "every incarnation of its owner node is dead (§2.1)"
             return None
-        # Its age (against ``grace``) must not be negative on the reaper's clock, whichever
-        # that is (its host's or the database server's): a row stamped by a host whose clock
-        # runs ahead is young for as long as that.
-        young = self.now - j.taken_at - j.skew + min(r.skew, 0.0) < 0
+        young = self.row_age(j, r) < 0  # against ``grace`` (0)
         if (
             not young
             and all(self.looks_dead(w) for w in self.workers if w is not me)
@@ -117,11 +126,21 @@ class ClusterState:
             return "no owner column and no worker could be running it (§4)"
         return None
 
+    def row_age(self, j: Job, r: Reap) -> float:
+        """The least age the user-table row of *j* may have to reap *r*, in seconds.
+
+        Its ``started_at`` carries the clock of the host that wrote it; the reaper's clock may
+        be its host's or the database server's: a row stamped by a host whose clock runs ahead
+        is that much younger.
+        """
+        return self.now - j.taken_at - j.skew + min(r.skew, 0.0)
+
     def deadline(self, j: Job) -> float | None:
         """Model time by which the ghost *j* must be settled (the bound), if one applies.
 
         A dead worker's job becomes provable ``heartbeat_timeout`` after its last heartbeat; a
-        pool process's user row (owner and task-id columns) at once. From then on, a worker
+        pool process's user row (owner and task-id columns) once it is older than
+        ``heartbeat_interval`` (on the reaper's clock, which may run behind). From then on, a worker
         that stays awake reaps within ``interval`` (plus one tick of the model's clock), so the
         job is settled within ``heartbeat_timeout + interval`` of its worker's last sign of life.
         Ownerless rows have no bound while other workers live (DESIGN §4).
@@ -138,7 +157,8 @@ class ClusterState:
             reapers = [w for w in self.awake() if w.node != owner.node]
         elif j.kind != TRACKED and has_task and owner.alive:
             assert j.died_at is not None
-            provable = j.died_at
+            # ... once the row is older than ``heartbeat_interval`` (on any clock), too.
+            provable = max(j.died_at, j.taken_at + j.skew - min(SKEWS) + MARGIN + STALE_SLACK)
             reapers = [owner] if not owner.paused else []
         else:
             return None

@@ -16,7 +16,8 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
@@ -98,6 +99,24 @@ def user_table(metadata: MetaData, name: str, *, owner: bool, task_id: bool) -> 
     return Table(name, metadata, *cols)
 
 
+class ModelTime:
+    """The ``time`` module as :mod:`celery_jobreaper.reaper` and :mod:`celery_jobreaper.clock`
+    see it: its sleeps pass model time (the current example's :meth:`wait`), not real time;
+    its monotonic clock runs with model time (``elapsed``: model seconds passed so far)."""
+
+    perf_counter = staticmethod(time.perf_counter)
+
+    def __init__(self) -> None:
+        self.wait: Callable[[float], None] = time.sleep
+        self.elapsed = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.wait(seconds)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.elapsed
+
+
 @dataclasses.dataclass
 class Env:
     """What every example of one test run shares: the database, the app, the settings."""
@@ -106,6 +125,7 @@ class Env:
     app: Celery
     settings: Settings
     user: dict[str, Table]
+    waits: ModelTime
 
 
 @dataclasses.dataclass(eq=False)

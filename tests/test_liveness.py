@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -146,3 +147,63 @@ def test_an_incarnation_found_dead_earlier_is_judged_again(
             conn, me=None, incarnation_ids={back.id}, ping=None, ping_timeout=0.1
         )
     assert back.id not in view.dead_incarnations and back.id in view.live_incarnations
+
+
+def test_a_stale_incarnation_owning_no_candidate_is_live_if_it_answers(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Woken from a long pause, a worker with a stale heartbeat owns no candidate (its jobs
+    have no owner column) but answers: it counts as another live worker (DESIGN §2.1, two
+    signals). Silent, it is dead on both signals and counts for nothing."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from celery_jobreaper.clock import utcnow
+    from celery_jobreaper.liveness import Incarnation, Liveness, mark_dead
+    from celery_jobreaper.schema import create_all
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    t = tables.incarnations
+    liveness = Liveness(tables, heartbeat_timeout=3, heartbeat_interval=1)
+    woken = Incarnation("w" * 32, "woken@h", "h", 1, utcnow() - timedelta(minutes=5))
+    with engine.begin() as conn:
+        liveness.register(conn, woken)
+        old = utcnow() - timedelta(minutes=5)
+        conn.execute(update(t).where(t.c.id == woken.id).values(heartbeat_at=old))
+    answers = lambda nodes, timeout: set(nodes)  # noqa: E731
+    with engine.begin() as conn:
+        view = liveness.assess(conn, me=None, ping=answers, ping_timeout=0.1)
+    assert view.other_live_workers == 1 and woken.id in view.live_incarnations
+    silent = lambda nodes, timeout: set()  # noqa: E731
+    with engine.begin() as conn:
+        view = liveness.assess(conn, me=None, ping=silent, ping_timeout=0.1)
+        mark_dead(conn, tables, view)
+    assert view.other_live_workers == 0 and woken.id in view.dead_incarnations
+    with engine.connect() as conn:
+        state = conn.execute(select(t.c.state).where(t.c.id == woken.id)).scalar()
+    assert state == "dead"  # judged on both signals: not pinged again by later reaps
+
+
+def test_start_is_read_on_the_host_clock_as_it_is_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host clock stepped back 90 s after 100 s up: rows this worker stamps now look 90 s
+    older, so its start is moved back as far (never forward when the clock steps ahead)."""
+    from datetime import timedelta
+
+    from celery_jobreaper import liveness
+    from celery_jobreaper.liveness import Incarnation
+
+    me = Incarnation.new("n@h")
+    assert me.started_monotonic is not None
+    up = me.started_monotonic + 100.0
+    monkeypatch.setattr(liveness, "monotonic", lambda: up)
+    for step, start in (
+        (-90, me.started_at - timedelta(seconds=90)),
+        (0, me.started_at),
+        (90, me.started_at),
+    ):
+        now = me.started_at + timedelta(seconds=100 + step)
+        monkeypatch.setattr(liveness, "utcnow", lambda now=now: now)
+        moved = me.as_of_now()
+        assert moved.started_at == start and (moved.id, moved.node) == (me.id, me.node)
