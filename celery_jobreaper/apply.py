@@ -153,8 +153,13 @@ def _lock_and_check(
 
 
 def _as_read(role: str, value: Any, target: SettleTarget) -> Any:
-    """A guard value as the source put it on the candidate (``started_at`` in its zone)."""
-    return localize(value, target.zone) if role == "started_at" else value
+    """A guard value as the source put it on the candidate (``started_at`` in its zone, the
+    task id as text)."""
+    if role == "started_at":
+        return localize(value, target.zone)
+    if role == "task_id" and value is not None:
+        return str(value)
+    return value
 
 
 def _update(

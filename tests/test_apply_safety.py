@@ -593,3 +593,37 @@ def test_a_partial_unique_index_does_not_make_the_id_unique(
     with pytest.raises(ConfigurationError, match="primary key or unique") as info:
         celery_jobreaper.reap(app)
     assert info.value.key == "jobreaper_sources[0].id"
+
+
+def test_row_reused_by_a_new_run_between_read_and_apply_is_not_settled(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """One row per job, reused by each run (no ``started_at`` mapped): the old run was judged,
+    then a new run of the job took the row (new task id, still ``running``) before the apply.
+    The compare-and-set re-checks the task id: the new run is not settled, and gets no event."""
+    engine = engine_for(db_url)
+    table = create_seed(
+        engine,
+        [{"job_id": "nightly", "task_id": "t-old"}, {"job_id": "b", "task_id": None}],
+        task_id=True,
+    )
+    create_all(engine)
+    db = Database(engine, owned=False)
+    with engine.connect() as conn:
+        source = _source(conn, db_url, task_id="task_id", started_at=None)
+        decisions = _decisions(source, conn)
+        assert {d.candidate.job_id: d.candidate.task_id for d in decisions} == {
+            "b": None,
+            "nightly": "t-old",
+        }
+        with engine_for(db_url).begin() as other:
+            other.execute(update(table).where(table.c.job_id == "nightly").values(task_id="t-new"))
+        with conn.begin():
+            done = settle_batch(
+                conn, db, tables, source.target, decisions, now=utcnow(), run_id=None
+            )
+    assert [d.candidate.job_id for d in done] == ["b"]
+    with engine.connect() as conn:
+        got = {r.job_id: (r.task_id, r.status) for r in conn.execute(select(table))}
+    assert got["nightly"] == ("t-new", "running")
+    assert [e.job_id for e in events(engine)] == ["b"]

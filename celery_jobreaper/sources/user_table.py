@@ -125,10 +125,13 @@ class UserTableSource:
         self._check_types()
         self.has_owner = "owner" in self.cols
         self.has_task_id = "task_id" in self.cols
-        # The compare-and-set re-checks these: the owner judged, and the start the row had when
-        # read (a job that finished and started again in between is a new run, not judged).
+        # The compare-and-set re-checks these: the owner judged, and the start and the task the
+        # row had when read (a job that finished and started again in between, or a row reused
+        # by a new run of its task, is a new run, not judged).
         guards: dict[str, ColumnElement[Any]] = {
-            role: self.cols[role] for role in ("owner", "started_at") if role in self.cols
+            role: self.cols[role]
+            for role in ("owner", "started_at", "task_id")
+            if role in self.cols
         }
         self.target = SettleTarget(
             table=table,
