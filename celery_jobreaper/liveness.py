@@ -109,21 +109,22 @@ def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
     Each jobreaper worker answers with its incarnation id, so the reply of this very process
     (its own consumer answers to its node name) is never taken for another live process: it
     is left out. A worker without jobreaper answers with an error, which still counts as a
-    reply. Replies are awaited only while one is missing, except when *me*'s own node name is
-    asked: then all of the timeout (two processes may answer to it).
+    reply. Replies are collected for the whole timeout: a reply limit counts replies, not
+    nodes, so two processes answering to one name (or any extra reply) would use up a place
+    and drop the reply of a live suspect. Suspects are pinged only when a heartbeat went
+    quiet, so this wait is rare.
     """
 
     def ping(nodes: Collection[str], timeout: float) -> set[str]:
         if not nodes:
             return set()
-        own = me is not None and me.node in nodes
         replies = (
             app.control.broadcast(
                 PING_COMMAND,
                 destination=list(nodes),
                 reply=True,
                 timeout=timeout,
-                limit=None if own else len(nodes),
+                limit=None,
             )
             or []
         )

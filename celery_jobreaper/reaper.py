@@ -41,12 +41,16 @@ MAX_PLANNED_IN_REPORT = 1000
 
 
 def ask_with(app: Any) -> TaskAsker:
-    """A :data:`TaskAsker` using ``inspect(destination=…).query_task`` (no blind broadcast)."""
+    """A :data:`TaskAsker` using ``inspect(destination=…).query_task`` (no blind broadcast).
+
+    Replies are collected for the whole timeout (no reply limit): a limit counts replies, not
+    nodes, and a second process answering to one name would drop a live peer's "I hold it".
+    """
 
     def ask(nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
         if not nodes or not task_ids:
             return set()
-        inspector = app.control.inspect(destination=list(nodes), timeout=timeout, limit=len(nodes))
+        inspector = app.control.inspect(destination=list(nodes), timeout=timeout, limit=None)
         replies = inspector.query_task(*task_ids) or {}
         return {task_id for reply in replies.values() for task_id in (reply or {})}
 

@@ -1,0 +1,33 @@
+"""Pinging suspects: every reply of every node counts (DESIGN §2.1, two signals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from celery import Celery
+from support import REDIS_URL, WorkerProcess, worker_env
+
+from celery_jobreaper.liveness import ping_with
+
+
+def test_ping_of_suspects_counts_every_reply_of_every_node(
+    pg_url: str, unique: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A reply limit would make Celery stop collecting after that
+    many replies, whoever sent them. Two processes answering to one suspect name (duplicate
+    ``-n`` on another node name than this worker's: only *my* name is checked for
+    duplicates), or any second reply, use up the limit, and another suspect's reply is
+    dropped: that live suspect counts as silent, and with a stale heartbeat (database
+    unreachable from it, heartbeat thread stuck) its running jobs are settled."""
+    prefix, queue = f"jrp-{unique}:", f"q-{unique}"
+    env = {**worker_env(pg_url, queue), "JR_KEYPREFIX": prefix}
+    x, y = f"x-{unique}@h", f"y-{unique}@h"
+    workers = [start_worker(x, env=env), start_worker(x, env=env), start_worker(y, env=env)]
+    for w in workers:
+        w.wait_for(r" ready\.", timeout=60)
+    app = Celery("pinger", broker=REDIS_URL, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": prefix}
+    ping = ping_with(app)
+    answers = [ping([x, y], 3.0) for _ in range(6)]
+    app.close()
+    assert all(y in a for a in answers), answers
