@@ -8,8 +8,9 @@ from .database import Database
 from .extras import check_broker_transport
 from .reaper import Reaper
 from .report import Report
+from .schema import tables
 from .settings import Settings
-from .sweep import install_sweep
+from .sweep import BrokerSweep, worker_queues
 
 
 def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **overrides: Any) -> Report:
@@ -23,8 +24,7 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **override
     check_broker_transport(app)
     db = Database.from_settings(settings)
     try:
-        reaper = Reaper(app, settings, db)
-        install_sweep(app, reaper)
-        return reaper.run(trigger, dry_run=dry_run)
+        sweep = BrokerSweep(app, settings, db, tables, worker_queues(app))
+        return Reaper(app, settings, db, sweep=sweep).run(trigger, dry_run=dry_run)
     finally:
         db.dispose()

@@ -36,6 +36,7 @@ from modelrun import replay, run_model
 EXAMPLES = int(os.environ.get("JR_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("JR_MODEL_STEPS", "30"))
 
+
 def test_model_sqlite(sqlite_url: str) -> None:
     run_model(ClusterModel, sqlite_url, examples=EXAMPLES, steps=STEPS)
 
