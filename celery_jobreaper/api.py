@@ -11,9 +11,10 @@ from .report import Report
 from .schema import tables
 from .settings import Settings
 from .sweep import BrokerSweep, worker_queues
+from .vocabulary import MANUAL
 
 
-def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **overrides: Any) -> Report:
+def reap(app: Any, *, dry_run: bool = False, trigger: str = MANUAL, **overrides: Any) -> Report:
     """Settle stale jobs once, from this process, and return the report.
 
     This process is not a worker: jobs are settled only when their owner is provably dead

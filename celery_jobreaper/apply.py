@@ -37,10 +37,9 @@ from .settings import DEFAULT_REVOKED_EXPIRES
 from .sources.base import SettleTarget
 from .textsafe import safe
 from .timezones import localize
+from .vocabulary import SETTLED
 
 logger = logging.getLogger(__name__)
-
-SETTLED = "settled"
 
 
 def settle_batch(

@@ -70,7 +70,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from .apply import CUT_MARK, SETTLED, error_length, ledger_cut_note, ledger_length
+from .apply import CUT_MARK, error_length, ledger_cut_note, ledger_length
 from .clock import format_age
 from .planner import (
     NO_LIVE_WORKER_LEFT,
@@ -86,6 +86,7 @@ from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate, JobSource
 from .timezones import localize
+from .vocabulary import SETTLED
 
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True

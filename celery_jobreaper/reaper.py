@@ -26,6 +26,7 @@ from .settings import Settings
 from .settled import Settled, Tally
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
 from .textsafe import safe
+from .vocabulary import MANUAL, PERIODIC, STARTUP
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Reaper:
         self._sources = sources
         return sources
 
-    def run(self, trigger: str = "manual", *, dry_run: bool | None = None) -> Report:
+    def run(self, trigger: str = MANUAL, *, dry_run: bool | None = None) -> Report:
         """Reap once. Errors are recorded in the report (and the runs table), then re-raised.
 
         The database phase returns what it settled; the sweep receives that and returns what
@@ -149,7 +150,7 @@ class Reaper:
         sources = self.prepare()
         with self.db.connect() as conn:
             view = self._assess(conn, sources)
-            if view.recheck_in is not None and tally.trigger == "startup":
+            if view.recheck_in is not None and tally.trigger == STARTUP:
                 # An earlier start of this node name heartbeated moments ago: it crashed just
                 # now (a quick restart) or it is a live duplicate. Before consuming, wait
                 # until it has missed two heartbeats, then judge again (once).
@@ -446,7 +447,7 @@ class Reaper:
             )
         else:
             # A periodic no-op is routine: keep it out of INFO.
-            level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
+            level = logging.DEBUG if report.trigger == PERIODIC else logging.INFO
             logger.log(
                 level,
                 "jobreaper: No stale jobs found (%s, %.3f s)%s",
@@ -455,7 +456,7 @@ class Reaper:
                 f"; left {left} alone" if left else "",
             )
         for reason, count in report.left_alone.items():
-            level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
+            level = logging.DEBUG if report.trigger == PERIODIC else logging.INFO
             logger.log(level, "jobreaper: left %d job(s) alone: %s", count, safe(reason))
 
 

@@ -27,6 +27,7 @@ from .schema import JobReaperTables
 from .settings import Settings
 from .settled import Settled
 from .sources.base import Candidate
+from .vocabulary import DROPPED, PURGED, REMOVED, RESTORED, STARTUP
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class BrokerSweep:
             if mode == "off":
                 return None
             if mode == "purge":
-                return self._purge(run) if run.trigger == "startup" else None
+                return self._purge(run) if run.trigger == STARTUP else None
             return self._selective(run)
         except Exception as error:
             logger.exception("jobreaper: broker sweep failed (%s); it is retried next time", error)
@@ -272,7 +273,7 @@ class BrokerSweep:
                 now=run.started_at,
                 run_id=run.run_id,
                 new_status=None,
-                action="purged",
+                action=PURGED,
             )
         return SweepResult(purged=count)
 
@@ -286,13 +287,13 @@ class BrokerSweep:
         for task_id, key in result.removed:
             where = _readable(key)
             why = "its job was settled as failed" if task_id in settled_ids else "revoked"
-            rows.append((task_id, where, "removed", why))
+            rows.append((task_id, where, REMOVED, why))
             logger.info(
                 "jobreaper: %sremoved message of task %s from %s: %s", prefix, task_id, where, why
             )
         for task_id, key in result.restored:
             where = _readable(key)
-            rows.append((task_id, where, "restored", "unacked by a dead worker"))
+            rows.append((task_id, where, RESTORED, "unacked by a dead worker"))
             logger.info(
                 "jobreaper: %srestored unacked message of task %s to %s (its worker is gone)",
                 prefix,
@@ -301,7 +302,7 @@ class BrokerSweep:
             )
         for task_id, tag in result.dropped_unacked:
             why = "its job was settled as failed" if task_id in settled_ids else "revoked"
-            rows.append((task_id, f"unacked {tag}", "dropped", why))
+            rows.append((task_id, f"unacked {tag}", DROPPED, why))
             logger.info("jobreaper: %sdropped unacked message of task %s: %s", prefix, task_id, why)
         if result.unparsable:
             logger.warning(
@@ -315,7 +316,7 @@ class BrokerSweep:
             for task_id, where, _action, why in rows
         ]
         with self.db.connect() as conn, conn.begin():
-            for action in ("removed", "restored", "dropped"):
+            for action in (REMOVED, RESTORED, DROPPED):
                 subset = [d for d, row in zip(decisions, rows, strict=True) if row[2] == action]
                 if subset:
                     record_events(

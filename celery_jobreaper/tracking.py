@@ -44,7 +44,7 @@ from .planner import Decision
 from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate
-from .sources.tracked import FAILED, RETRY, REVOKED, RUNNING, SUCCEEDED
+from .vocabulary import FAILED, RETRY, REVOKED, RUNNING, SUCCEEDED
 
 logger = logging.getLogger(__name__)
 
