@@ -16,23 +16,22 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import ledger, sweep_redis, workerstate
 from . import revoked as revoked_store
-from . import sweep_redis, workerstate
-from .apply import record_events
 from .broker.result import SweepResult
 from .database import Database
 from .liveness import LivenessView
-from .planner import Decision
 from .schema import JobReaperTables
 from .settings import Settings
 from .settled import Settled
-from .sources.base import Candidate
 from .vocabulary import DROPPED, PURGED, REMOVED, RESTORED, STARTUP
 
 logger = logging.getLogger(__name__)
 
 #: Task ids per revoke broadcast (a settled job's task is revoked on live workers too).
 REVOKE_CHUNK = 1000
+#: The ``source`` of the sweep's ledger events.
+BROKER = "broker"
 
 
 class BrokerSweep:
@@ -262,19 +261,15 @@ class BrokerSweep:
             count,
             ", ".join(queues),
         )
-        decision = Decision(
-            Candidate("broker", ",".join(queues), "queued"), "fail", f"purged {count} message(s)"
+        event = ledger.Event(
+            action=PURGED,
+            source=BROKER,
+            job_id=",".join(queues),
+            reason=f"purged {count} message(s)",
+            previous_status="queued",
         )
         with self.db.connect() as conn, conn.begin():
-            record_events(
-                conn,
-                self.tables,
-                [decision],
-                now=run.started_at,
-                run_id=run.run_id,
-                new_status=None,
-                action=PURGED,
-            )
+            ledger.write(conn, self.tables, [event], now=run.started_at, run_id=run.run_id)
         return SweepResult(purged=count)
 
     # -- ledger -------------------------------------------------------------------------------
@@ -283,17 +278,17 @@ class BrokerSweep:
         """Log what the sweep did and write its ledger events."""
         settled_ids = run.task_ids
         prefix = "[dry run] would have " if run.dry_run else ""
-        rows: list[tuple[str, str, str, str]] = []
+        events: list[ledger.Event] = []
         for task_id, key in result.removed:
             where = _readable(key)
             why = "its job was settled as failed" if task_id in settled_ids else "revoked"
-            rows.append((task_id, where, REMOVED, why))
+            events.append(_event(REMOVED, task_id, where, why))
             logger.info(
                 "jobreaper: %sremoved message of task %s from %s: %s", prefix, task_id, where, why
             )
         for task_id, key in result.restored:
             where = _readable(key)
-            rows.append((task_id, where, RESTORED, "unacked by a dead worker"))
+            events.append(_event(RESTORED, task_id, where, "unacked by a dead worker"))
             logger.info(
                 "jobreaper: %srestored unacked message of task %s to %s (its worker is gone)",
                 prefix,
@@ -302,32 +297,29 @@ class BrokerSweep:
             )
         for task_id, tag in result.dropped_unacked:
             why = "its job was settled as failed" if task_id in settled_ids else "revoked"
-            rows.append((task_id, f"unacked {tag}", DROPPED, why))
+            events.append(_event(DROPPED, task_id, f"unacked {tag}", why))
             logger.info("jobreaper: %sdropped unacked message of task %s: %s", prefix, task_id, why)
         if result.unparsable:
             logger.warning(
                 "jobreaper: left %d broker entr(ies) it could not parse untouched",
                 result.unparsable,
             )
-        if run.dry_run or not rows:
+        if run.dry_run or not events:
             return
-        decisions = [
-            Decision(Candidate("broker", task_id, where, task_id=task_id), "fail", why)
-            for task_id, where, _action, why in rows
-        ]
         with self.db.connect() as conn, conn.begin():
-            for action in (REMOVED, RESTORED, DROPPED):
-                subset = [d for d, row in zip(decisions, rows, strict=True) if row[2] == action]
-                if subset:
-                    record_events(
-                        conn,
-                        self.tables,
-                        subset,
-                        now=run.started_at,
-                        run_id=run.run_id,
-                        new_status=None,
-                        action=action,
-                    )
+            ledger.write(conn, self.tables, events, now=run.started_at, run_id=run.run_id)
+
+
+def _event(action: str, task_id: str, where: str, why: str) -> ledger.Event:
+    """The ledger event of one message the sweep acted on (*where*: its queue, as text)."""
+    return ledger.Event(
+        action=action,
+        source=BROKER,
+        job_id=task_id,
+        reason=why,
+        task_id=task_id,
+        previous_status=where,
+    )
 
 
 def _readable(key: str) -> str:

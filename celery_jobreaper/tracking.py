@@ -36,7 +36,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import signals
-from .apply import record_events
+from .apply import record_decisions as record_events
 from .clock import utcnow
 from .database import Database
 from .liveness import Incarnation
