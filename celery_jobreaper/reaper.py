@@ -44,7 +44,7 @@ class Sweep(Protocol):
         """Task ids whose messages wait in this worker's queues (for reconciliation)."""
         ...
 
-    def sweep(self, settled: Settled) -> SweepResult | None:
+    def sweep(self, run: Settled) -> SweepResult | None:
         """Clean the queues after the database phase; ``None``: the queues were left alone."""
         ...
 
