@@ -8,11 +8,13 @@ from .database import Database
 from .extras import check_broker_transport
 from .reaper import Reaper
 from .report import Report
+from .schema import tables
 from .settings import Settings
-from .sweep import install_sweep
+from .sweep import BrokerSweep, worker_queues
+from .vocabulary import MANUAL
 
 
-def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **overrides: Any) -> Report:
+def reap(app: Any, *, dry_run: bool = False, trigger: str = MANUAL, **overrides: Any) -> Report:
     """Settle stale jobs once, from this process, and return the report.
 
     This process is not a worker: jobs are settled only when their owner is provably dead
@@ -23,8 +25,7 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = "manual", **override
     check_broker_transport(app)
     db = Database.from_settings(settings)
     try:
-        reaper = Reaper(app, settings, db)
-        install_sweep(app, reaper)
-        return reaper.run(trigger, dry_run=dry_run)
+        sweep = BrokerSweep(app, settings, db, tables, worker_queues(app))
+        return Reaper(app, settings, db, sweep=sweep).run(trigger, dry_run=dry_run)
     finally:
         db.dispose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -13,23 +13,22 @@ from sqlalchemy import (
     Date,
     DateTime,
     String,
-    Table,
     Text,
     any_,
     bindparam,
     func,
-    insert,
     or_,
     select,
     type_coerce,
     update,
 )
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.engine import Connection
 
+from . import ledger
 from .database import Database
+from .ledger import CUT_MARK
+from .pgarrays import Array, send_arrays_in_binary
 from .planner import Decision
 from .revoked import record_settled
 from .schema import JobReaperTables
@@ -37,10 +36,9 @@ from .settings import DEFAULT_REVOKED_EXPIRES
 from .sources.base import SettleTarget
 from .textsafe import safe
 from .timezones import localize
+from .vocabulary import SETTLED
 
 logger = logging.getLogger(__name__)
-
-SETTLED = "settled"
 
 
 def settle_batch(
@@ -75,7 +73,13 @@ def settle_batch(
     if not confirmed:
         return []
     done = _update(conn, target, confirmed, now)
-    record_events(conn, tables, done, now=now, run_id=run_id, new_status=target.failed_status)
+    ledger.write(
+        conn,
+        tables,
+        [event_of(d, action=SETTLED, new_status=target.failed_status) for d in done],
+        now=now,
+        run_id=run_id,
+    )
     record_settled(
         conn, tables, [d.candidate.task_id for d in done], expires=revoked_expires, now=now
     )
@@ -120,8 +124,8 @@ def _lock_and_check(
     """Lock the rows still stale; keep the decisions whose status and guards are unchanged."""
     by_id = {d.candidate.job_id: d for d in decisions}
     if _is_postgresql(conn):
-        _send_arrays_in_binary(conn)
-        ids = bindparam("jr_ids", list(by_id), type_=_Array(target.id.type))
+        send_arrays_in_binary(conn)
+        ids = bindparam("jr_ids", list(by_id), type_=Array(target.id.type))
         match: ColumnElement[bool] = target.id == any_(ids)
     else:
         match = target.id.in_(list(by_id))
@@ -188,7 +192,7 @@ def _update(
         v = (
             func.unnest(
                 *(
-                    bindparam(f"jr_{name}", vals, type_=_Array(type_))
+                    bindparam(f"jr_{name}", vals, type_=Array(type_))
                     for name, (vals, type_) in arrays.items()
                 )
             )
@@ -243,42 +247,6 @@ def _is_postgresql(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-class _BinaryList(list[Any]):
-    """A list psycopg 3 sends as a binary array (see :func:`_send_arrays_in_binary`)."""
-
-
-class _Array(TypeDecorator[list[Any]]):
-    """A PostgreSQL array parameter; with psycopg 3 it travels in binary.
-
-    In text format psycopg escapes every element with a regular expression, which costs more
-    than everything else about a batch's parameters.
-    """
-
-    impl = ARRAY
-    cache_ok = True
-
-    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
-        """Mark the list for psycopg's binary dumper (other drivers: as ``ARRAY`` does)."""
-        if dialect.driver == "psycopg":
-            return _BinaryList
-        return super().bind_processor(dialect)
-
-
-def _send_arrays_in_binary(conn: Connection) -> None:
-    """Let psycopg 3 dump this connection's :class:`_BinaryList` parameters in binary."""
-    if conn.dialect.driver != "psycopg":
-        return
-    from psycopg.types.array import ListBinaryDumper
-
-    adapters = getattr(conn.connection.dbapi_connection, "adapters", None)
-    if adapters is not None:
-        adapters.register_dumper(_BinaryList, ListBinaryDumper)
-
-
-#: Appended to an error text cut to its column's length.
-CUT_MARK = "…"
-
-
 def error_length(target: SettleTarget) -> int | None:
     """The length of the error column, if it is a ``String`` with one (else ``None``)."""
     if target.error is None:
@@ -300,110 +268,17 @@ def _fit(target: SettleTarget, text: str) -> str:
     return text
 
 
-def record_events(
-    conn: Connection,
-    tables: JobReaperTables,
-    decisions: Sequence[Decision],
-    *,
-    now: datetime,
-    run_id: int | None,
-    new_status: str | None,
-    action: str = SETTLED,
-) -> None:
-    """Write one ledger event per decision."""
-    if not decisions:
-        return
-    fixed = {"run_id": run_id, "at": now, "new_status": new_status, "action": action}
-    per_event: dict[str, list[Any]] = {
-        "job_id": [str(d.candidate.job_id) for d in decisions],
-        "source": [d.candidate.source for d in decisions],
-        "task_id": [d.candidate.task_id for d in decisions],
-        "kind": [d.candidate.kind for d in decisions],
-        "previous_status": [d.candidate.status for d in decisions],
-        "reason": [d.error or d.reason for d in decisions],
-        "owner": [d.candidate.owner for d in decisions],
-    }
-    _fit_ledger(tables.events, per_event)
-    if _is_postgresql(conn) and len(decisions) > 1:
-        _insert_unnest(conn, tables.events, fixed, per_event)
-        return
-    conn.execute(
-        insert(tables.events),
-        [
-            {**fixed, **{name: values[i] for name, values in per_event.items()}}
-            for i in range(len(decisions))
-        ],
+def event_of(decision: Decision, *, action: str, new_status: str | None) -> ledger.Event:
+    """The ledger event of a decision about a job (its error text, else its reason)."""
+    c = decision.candidate
+    return ledger.Event(
+        action=action,
+        source=c.source,
+        job_id=str(c.job_id),
+        reason=decision.error or decision.reason,
+        task_id=c.task_id,
+        kind=c.kind,
+        previous_status=c.status,
+        new_status=new_status,
+        owner=c.owner,
     )
-
-
-def ledger_cut_note(name: str, whole: str) -> str:
-    """Appended to an event's reason when *name* was cut to fit its column (the whole value).
-
-    :mod:`celery_jobreaper.bulk` builds the same text in SQL.
-    """
-    return f" [{name} cut to fit the ledger; whole: {whole}]"
-
-
-def ledger_length(column: ColumnElement[Any]) -> int | None:
-    """The length limit of a ledger column, if it is a ``String`` with one."""
-    length = getattr(column.type, "length", None)
-    return int(length) if isinstance(column.type, String) and length else None
-
-
-def _fit_ledger(table: Table, per_event: dict[str, list[Any]]) -> None:
-    """Cut values longer than their ledger column (with :data:`CUT_MARK`), in place.
-
-    A task id or job id longer than the column would otherwise fail the insert (PostgreSQL,
-    strict MySQL) and with it the whole batch, every run. The whole value goes into the
-    event's reason (a ``Text``), so nothing is lost.
-    """
-    reasons = per_event["reason"]
-    for name, values in per_event.items():
-        length = ledger_length(table.c[name])
-        if length is None:
-            continue
-        for i, value in enumerate(values):
-            if isinstance(value, str) and len(value) > length:
-                values[i] = value[: max(0, length - 1)] + CUT_MARK
-                reasons[i] = (reasons[i] or "") + ledger_cut_note(name, value)
-                logger.warning(
-                    "jobreaper: ledger %s of %d characters cut to its column's %d (the whole "
-                    "value is in the event's reason): %s",
-                    name,
-                    len(value),
-                    length,
-                    safe(value[:80] + ("…" if len(value) > 80 else "")),
-                )
-
-
-def _insert_unnest(
-    conn: Connection, table: Table, fixed: dict[str, Any], per_row: dict[str, list[Any]]
-) -> None:
-    """``INSERT INTO table (…) SELECT … FROM unnest(:a, :b, …)``: one statement, any row count.
-
-    Columns whose value is the same on every row are bound once instead of as an array (all
-    but the first of *per_row*, which always goes as an array and so gives the row count).
-    """
-    arrays: dict[str, list[Any]] = {}
-    for name, values in per_row.items():
-        if arrays and values.count(values[0]) == len(values):
-            fixed = {**fixed, name: values[0]}
-        else:
-            arrays[name] = values
-    _send_arrays_in_binary(conn)
-    v = (
-        func.unnest(
-            *(
-                bindparam(f"jr_{name}", values, type_=_Array(table.c[name].type))
-                for name, values in arrays.items()
-            )
-        )
-        .table_valued(*arrays)
-        .render_derived(name="jr_v")
-    )
-    names = [*fixed, *arrays]
-    exprs: list[ColumnElement[Any]] = [
-        bindparam(f"jr_{name}", value, type_=table.c[name].type) for name, value in fixed.items()
-    ]
-    exprs += [v.c[name] for name in arrays]
-    conn.execute(insert(table).from_select(names, select(*exprs).select_from(v)))

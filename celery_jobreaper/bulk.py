@@ -70,8 +70,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from .apply import CUT_MARK, SETTLED, error_length, ledger_cut_note, ledger_length
+from .apply import error_length
 from .clock import format_age
+from .ledger import CUT_MARK, ledger_cut_note, ledger_length
 from .planner import (
     NO_LIVE_WORKER_LEFT,
     UNOWNED_WHILE_WORKERS_LIVE,
@@ -86,6 +87,7 @@ from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate, JobSource
 from .timezones import localize
+from .vocabulary import SETTLED
 
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True
@@ -449,7 +451,7 @@ class BulkSettler:
             .cte("jr_upd")
         )
         # Values longer than their ledger column are cut and the whole value noted in the
-        # reason, as apply._fit_ledger does (only where the source column can be longer).
+        # reason, as ledger._fit_ledger does (only where the source column can be longer).
         notes: list[ColumnElement[Any]] = []
         fitted: dict[str, ColumnElement[Any]] = {}
         for name, value, source_type in (

@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from .api import reap
 from .database import Database
-from .liveness import DRAINING, RUNNING
 from .report import Report
 from .schema import tables
 from .settings import Settings
+from .vocabulary import DRAINING, MANUAL, RUNNING
 
 
 @click.group()
@@ -44,7 +44,7 @@ def _print_report(ctx: click.Context, report: Report, as_json: bool) -> None:
 @click.pass_context
 def plan(ctx: click.Context, as_json: bool) -> None:
     """Show what a reap would settle now, and why; change nothing."""
-    _print_report(ctx, reap(ctx.obj.app, dry_run=True, trigger="manual"), as_json)
+    _print_report(ctx, reap(ctx.obj.app, dry_run=True, trigger=MANUAL), as_json)
 
 
 @jobreaper.command(cls=CeleryCommand)
@@ -59,7 +59,7 @@ def plan(ctx: click.Context, as_json: bool) -> None:
 def reap_command(ctx: click.Context, max_age: float | None, as_json: bool) -> None:
     """Settle stale jobs now, from this process."""
     overrides: dict[str, Any] = {} if max_age is None else {"max_age": max_age}
-    _print_report(ctx, reap(ctx.obj.app, trigger="manual", **overrides), as_json)
+    _print_report(ctx, reap(ctx.obj.app, trigger=MANUAL, **overrides), as_json)
 
 
 reap_command.name = "reap"

@@ -25,6 +25,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, create_e
 import celery_jobreaper
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.schema import tables
+from celery_jobreaper.vocabulary import SETTLED, STARTUP
 
 HERE = Path(os.environ.get("JOBREAPER_DEMO_DIR", "jobreaper-demo")).resolve()
 NODE = "demo@jobreaper"
@@ -218,7 +219,7 @@ def _print_report(engine: Any) -> tuple[set[str], dict[str, str]]:
     with engine.connect() as conn:
         run = conn.execute(
             select(tables.runs)
-            .where(tables.runs.c.trigger == "startup")
+            .where(tables.runs.c.trigger == STARTUP)
             .order_by(tables.runs.c.id.desc())
         ).first()
         jobs = conn.execute(select(system_jobs)).all()
@@ -238,7 +239,7 @@ def _print_report(engine: Any) -> tuple[set[str], dict[str, str]]:
     print("demo: system_jobs now:")
     for j in jobs:
         print(f"    {j.job_id:24} {j.status:10} {j.error or ''}")
-    settled = {str(e.job_id) for e in events if (e.source, e.action) == ("system_jobs", "settled")}
+    settled = {str(e.job_id) for e in events if (e.source, e.action) == ("system_jobs", SETTLED)}
     return settled, {str(j.job_id): str(j.status) for j in jobs}
 
 

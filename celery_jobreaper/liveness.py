@@ -17,10 +17,9 @@ from sqlalchemy.engine import Connection
 
 from .clock import db_now, db_utcnow, monotonic, utcnow
 from .schema import JobReaperTables
+from .vocabulary import DEAD, DRAINING, RUNNING, STOPPED
 
 logger = logging.getLogger(__name__)
-
-RUNNING, DRAINING, STOPPED, DEAD = "running", "draining", "stopped", "dead"
 
 
 def _empty() -> Mapping[str, str]:

@@ -8,12 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import insert, update
 
 from . import bulk, signals
 from .apply import settle_batch
+from .broker.result import SweepResult
 from .clock import db_utcnow, utcnow
 from .database import Database
 from .errors import MissingTableError
@@ -23,21 +24,30 @@ from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
 from .schema import JobReaperTables, check_version, create_all, tables
 from .settings import Settings
+from .settled import Settled, Tally
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
 from .textsafe import safe
+from .vocabulary import MANUAL, PERIODIC, STARTUP
 
 logger = logging.getLogger(__name__)
 
 #: ``ask(nodes, task_ids, timeout)`` -> task ids active/reserved/scheduled on those nodes.
 TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
-#: Called after every run with the report, the liveness view and the task ids of the jobs
-#: settled as failed (in a dry run: that would have been).
-AfterSettle = Callable[[Report, LivenessView, set[str]], None]
-#: Task ids whose messages wait in this worker's queues (for reconciliation).
-QueuedIds = Callable[[], set[str]]
 #: Task ids this worker process holds (active, reserved, scheduled, rate-limited).
 HeldIds = Callable[[], set[str]]
 MAX_PLANNED_IN_REPORT = 1000
+
+
+class Sweep(Protocol):
+    """The broker side of a run (:class:`celery_jobreaper.sweep.BrokerSweep`)."""
+
+    def queued_task_ids(self) -> set[str]:
+        """Task ids whose messages wait in this worker's queues (for reconciliation)."""
+        ...
+
+    def sweep(self, run: Settled) -> SweepResult | None:
+        """Clean the queues after the database phase; ``None``: the queues were left alone."""
+        ...
 
 
 def ask_with(app: Any) -> TaskAsker:
@@ -71,6 +81,7 @@ class Reaper:
         ping: Pinger | None = None,
         ask: TaskAsker | None = None,
         held: HeldIds | None = None,
+        sweep: Sweep | None = None,
         skip_missing_tables: bool = False,
     ) -> None:
         self.app = app
@@ -87,8 +98,8 @@ class Reaper:
             heartbeat_timeout=settings.heartbeat_timeout,
             heartbeat_interval=settings.heartbeat_interval,
         )
-        self.after_settle: list[AfterSettle] = []
-        self.queued_ids: QueuedIds | None = None
+        #: the broker sweep run after each database phase (``None``: the queues are not read)
+        self.sweep = sweep
         self.last_report: Report | None = None
         #: a worker skips a configured table that does not exist yet (a migration not run)
         #: and looks it up again on every reap; ``reap()`` from any other process raises
@@ -140,75 +151,83 @@ class Reaper:
             self._sources = sources
         return sources
 
-    def run(self, trigger: str = "manual", *, dry_run: bool | None = None) -> Report:
-        """Reap once. Errors are recorded in the report (and the runs table), then re-raised."""
+    def run(self, trigger: str = MANUAL, *, dry_run: bool | None = None) -> Report:
+        """Reap once. Errors are recorded in the report (and the runs table), then re-raised.
+
+        The database phase returns what it settled; the sweep receives that and returns what
+        it did; the report is assembled from both.
+        """
         dry = self.settings.dry_run if dry_run is None else dry_run
         with self._lock:
-            report = Report(
+            tally = Tally(
                 trigger=trigger,
                 dry_run=dry,
                 started_at=utcnow(),
                 node=self.me.node if self.me else None,
             )
+            swept: SweepResult | None = None
+            error: str | None = None
             began = time.perf_counter()
             try:
-                self._run(report)
-            except Exception as error:
-                report.error = f"{type(error).__name__}: {error}"
+                settled = self._settle(tally)
+                if self.sweep is not None:
+                    swept = self.sweep.sweep(settled)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                report.duration = time.perf_counter() - began
+                report = Report.assemble(
+                    tally, swept, duration=time.perf_counter() - began, error=error
+                )
                 self._finish(report)
             return report
 
-    def _run(self, report: Report) -> None:
+    def _settle(self, tally: Tally) -> Settled:
+        """The database phase: judge, plan and settle every source; counted in *tally*."""
         sources = self.prepare()
         with self.db.connect() as conn:
             view = self._assess(conn, sources)
-            if view.recheck_in is not None and report.trigger == "startup":
+            if view.recheck_in is not None and tally.trigger == STARTUP:
                 # An earlier start of this node name heartbeated moments ago: it crashed just
                 # now (a quick restart) or it is a live duplicate. Before consuming, wait
                 # until it has missed two heartbeats, then judge again (once).
                 logger.info(
                     "jobreaper: an earlier start of %s heartbeated moments ago; waiting %.1f s "
                     "to tell a restart from a live duplicate",
-                    report.node,
+                    tally.node,
                     view.recheck_in,
                 )
                 time.sleep(view.recheck_in + 0.1)
                 view = self._assess(conn, sources)
             # One clock: the run's time (ages, completed_at, the ledger) is the database's.
-            report.started_at = view.now
+            tally.started_at = view.now
             with conn.begin():
                 key = conn.execute(
                     insert(self.tables.runs).values(
-                        node=report.node,
+                        node=tally.node,
                         incarnation_id=self.me.id if self.me else None,
-                        trigger=report.trigger,
-                        dry_run=report.dry_run,
-                        started_at=report.started_at,
+                        trigger=tally.trigger,
+                        dry_run=tally.dry_run,
+                        started_at=tally.started_at,
                     )
                 ).inserted_primary_key
-                report.run_id = None if key is None else int(key[0])
+                tally.run_id = None if key is None else int(key[0])
             for node, why in view.refused_nodes.items():
                 logger.error("jobreaper: refusing to settle jobs of %s: %s", safe(node), safe(why))
-            settled_task_ids: set[str] = set()
             queued = _Once(self._read_queues)
             for source in sources:
-                self._reap_source(conn, source, view, report, settled_task_ids, queued=queued)
-            if not report.dry_run and view.dead_incarnations:
+                self._reap_source(conn, source, view, tally, queued=queued)
+            if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
                     mark_dead(conn, self.tables, view)
-        for hook in self.after_settle:
-            hook(report, view, settled_task_ids)
+        return Settled.of(tally, view)
 
     def _reap_source(
         self,
         conn: Any,
         source: JobSource,
         view: LivenessView,
-        report: Report,
-        settled_task_ids: set[str],
+        tally: Tally,
         *,
         queued: _Once,
     ) -> None:
@@ -221,12 +240,12 @@ class Reaper:
             self.tables,
             self.settings,
             rule,
-            dry_run=report.dry_run,
-            now=report.started_at,
-            run_id=report.run_id,
+            dry_run=tally.dry_run,
+            now=tally.started_at,
+            run_id=tally.run_id,
         )
         if settler is not None:
-            self._reap_in_bulk(conn, source, settler, report, settled_task_ids)
+            self._reap_in_bulk(conn, source, settler, tally)
             return
         after: Any = None
         while True:
@@ -235,16 +254,16 @@ class Reaper:
             if not batch:
                 return
             after = batch[-1].job_id
-            report.candidates += len(batch)
+            tally.candidates += len(batch)
             # Task facts are read after the rows: a task that wrote its row before the read
             # is held now, or has finished (and written its end; the update then misses).
             decisions = self._decide(batch, view, queued)
             fails = [d for d in decisions if d.verdict == "fail"]
             for d in decisions:
                 if d.verdict == "leave":
-                    report.left_alone[d.reason] += 1
-            if report.dry_run:
-                report.would_settle += len(fails)
+                    tally.left_alone[d.reason] += 1
+            if tally.dry_run:
+                tally.would_settle += len(fails)
                 for d in fails:
                     logger.info(
                         "jobreaper: [dry run] would clear job: %s (%s): %s",
@@ -252,10 +271,10 @@ class Reaper:
                         safe(d.candidate.kind),
                         safe(d.reason),
                     )
-                    if len(report.planned) < MAX_PLANNED_IN_REPORT:
-                        report.planned.append(_planned(d))
+                    if len(tally.planned) < MAX_PLANNED_IN_REPORT:
+                        tally.planned.append(_planned(d))
                     if d.candidate.task_id:
-                        settled_task_ids.add(d.candidate.task_id)
+                        tally.task_ids.add(d.candidate.task_id)
             elif fails:
                 with conn.begin() as tx:
                     done = settle_batch(
@@ -264,14 +283,14 @@ class Reaper:
                         self.tables,
                         source.target,
                         fails,
-                        now=report.started_at,
-                        run_id=report.run_id,
+                        now=tally.started_at,
+                        run_id=tally.run_id,
                         revoked_expires=self.settings.revoked_expires,
                     )
                     if self._took_task_since(fails):
                         tx.rollback()
                         done = []
-                self._settled(source, done, report, settled_task_ids)
+                self._settled(source, done, tally)
             if len(batch) < self.settings.batch_size:
                 return
 
@@ -280,8 +299,7 @@ class Reaper:
         conn: Any,
         source: JobSource,
         settler: bulk.BulkSettler,
-        report: Report,
-        settled_task_ids: set[str],
+        tally: Tally,
     ) -> None:
         """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`)."""
         after: Any = None
@@ -298,13 +316,13 @@ class Reaper:
                     )
                     return
             # counted only once the batch is committed
-            report.candidates += got.seen
-            report.left_alone.update(got.left_alone)
+            tally.candidates += got.seen
+            tally.left_alone.update(got.left_alone)
             if got.rows:
-                self._settled(source, settler.decisions(got.rows), report, settled_task_ids)
+                self._settled(source, settler.decisions(got.rows), tally)
             elif got.settled:
-                report.settled += got.settled
-                report.per_source[source.name] += got.settled
+                tally.settled += got.settled
+                tally.per_source[source.name] += got.settled
             if not got.more:
                 return
             after = got.last
@@ -333,14 +351,19 @@ class Reaper:
     def _held(self) -> set[str]:
         return set() if self.held is None else self.held()
 
-    def _read_queues(self) -> frozenset[str]:
-        if self.queued_ids is None:
+    def _read_queues(self) -> frozenset[str] | None:
+        """Task ids waiting in the queues; ``None`` when they could not be read (unknown)."""
+        if self.sweep is None:
             return frozenset()
         try:
-            return frozenset(self.queued_ids())
+            return frozenset(self.sweep.queued_task_ids())
         except Exception as error:
-            logger.warning("jobreaper: could not read the queues (%s)", safe(error))
-            return frozenset()
+            logger.warning(
+                "jobreaper: could not read the queues (%s); jobs with a task id are left alone "
+                "this time",
+                safe(error),
+            )
+            return None
 
     def _took_task_since(self, fails: list[Decision]) -> bool:
         """Whether this worker took, since the plan, a task that may run one of *fails*.
@@ -368,11 +391,14 @@ class Reaper:
         """Plan a batch with its task facts: queued (read once per run), held here, held by
         live peers (asked once per batch, exactly them: ``query_task`` with a reply limit)."""
         with_task = any(c.task_id for c in batch)
+        waiting = queued() if with_task else frozenset()
         facts = TaskFacts(
-            queued=queued() if with_task else frozenset(),
+            queued=waiting or frozenset(),
             held_here=frozenset(self._held()),
         )
         decisions = plan(batch, view, facts, self.settings)
+        if waiting is None:  # unknown is not "nothing queued": a retry may wait there
+            return _leave_task_jobs(decisions, QUEUES_UNREAD)
         task_ids = [
             d.candidate.task_id for d in decisions if d.verdict == "fail" and d.candidate.task_id
         ]
@@ -395,22 +421,15 @@ class Reaper:
                 len(task_ids),
                 safe(error),
             )
-            return [
-                Decision(d.candidate, "leave", "could not ask live workers about its task")
-                if d.verdict == "fail" and d.candidate.task_id
-                else d
-                for d in decisions
-            ]
+            return _leave_task_jobs(decisions, "could not ask live workers about its task")
         if not peers:
             return decisions
         facts = dataclasses.replace(facts, held_by_peers=frozenset(peers))
         return plan(batch, view, facts, self.settings)
 
-    def _settled(
-        self, source: JobSource, done: list[Decision], report: Report, task_ids: set[str]
-    ) -> None:
-        report.settled += len(done)
-        report.per_source[source.name] += len(done)
+    def _settled(self, source: JobSource, done: list[Decision], tally: Tally) -> None:
+        tally.settled += len(done)
+        tally.per_source[source.name] += len(done)
         for d in done:
             logger.info(
                 "jobreaper: Clearing job: %s (%s) from %s: %s",
@@ -420,7 +439,7 @@ class Reaper:
                 safe(d.reason),
             )
             if d.candidate.task_id:
-                task_ids.add(d.candidate.task_id)
+                tally.task_ids.add(d.candidate.task_id)
         if done:
             signals.jobs_settled.send(sender=self, decisions=done, source=source.name)
 
@@ -468,7 +487,7 @@ class Reaper:
             )
         else:
             # A periodic no-op is routine: keep it out of INFO.
-            level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
+            level = logging.DEBUG if report.trigger == PERIODIC else logging.INFO
             logger.log(
                 level,
                 "jobreaper: No stale jobs found (%s, %.3f s)%s",
@@ -477,20 +496,35 @@ class Reaper:
                 f"; left {left} alone" if left else "",
             )
         for reason, count in report.left_alone.items():
-            level = logging.DEBUG if report.trigger == "periodic" else logging.INFO
+            level = logging.DEBUG if report.trigger == PERIODIC else logging.INFO
             logger.log(level, "jobreaper: left %d job(s) alone: %s", count, safe(reason))
 
 
-class _Once:
-    """A value read at most once per run, on first use."""
+#: Left alone: a job with a task id while the queues could not be read (its message, e.g. a
+#: retry, may be waiting there).
+QUEUES_UNREAD = "could not read the queues; its message may still be waiting"
 
-    def __init__(self, read: Callable[[], frozenset[str]]) -> None:
+
+def _leave_task_jobs(decisions: list[Decision], reason: str) -> list[Decision]:
+    """Turn every would-fail decision about a job with a task id into "leave" (*reason*)."""
+    return [
+        Decision(d.candidate, "leave", reason) if d.verdict == "fail" and d.candidate.task_id else d
+        for d in decisions
+    ]
+
+
+class _Once:
+    """A value read at most once per run, on first use (``None``: it could not be read)."""
+
+    def __init__(self, read: Callable[[], frozenset[str] | None]) -> None:
         self._read = read
+        self._done = False
         self._value: frozenset[str] | None = None
 
-    def __call__(self) -> frozenset[str]:
-        if self._value is None:
+    def __call__(self) -> frozenset[str] | None:
+        if not self._done:
             self._value = self._read()
+            self._done = True
         return self._value
 
 

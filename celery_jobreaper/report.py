@@ -7,6 +7,9 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
+from .broker.result import SweepResult
+from .settled import Tally
+
 
 @dataclasses.dataclass
 class Report:
@@ -26,6 +29,28 @@ class Report:
     broker: dict[str, int] = dataclasses.field(default_factory=dict)
     duration: float = 0.0  #: seconds
     error: str | None = None
+
+    @classmethod
+    def assemble(
+        cls, tally: Tally, swept: SweepResult | None, *, duration: float, error: str | None
+    ) -> Report:
+        """The report of a run: what its database phase counted and what its sweep returned."""
+        return cls(
+            trigger=tally.trigger,
+            dry_run=tally.dry_run,
+            started_at=tally.started_at,
+            node=tally.node,
+            run_id=tally.run_id,
+            candidates=tally.candidates,
+            settled=tally.settled,
+            would_settle=tally.would_settle,
+            left_alone=Counter(tally.left_alone),
+            per_source=Counter(tally.per_source),
+            planned=list(tally.planned),
+            broker={} if swept is None else swept.counts(),
+            duration=duration,
+            error=error,
+        )
 
     @property
     def ok(self) -> bool:

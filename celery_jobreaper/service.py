@@ -6,9 +6,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-from .liveness import DRAINING, STOPPED, Incarnation, Liveness
+from .liveness import Incarnation, Liveness
 from .reaper import Reaper
 from .revoked import RevokedSync
+from .vocabulary import DRAINING, PERIODIC, STARTUP, STOPPED
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class ReaperService:
         """Register and run the startup reap, in the calling thread (raises on failure)."""
         self.register()
         if self.reaps:
-            self.reaper.run("startup")
+            self.reaper.run(STARTUP)
         self.startup_done = True
 
     def start_threads(self) -> None:
@@ -119,7 +120,7 @@ class ReaperService:
         """One timer tick: the startup reap if it never succeeded, else a periodic reap."""
         if not self.registered:
             self.register()
-        self.reaper.run("periodic" if self.startup_done else "startup")
+        self.reaper.run(PERIODIC if self.startup_done else STARTUP)
         self.startup_done = True
 
     def drain(self) -> None:

@@ -19,7 +19,7 @@ from .revoked import RevokedSync
 from .schema import tables
 from .service import ReaperService
 from .settings import Settings
-from .sweep import install_sweep
+from .sweep import BrokerSweep, worker_queues
 from .tracking import Tracker, connect_signals, set_tracker
 
 logger = logging.getLogger(__name__)
@@ -66,34 +66,41 @@ class JobReaperStep(bootsteps.StartStopStep):
             return
         me = Incarnation.new(parent.hostname)
         db = Database.from_settings(self.settings)
-        # This worker is a live worker too: the tasks it holds protect their jobs.
-        reaper = Reaper(
-            parent.app,
-            self.settings,
-            db,
-            me=me,
-            held=workerstate.held_by(parent),
-            # a table not migrated yet: skipped and looked up again, unless strict
-            skip_missing_tables=not self.settings.strict,
-        )
-        self.service = ReaperService(
-            reaper,
-            me,
-            reaps=self.reaps,
-            revoked_sync=RevokedSync(db, tables, self.settings, me.node),
-        )
+        self.service = self._build(parent, me, db)
         if self.settings.track_tasks:
             # Made before the pool forks, so pool processes inherit it.
             self.tracker = Tracker(db, tables, self.settings, me)
             set_tracker(self.tracker)
             connect_signals()
-        if self.reaps:
-            install_sweep(parent.app, reaper)
         logger.debug(
             "jobreaper: %s on %s (database %s)",
             "enabled" if self.reaps else "registers and heartbeats only (no reaping)",
             me.node,
             db.url,
+        )
+
+    def _build(self, parent: Any, me: Incarnation, db: Database) -> ReaperService:
+        """Every collaborator of the reaper and the service, handed to their constructors."""
+        app = parent.app
+        sweep = (
+            BrokerSweep(app, self.settings, db, tables, worker_queues(app)) if self.reaps else None
+        )
+        reaper = Reaper(
+            app,
+            self.settings,
+            db,
+            me=me,
+            # This worker is a live worker too: the tasks it holds protect their jobs.
+            held=workerstate.held_by(parent),
+            sweep=sweep,
+            # a table not migrated yet: skipped and looked up again, unless strict
+            skip_missing_tables=not self.settings.strict,
+        )
+        return ReaperService(
+            reaper,
+            me,
+            reaps=self.reaps,
+            revoked_sync=RevokedSync(db, tables, self.settings, me.node),
         )
 
     @property

@@ -1,7 +1,8 @@
 """The broker sweep: after each reap, remove revoked and settled jobs' messages exactly.
 
-Runs after the database commit of a reap (an ``after_settle`` hook of the reaper), on this
-worker's queues: messages whose task is revoked (durably, see :mod:`celery_jobreaper.revoked`)
+Runs after the database commit of a reap (the reaper's ``sweep``, given to its constructor),
+on this worker's queues; it receives what the run settled and returns what it did. Messages
+whose task is revoked (durably, see :mod:`celery_jobreaper.revoked`)
 or whose job was settled as failed are removed; on Redis, messages a dead worker took but never
 acknowledged are dropped (revoked/failed) or restored to their queue now instead of after
 ``visibility_timeout``. ``jobreaper_queue_cleanup = "purge"`` empties this worker's queues at
@@ -15,71 +16,80 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import ledger, sweep_redis, workerstate
 from . import revoked as revoked_store
-from . import sweep_redis, workerstate
-from .apply import record_events
 from .broker.result import SweepResult
+from .database import Database
 from .liveness import LivenessView
-from .planner import Decision
-from .reaper import Reaper
-from .report import Report
-from .sources.base import Candidate
+from .schema import JobReaperTables
+from .settings import Settings
+from .settled import Settled
+from .vocabulary import DROPPED, PURGED, REMOVED, RESTORED, STARTUP
 
 logger = logging.getLogger(__name__)
 
 #: Task ids per revoke broadcast (a settled job's task is revoked on live workers too).
 REVOKE_CHUNK = 1000
+#: The ``source`` of the sweep's ledger events.
+BROKER = "broker"
 
 
 class BrokerSweep:
-    """The ``after_settle`` hook cleaning this worker's queues; it reads them for the planner."""
+    """Cleans this worker's queues after each reap; it reads them for the planner too."""
 
-    def __init__(self, app: Any, reaper: Reaper, queues: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        app: Any,
+        settings: Settings,
+        db: Database,
+        tables: JobReaperTables,
+        queues: Callable[[], Sequence[str]],
+    ) -> None:
         self.app = app
-        self.reaper = reaper
-        self.settings = reaper.settings
+        self.settings = settings
+        self.db = db
+        self.tables = tables
         self.queues = queues
         self._asked_live_revoked = False
         self._swept: set[str] = set()
 
-    # -- the hook ---------------------------------------------------------------------------
+    # -- the sweep --------------------------------------------------------------------------
 
-    def __call__(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
-        """Sweep after a reap; errors are logged, never raised (the next reap retries)."""
+    def sweep(self, run: Settled) -> SweepResult | None:
+        """Sweep after a run's database phase and return what it did (``None``: the queues
+        were left alone). Errors are logged, never raised (the next reap retries)."""
         mode = self.settings.queue_cleanup
         try:
-            if mode != "selective" and not report.dry_run:
+            if mode != "selective" and not run.dry_run:
                 # The queues are left alone, but settled jobs' and revoked tasks' messages
                 # must still never run here: keep this worker's revoked set up to date.
-                with self.reaper.db.connect() as conn:
-                    revoked = revoked_store.active(conn, self.reaper.tables)
-                    settled = revoked_store.active_settled(conn, self.reaper.tables)
+                with self.db.connect() as conn:
+                    revoked = revoked_store.active(conn, self.tables)
+                    settled = revoked_store.active_settled(conn, self.tables)
                 workerstate.remember_revoked(revoked - settled)
                 workerstate.remember_settled(settled)
                 workerstate.keep_settled(settled)
             if mode == "off":
-                return
+                return None
             if mode == "purge":
-                if report.trigger == "startup":
-                    self._purge(report)
-                return
-            self._selective(report, view, settled_ids)
+                return self._purge(run) if run.trigger == STARTUP else None
+            return self._selective(run)
         except Exception as error:
-            report.broker["errors"] = report.broker.get("errors", 0) + 1
             logger.exception("jobreaper: broker sweep failed (%s); it is retried next time", error)
+            return SweepResult(failed=True)
 
-    def _selective(self, report: Report, view: LivenessView, settled_ids: set[str]) -> None:
-        known, settled = self._targets(report, view, settled_ids)
+    def _selective(self, run: Settled) -> SweepResult:
+        known, settled = self._targets(run)
         # The queues are read once for every target: later sweeps look only for new ones.
         # Workers discard the revoked messages they consume themselves, so merging the ids
         # into this worker's own revoked set keeps enforcing them afterwards.
         targets = known - self._swept
-        if not report.dry_run:
+        if not run.dry_run:
             workerstate.remember_revoked(known - settled)
             workerstate.remember_settled(settled)
             workerstate.keep_settled(settled)
         queues = list(self.queues())
-        dry = report.dry_run
+        dry = run.dry_run
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)  # fail fast: the timer retries
             driver = conn.transport.driver_type
@@ -102,7 +112,7 @@ class BrokerSweep:
                         conn,
                         grace=self.settings.unacked_grace,
                         timeout=self.settings.ping_timeout,
-                        known_live=self._live_nodes(view),
+                        known_live=self._live_nodes(run.view),
                         targets=known,
                         dry=dry,
                     )
@@ -113,13 +123,14 @@ class BrokerSweep:
             self._swept |= targets
         if gone:
             self._forget(gone)
-        self._record(report, result, settled_ids)
+        self._record(run, result)
+        return result
 
     def _forget(self, task_ids: set[str]) -> None:
         """Un-revoke settled jobs' ids whose message is gone: the id may be sent again."""
-        with self.reaper.db.connect() as conn, conn.begin():
-            revoked_store.forget_settled(conn, self.reaper.tables, task_ids)
-            still = revoked_store.active_settled(conn, self.reaper.tables)
+        with self.db.connect() as conn, conn.begin():
+            revoked_store.forget_settled(conn, self.tables, task_ids)
+            still = revoked_store.active_settled(conn, self.tables)
         workerstate.keep_settled(still)
         self._swept -= task_ids
         logger.info(
@@ -140,7 +151,7 @@ class BrokerSweep:
         from . import amqp_holds
         from .broker import amqp as amqp_sweep
 
-        db, tables = self.reaper.db, self.reaper.tables
+        db, tables = self.db, self.tables
         with db.connect() as dbc:
             holds = amqp_holds.load(dbc, tables, queues)
         try:
@@ -157,19 +168,18 @@ class BrokerSweep:
 
     # -- what to remove ---------------------------------------------------------------------
 
-    def _targets(
-        self, report: Report, view: LivenessView, settled_ids: set[str]
-    ) -> tuple[set[str], set[str]]:
+    def _targets(self, run: Settled) -> tuple[set[str], set[str]]:
         """Revoked ids (table, this process, live workers once) plus this run's settled jobs;
         and of those, the ids revoked only because their job was settled."""
-        db, tables = self.reaper.db, self.reaper.tables
-        node = report.node
+        db, tables = self.db, self.tables
+        node = run.node
+        settled_ids = set(run.task_ids)
         learned = workerstate.revoked_ids() - workerstate.settled_ids()
         if not self._asked_live_revoked:
             self._asked_live_revoked = True
-            learned |= self._ask_live_revoked(view)
+            learned |= self._ask_live_revoked(run.view)
         with db.connect() as conn, conn.begin():
-            if not report.dry_run:
+            if not run.dry_run:
                 if learned:
                     revoked_store.record(
                         conn, tables, learned, expires=self.settings.revoked_expires, node=node
@@ -183,7 +193,7 @@ class BrokerSweep:
                 revoked_store.prune(conn, tables)
             targets = revoked_store.active(conn, tables) | learned | settled_ids
             settled = revoked_store.active_settled(conn, tables) | (settled_ids - learned)
-        if settled_ids and not report.dry_run and view.other_live_workers:
+        if settled_ids and not run.dry_run and run.view.other_live_workers:
             # Live jobreaper workers hold them revoked until the message is gone (Celery's
             # own revoke would block the id there for 3 hours, a re-sent task included).
             ids = sorted(settled_ids)
@@ -239,56 +249,46 @@ class BrokerSweep:
 
     # -- purge --------------------------------------------------------------------------------
 
-    def _purge(self, report: Report) -> None:
+    def _purge(self, run: Settled) -> SweepResult | None:
         queues = list(self.queues())
-        if report.dry_run:
+        if run.dry_run:
             logger.info("jobreaper: [dry run] would purge queues %s", ", ".join(queues))
-            return
+            return None
         with self.app.connection_for_write() as conn:
             count = int(self.app.control.purge(connection=conn) or 0)
-        report.broker["purged"] = count
         logger.info(
             "jobreaper: Purged %d message(s) from %s (jobreaper_queue_cleanup = purge)",
             count,
             ", ".join(queues),
         )
-        decision = Decision(
-            Candidate("broker", ",".join(queues), "queued"), "fail", f"purged {count} message(s)"
+        event = ledger.Event(
+            action=PURGED,
+            source=BROKER,
+            job_id=",".join(queues),
+            reason=f"purged {count} message(s)",
+            previous_status="queued",
         )
-        with self.reaper.db.connect() as conn, conn.begin():
-            record_events(
-                conn,
-                self.reaper.tables,
-                [decision],
-                now=report.started_at,
-                run_id=report.run_id,
-                new_status=None,
-                action="purged",
-            )
+        with self.db.connect() as conn, conn.begin():
+            ledger.write(conn, self.tables, [event], now=run.started_at, run_id=run.run_id)
+        return SweepResult(purged=count)
 
     # -- ledger -------------------------------------------------------------------------------
 
-    def _record(self, report: Report, result: SweepResult, settled_ids: set[str]) -> None:
-        report.broker.update(
-            removed=len(result.removed),
-            restored=len(result.restored),
-            dropped_unacked=len(result.dropped_unacked),
-            unparsable=result.unparsable,
-        )
-        if result.neutralized:
-            report.broker["neutralized"] = result.neutralized
-        prefix = "[dry run] would have " if report.dry_run else ""
-        rows: list[tuple[str, str, str, str]] = []
+    def _record(self, run: Settled, result: SweepResult) -> None:
+        """Log what the sweep did and write its ledger events."""
+        settled_ids = run.task_ids
+        prefix = "[dry run] would have " if run.dry_run else ""
+        events: list[ledger.Event] = []
         for task_id, key in result.removed:
             where = _readable(key)
             why = "its job was settled as failed" if task_id in settled_ids else "revoked"
-            rows.append((task_id, where, "removed", why))
+            events.append(_event(REMOVED, task_id, where, why))
             logger.info(
                 "jobreaper: %sremoved message of task %s from %s: %s", prefix, task_id, where, why
             )
         for task_id, key in result.restored:
             where = _readable(key)
-            rows.append((task_id, where, "restored", "unacked by a dead worker"))
+            events.append(_event(RESTORED, task_id, where, "unacked by a dead worker"))
             logger.info(
                 "jobreaper: %srestored unacked message of task %s to %s (its worker is gone)",
                 prefix,
@@ -297,32 +297,29 @@ class BrokerSweep:
             )
         for task_id, tag in result.dropped_unacked:
             why = "its job was settled as failed" if task_id in settled_ids else "revoked"
-            rows.append((task_id, f"unacked {tag}", "dropped", why))
+            events.append(_event(DROPPED, task_id, f"unacked {tag}", why))
             logger.info("jobreaper: %sdropped unacked message of task %s: %s", prefix, task_id, why)
         if result.unparsable:
             logger.warning(
                 "jobreaper: left %d broker entr(ies) it could not parse untouched",
                 result.unparsable,
             )
-        if report.dry_run or not rows:
+        if run.dry_run or not events:
             return
-        decisions = [
-            Decision(Candidate("broker", task_id, where, task_id=task_id), "fail", why)
-            for task_id, where, _action, why in rows
-        ]
-        with self.reaper.db.connect() as conn, conn.begin():
-            for action in ("removed", "restored", "dropped"):
-                subset = [d for d, row in zip(decisions, rows, strict=True) if row[2] == action]
-                if subset:
-                    record_events(
-                        conn,
-                        self.reaper.tables,
-                        subset,
-                        now=report.started_at,
-                        run_id=report.run_id,
-                        new_status=None,
-                        action=action,
-                    )
+        with self.db.connect() as conn, conn.begin():
+            ledger.write(conn, self.tables, events, now=run.started_at, run_id=run.run_id)
+
+
+def _event(action: str, task_id: str, where: str, why: str) -> ledger.Event:
+    """The ledger event of one message the sweep acted on (*where*: its queue, as text)."""
+    return ledger.Event(
+        action=action,
+        source=BROKER,
+        job_id=task_id,
+        reason=why,
+        task_id=task_id,
+        previous_status=where,
+    )
 
 
 def _readable(key: str) -> str:
@@ -339,11 +336,3 @@ def worker_queues(app: Any) -> Callable[[], list[str]]:
         return sorted(consume_from or app.amqp.queues)
 
     return queues
-
-
-def install_sweep(app: Any, reaper: Reaper) -> BrokerSweep:
-    """Attach a :class:`BrokerSweep` to *reaper* (hook + queue reader) and return it."""
-    sweep = BrokerSweep(app, reaper, worker_queues(app))
-    reaper.after_settle.append(sweep)
-    reaper.queued_ids = sweep.queued_task_ids
-    return sweep

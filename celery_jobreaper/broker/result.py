@@ -29,6 +29,10 @@ class SweepResult:
     #: True when the sweep stopped early (a bound was hit, or the queue moved under it too
     #: fast); everything it did not examine was left as it was.
     partial: bool = False
+    #: Messages purged (``jobreaper_queue_cleanup = "purge"``); ``None``: no purge happened.
+    purged: int | None = None
+    #: True when the sweep failed (it is logged, and retried on the next run).
+    failed: bool = False
 
     def merge(self, other: SweepResult) -> SweepResult:
         """Add *other*'s entries and counts to this result and return it."""
@@ -39,4 +43,23 @@ class SweepResult:
         self.scanned += other.scanned
         self.neutralized += other.neutralized
         self.partial = self.partial or other.partial
+        self.failed = self.failed or other.failed
+        if other.purged is not None:
+            self.purged = (self.purged or 0) + other.purged
         return self
+
+    def counts(self) -> dict[str, int]:
+        """The counts a run's report shows under ``broker``."""
+        if self.failed:
+            return {"errors": 1}
+        if self.purged is not None:
+            return {"purged": self.purged}
+        counts = {
+            "removed": len(self.removed),
+            "restored": len(self.restored),
+            "dropped_unacked": len(self.dropped_unacked),
+            "unparsable": self.unparsable,
+        }
+        if self.neutralized:
+            counts["neutralized"] = self.neutralized
+        return counts

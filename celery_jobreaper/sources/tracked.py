@@ -8,10 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from ..schema import JobReaperTables
+from ..vocabulary import FAILED, RUNNING
 from .base import Candidate, SettleTarget, keyset_batch
-
-RUNNING = "running"
-SUCCEEDED, FAILED, RETRY, REVOKED = "succeeded", "failed", "retry", "revoked"
 
 
 class TrackedJobsSource:

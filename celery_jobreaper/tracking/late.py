@@ -7,45 +7,36 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from .. import signals
-from ..apply import record_events
+from .. import ledger, signals
 from ..clock import utcnow
 from ..liveness import Incarnation
-from ..planner import Decision
 from ..schema import JobReaperTables
-from ..sources.base import Candidate
-from ..sources.tracked import RUNNING
+from ..vocabulary import LATE_RESULT, RUNNING
 
 logger = logging.getLogger("celery_jobreaper.tracking")
 
-LATE_RESULT = "late_result"
+__all__ = ["LATE_RESULT", "record_late", "report_late"]
 
 
 def record_late(
     conn: Connection, tables: JobReaperTables, me: Incarnation, late: list[tuple[str, str]]
 ) -> None:
     """One ``late_result`` ledger event per late finish (in the flush's transaction)."""
-    by_status: dict[str, list[Decision]] = {}
-    for task_id, status in late:
-        # The job was settled (or taken over) while we ran: keep what the reaper wrote.
-        by_status.setdefault(status, []).append(
-            Decision(
-                Candidate(tables.jobs.name, task_id, RUNNING, None, None, me.node, me.id, task_id),
-                "leave",
-                f"late result {status!r} from {me.node} after the job was settled; not applied",
-            )
-        )
-    now = utcnow()
-    for status, decisions in by_status.items():
-        record_events(
-            conn,
-            tables,
-            decisions,
-            now=now,
-            run_id=None,
-            new_status=status,
+    # The job was settled (or taken over) while we ran: keep what the reaper wrote.
+    events = [
+        ledger.Event(
             action=LATE_RESULT,
+            source=tables.jobs.name,
+            job_id=task_id,
+            reason=f"late result {status!r} from {me.node} after the job was settled; not applied",
+            task_id=task_id,
+            previous_status=RUNNING,
+            new_status=status,
+            owner=me.node,
         )
+        for task_id, status in late
+    ]
+    ledger.write(conn, tables, events, now=utcnow(), run_id=None)
 
 
 def report_late(sender: Any, node: str, late: list[tuple[str, str]]) -> None:

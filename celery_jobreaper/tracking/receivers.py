@@ -10,7 +10,7 @@ from typing import Any
 from celery import signals as celery_signals
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
-from ..sources.tracked import FAILED, REVOKED
+from ..vocabulary import FAILED, REVOKED
 from .tracker import Tracker
 from .writer import TRACKING_BACKOFF
 

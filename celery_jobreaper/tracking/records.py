@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from ..sources.tracked import FAILED, RETRY, REVOKED, RUNNING, SUCCEEDED
+from ..vocabulary import FAILED, RETRY, REVOKED, RUNNING, SUCCEEDED
 
 _STATUS = {
     "SUCCESS": SUCCEEDED,

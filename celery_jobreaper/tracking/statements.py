@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from ..sources.tracked import RUNNING
+from ..vocabulary import RUNNING
 from .records import _Finish, _finish_values
 
 #: Columns a start writes; a retry or redelivery of a known task id resets them all (and keeps

@@ -16,7 +16,7 @@ from ..database import Database
 from ..liveness import Incarnation
 from ..schema import JobReaperTables
 from ..settings import Settings
-from ..sources.tracked import FAILED, RUNNING
+from ..vocabulary import FAILED, RUNNING
 from .late import record_late, report_late
 from .process import _keep_inherited, _one_task_at_a_time
 from .records import _STATUS, _Finish, _Record, _rounds, _Start

@@ -1,0 +1,60 @@
+"""The words jobreaper writes to its own tables and reports, defined once.
+
+Plain strings (stored as they are): job statuses of ``jobreaper_jobs``, incarnation states
+of ``jobreaper_incarnations``, ledger actions of ``jobreaper_events`` and run triggers of
+``jobreaper_runs``. User tables keep their own statuses (``stale_statuses``,
+``failed_status``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- job statuses (jobreaper_jobs.status) ------------------------------------------------------
+
+#: A task is running the job (also an incarnation state: see below).
+RUNNING: Final = "running"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+RETRY: Final = "retry"
+REVOKED: Final = "revoked"
+JOB_STATUSES: Final = (RUNNING, SUCCEEDED, FAILED, RETRY, REVOKED)
+
+# -- incarnation states (jobreaper_incarnations.state) -----------------------------------------
+
+# RUNNING (above): started and heartbeating.
+#: Warm shutdown: no reaping any more, tasks still finishing, still heartbeating.
+DRAINING: Final = "draining"
+#: Stopped cleanly.
+STOPPED: Final = "stopped"
+#: Judged dead by a reaper (two signals: no heartbeat and no ping reply).
+DEAD: Final = "dead"
+INCARNATION_STATES: Final = (RUNNING, DRAINING, STOPPED, DEAD)
+#: States of an incarnation that may still be running tasks.
+LIVE_STATES: Final = (RUNNING, DRAINING)
+
+# -- ledger actions (jobreaper_events.action) --------------------------------------------------
+
+#: A job settled as failed.
+SETTLED: Final = "settled"
+#: A task finished after its job had been settled (the late result is not applied).
+LATE_RESULT: Final = "late_result"
+#: A revoked or settled job's message removed from a queue.
+REMOVED: Final = "removed"
+#: A message a dead worker took but never acknowledged, put back in its queue.
+RESTORED: Final = "restored"
+#: A message a dead worker took but never acknowledged, dropped (its task revoked or settled).
+DROPPED: Final = "dropped"
+#: This worker's queues purged (``jobreaper_queue_cleanup = "purge"``).
+PURGED: Final = "purged"
+LEDGER_ACTIONS: Final = (SETTLED, LATE_RESULT, REMOVED, RESTORED, DROPPED, PURGED)
+
+# -- run triggers (jobreaper_runs.trigger) -----------------------------------------------------
+
+#: The reap a worker runs before its consumer starts.
+STARTUP: Final = "startup"
+#: A worker's reap every ``jobreaper_interval`` seconds.
+PERIODIC: Final = "periodic"
+#: A reap from any other process (``celery_jobreaper.reap``, the CLI).
+MANUAL: Final = "manual"
+TRIGGERS: Final = (STARTUP, PERIODIC, MANUAL)
