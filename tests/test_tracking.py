@@ -507,3 +507,25 @@ def test_warm_shutdown_writes_what_the_writer_still_holds(
     assert worker.stop() == 0
     assert statuses() == dict.fromkeys(ids, "succeeded")
     assert "could not be written" not in worker.output()
+
+
+def test_pool_process_loss_settles_the_tracked_job_with_its_ledger_event(
+    db_url: str, make_tracker: Made
+) -> None:
+    """``lost`` (the main process's failure signal: WorkerLostError, TimeLimitExceeded) fails
+    the job and writes its ledger event in one transaction, once (DESIGN §2.3, §2.5)."""
+    tracker = make_tracker(db_url)
+    tracker.started("t-oom", "jr.job", None)
+    tracker.flush(10)
+    why = "WorkerLostError: Worker exited prematurely: signal 9 (SIGKILL)"
+    tracker.lost("t-oom", why)
+    tracker.lost("t-oom", why)  # said twice: changes nothing the second time
+    with tracker.db.engine.connect() as conn:
+        status = conn.execute(
+            select(tables.jobs.c.status).where(tables.jobs.c.task_id == "t-oom")
+        ).scalar_one()
+        events = conn.execute(select(tables.events)).all()
+    assert status == "failed"
+    assert [(e.action, e.job_id, e.task_id, e.kind, e.new_status, e.reason) for e in events] == [
+        ("settled", "t-oom", "t-oom", "jr.job", "failed", why)
+    ]

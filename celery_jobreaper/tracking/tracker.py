@@ -8,15 +8,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import exc, update
+from sqlalchemy import exc, select, update
 from sqlalchemy.engine import Connection
 
+from .. import ledger
 from ..clock import utcnow
 from ..database import Database
 from ..liveness import Incarnation
 from ..schema import JobReaperTables
 from ..settings import Settings
-from ..vocabulary import FAILED, RUNNING
+from ..vocabulary import FAILED, RUNNING, SETTLED
 from .late import record_late, report_late
 from .process import _keep_inherited, _one_task_at_a_time
 from .records import _STATUS, _Finish, _Record, _rounds, _Start
@@ -116,17 +117,32 @@ class Tracker(BatchWriter):
         if self._pid == os.getpid() and (self._pending or self._inflight):
             self.flush()  # a start of this task still queued here must not come after this
         t = self.t
+        now = utcnow()
         stmt = (
             update(t)
             .where(t.c.task_id == task_id, t.c.status == RUNNING, t.c.incarnation_id == self.me.id)
-            .values(
-                status=status,
-                completed_at=utcnow(),
-                error=error,
-                fence=None,
-            )
+            .values(status=status, completed_at=now, error=error, fence=None)
         )
-        self._write(lambda conn: conn.execute(stmt))
+        if status != FAILED:  # revoked: the user's doing, not a settle
+            self._write(lambda conn: conn.execute(stmt))
+            return
+        # A settle like the reaper's: the row and its ledger event in one transaction, the
+        # event only if the row really changed (DESIGN §2.3, §2.5).
+        with self.db.connect() as conn, conn.begin():
+            name = conn.execute(select(t.c.task_name).where(t.c.task_id == task_id)).scalar()
+            if conn.execute(stmt).rowcount == 1:
+                event = ledger.Event(
+                    action=SETTLED,
+                    source=t.name,
+                    job_id=task_id,
+                    reason=error,
+                    task_id=task_id,
+                    kind=name,
+                    previous_status=RUNNING,
+                    new_status=FAILED,
+                    owner=self.me.node,
+                )
+                ledger.write(conn, self.tables, [event], now=now, run_id=None)
 
     # --- writing ----------------------------------------------------------------------------
 
