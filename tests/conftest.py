@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
-from support import MYSQL_ADMIN, PG_ADMIN, ROOT, TESTS, WorkerProcess
+from support import MYSQL_ADMIN, PG_ADMIN, REDIS_URL, ROOT, TESTS, WorkerProcess
 
 
 def _fresh_name() -> str:
@@ -141,3 +142,15 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
 def unique() -> str:
     """A short unique token for queue and node names."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def prefix(unique: str) -> Iterator[str]:
+    """A Redis key prefix (kombu's global_keyprefix) of this test's own; its keys go after."""
+    value = f"jrk-{unique}:"
+    yield value
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{value}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

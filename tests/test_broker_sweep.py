@@ -24,18 +24,6 @@ from celery_jobreaper.schema import tables
 
 
 @pytest.fixture
-def prefix(unique: str) -> Iterator[str]:
-    """A Redis key prefix (kombu's global_keyprefix) of this test's own; its keys go after."""
-    value = f"jrt-{unique}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{value}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-@pytest.fixture
 def rclient(prefix: str) -> Iterator[redis.Redis[bytes]]:
     client: redis.Redis[bytes] = redis.Redis.from_url(REDIS_URL)
     yield client

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,17 +11,6 @@ from celery import Celery
 from support import REDIS_URL, WorkerProcess, wait_until, worker_env
 
 from celery_jobreaper.broker.redis import budget, sweep_queues
-
-
-@pytest.fixture
-def prefix(unique: str) -> Iterator[str]:
-    value = f"jrn-{unique}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{value}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def test_deep_target_is_neutralized_then_discarded_by_a_worker(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 from jobtables import SEED_SOURCE, ago, create_seed
 from sqlalchemy import select
@@ -55,17 +54,6 @@ def test_settled_task_id_is_revoked_whatever_the_queue_cleanup(
     with engine.connect() as conn:
         stored = conn.execute(select(tables.revoked.c.task_id, tables.revoked.c.node)).all()
     assert [tuple(row) for row in stored] == [("t-dead", SETTLED_NODE)]
-
-
-@pytest.fixture
-def prefix(unique: str) -> Iterator[str]:
-    value = f"jrs-{unique}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{value}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def test_deterministic_task_id_runs_again_after_its_run_was_settled(

@@ -10,12 +10,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kombu
-import pytest
 import redis
 from celery import Celery
 from sqlalchemy import select
@@ -25,18 +24,6 @@ from support import REDIS_URL, WorkerProcess, wait_until, worker_env
 import celery_jobreaper
 from celery_jobreaper.report import Report
 from celery_jobreaper.schema import tables
-
-
-@pytest.fixture
-def prefix(unique: str) -> Iterator[str]:
-    """A Redis key prefix (kombu's global_keyprefix) of this test's own."""
-    value = f"jru-{unique}:"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{value}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def _app(db_url: str, queue: str, prefix: str, **jobreaper: Any) -> Celery:
