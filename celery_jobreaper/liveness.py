@@ -102,16 +102,21 @@ class LivenessView:
         return self.me is not None and node == self.me.node
 
 
+#: A reply limit no broadcast reaches: kombu collects replies until none came for the timeout
+#: (its default, ``None``, means "as many as there are destinations").
+ALL_REPLIES = 10_000
+
+
 def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
     """A :data:`Pinger` asking exactly the named nodes once, with ``jobreaper_ping``.
 
     Each jobreaper worker answers with its incarnation id, so the reply of this very process
     (its own consumer answers to its node name) is never taken for another live process: it
     is left out. A worker without jobreaper answers with an error, which still counts as a
-    reply. Replies are collected for the whole timeout: a reply limit counts replies, not
-    nodes, so two processes answering to one name (or any extra reply) would use up a place
-    and drop the reply of a live suspect. Suspects are pinged only when a heartbeat went
-    quiet, so this wait is rare.
+    reply. Replies are collected until none came for *timeout* seconds (:data:`ALL_REPLIES`):
+    kombu otherwise stops at as many replies as there are destinations, and two processes
+    answering to one name (or any extra reply) would take a place and drop the reply of a
+    live suspect. Suspects are pinged only when a heartbeat went quiet, so this wait is rare.
     """
 
     def ping(nodes: Collection[str], timeout: float) -> set[str]:
@@ -123,7 +128,7 @@ def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
                 destination=list(nodes),
                 reply=True,
                 timeout=timeout,
-                limit=None,
+                limit=ALL_REPLIES,
             )
             or []
         )

@@ -18,7 +18,7 @@ from .broker.result import SweepResult
 from .clock import db_utcnow, utcnow
 from .database import Database
 from .errors import MissingTableError
-from .liveness import Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
+from .liveness import ALL_REPLIES, Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
 from .planner import Decision, TaskFacts, plan
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
@@ -53,14 +53,15 @@ class Sweep(Protocol):
 def ask_with(app: Any) -> TaskAsker:
     """A :data:`TaskAsker` using ``inspect(destination=…).query_task`` (no blind broadcast).
 
-    Replies are collected for the whole timeout (no reply limit): a limit counts replies, not
-    nodes, and a second process answering to one name would drop a live peer's "I hold it".
+    Replies are collected until none came for *timeout* seconds (:data:`ALL_REPLIES`): a
+    limit counts replies, not nodes, and a second process answering to one name would drop a
+    live peer's "I hold it".
     """
 
     def ask(nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
         if not nodes or not task_ids:
             return set()
-        inspector = app.control.inspect(destination=list(nodes), timeout=timeout, limit=None)
+        inspector = app.control.inspect(destination=list(nodes), timeout=timeout, limit=ALL_REPLIES)
         replies = inspector.query_task(*task_ids) or {}
         return {task_id for reply in replies.values() for task_id in (reply or {})}
 
