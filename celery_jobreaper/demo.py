@@ -21,11 +21,12 @@ from typing import Any
 
 from celery import Celery
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, create_engine, select
+from sqlalchemy.exc import OperationalError
 
 import celery_jobreaper
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.schema import tables
-from celery_jobreaper.vocabulary import SETTLED, STARTUP
+from celery_jobreaper.vocabulary import RUNNING, SETTLED, STARTUP
 
 HERE = Path(os.environ.get("JOBREAPER_DEMO_DIR", "jobreaper-demo")).resolve()
 NODE = "demo@jobreaper"
@@ -132,6 +133,18 @@ def _wait(predicate: Any, what: str, proc: subprocess.Popen[bytes], log: Path) -
         time.sleep(0.1)
 
 
+def _tracked_running(engine: Any) -> bool:
+    """Whether ``jobreaper_jobs`` holds a running job (the table may not exist yet)."""
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(tables.jobs.c.task_id).where(tables.jobs.c.status == RUNNING)
+            ).first()
+    except OperationalError:  # the worker has not created the table yet
+        return False
+    return row is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -147,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scan_library.delay("scan_library_123abc")
         _wait((HERE / "started").exists, "the task started", first, log1)
+        # Tracking writes a task's start a few milliseconds later, from the pool process: kill
+        # only once it is recorded, so the demo always shows the tracked job settled too.
+        _wait(lambda: _tracked_running(engine), "the task tracked as running", first, log1)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
