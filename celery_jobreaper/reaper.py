@@ -51,19 +51,35 @@ class Sweep(Protocol):
 
 
 def ask_with(app: Any) -> TaskAsker:
-    """A :data:`TaskAsker` using ``inspect(destination=…).query_task`` (no blind broadcast).
+    """A :data:`TaskAsker` broadcasting ``query_task`` to exactly *nodes* (no blind broadcast).
 
-    Replies are collected until none came for *timeout* seconds (:data:`ALL_REPLIES`): a
-    limit counts replies, not nodes, and a second process answering to one name would drop a
-    live peer's "I hold it".
+    Every reply counts: replies are collected until none came for *timeout* seconds
+    (:data:`ALL_REPLIES`), and read raw, not through ``inspect()``, whose replies are merged
+    by node name: of two processes answering to one name, the later reply would hide a live
+    peer's "I hold it".
     """
 
     def ask(nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
         if not nodes or not task_ids:
             return set()
-        inspector = app.control.inspect(destination=list(nodes), timeout=timeout, limit=ALL_REPLIES)
-        replies = inspector.query_task(*task_ids) or {}
-        return {task_id for reply in replies.values() for task_id in (reply or {})}
+        replies = (
+            app.control.broadcast(
+                "query_task",
+                arguments={"ids": list(task_ids)},
+                destination=list(nodes),
+                reply=True,
+                timeout=timeout,
+                limit=ALL_REPLIES,
+            )
+            or []
+        )
+        return {
+            task_id
+            for reply in replies
+            for body in reply.values()
+            if isinstance(body, dict)
+            for task_id in body
+        }
 
     return ask
 

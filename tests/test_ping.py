@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from celery import Celery
-from support import REDIS_URL, WorkerProcess, worker_env
+from support import REDIS_URL, WorkerProcess, wait_until, worker_env
 
 from celery_jobreaper.liveness import ping_with
+from celery_jobreaper.reaper import ask_with
 
 
 def test_ping_of_suspects_counts_every_reply_of_every_node(
@@ -31,3 +33,24 @@ def test_ping_of_suspects_counts_every_reply_of_every_node(
     answers = [ping([x, y], 3.0) for _ in range(6)]
     app.close()
     assert all(y in a for a in answers), answers
+
+
+def test_ask_counts_the_held_reply_of_either_process_with_one_name(
+    pg_url: str, unique: str, tmp_path: Path, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Two processes answer to one node name; one runs task T, the other is idle. Asking that
+    name whether T is held must say yes every time: replies are not merged by node name."""
+    prefix = f"jrq-{unique}:"
+    x = f"x-{unique}@h"
+    busy = start_worker(x, env={**worker_env(pg_url, f"qa-{unique}"), "JR_KEYPREFIX": prefix})
+    idle = start_worker(x, env={**worker_env(pg_url, f"qb-{unique}"), "JR_KEYPREFIX": prefix})
+    for w in (busy, idle):
+        w.wait_for(r" ready\.", timeout=60)
+    app = Celery("asker", broker=REDIS_URL, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": prefix}
+    task = app.send_task("jr.sleep", args=(60,), kwargs={"tag": "held"}, queue=f"qa-{unique}")
+    wait_until((tmp_path / "started-held").exists, 60, "the task to start")
+    ask = ask_with(app)
+    answers = [ask([x], [task.id], 1.0) for _ in range(4)]
+    app.close()
+    assert all(task.id in a for a in answers), answers
