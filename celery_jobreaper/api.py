@@ -12,6 +12,7 @@ from .schema import tables
 from .settings import Settings
 from .sweep import BrokerSweep, worker_queues
 from .vocabulary import MANUAL
+from .webhooks import webhooks_for
 
 
 def reap(app: Any, *, dry_run: bool = False, trigger: str = MANUAL, **overrides: Any) -> Report:
@@ -24,8 +25,12 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = MANUAL, **overrides:
     settings = Settings.from_app(app, **overrides)
     check_broker_transport(app)
     db = Database.from_settings(settings)
+    webhooks = webhooks_for(settings)
     try:
         sweep = BrokerSweep(app, settings, db, tables, worker_queues(app))
-        return Reaper(app, settings, db, sweep=sweep).run(trigger, dry_run=dry_run)
+        reaper = Reaper(app, settings, db, sweep=sweep, webhooks=webhooks)
+        return reaper.run(trigger, dry_run=dry_run)
     finally:
         db.dispose()
+        if webhooks is not None:
+            webhooks.close()  # a one-shot process: deliver before returning

@@ -28,6 +28,7 @@ from .settled import Settled, Tally
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
 from .textsafe import safe
 from .vocabulary import MANUAL, PERIODIC, STARTUP
+from .webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Reaper:
         held: HeldIds | None = None,
         sweep: Sweep | None = None,
         skip_missing_tables: bool = False,
+        webhooks: Webhooks | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -118,6 +120,8 @@ class Reaper:
         #: the broker sweep run after each database phase (``None``: the queues are not read)
         self.sweep = sweep
         self.last_report: Report | None = None
+        #: posts each report that settled something to ``jobreaper_webhooks`` (in its thread)
+        self.webhooks = webhooks
         #: a worker skips a configured table that does not exist yet (a migration not run)
         #: and looks it up again on every reap; ``reap()`` from any other process raises
         self.skip_missing_tables = skip_missing_tables
@@ -482,6 +486,8 @@ class Reaper:
             except Exception:
                 logger.exception("jobreaper: could not record the end of run %s", report.run_id)
         signals.reap_finished.send(sender=self, report=report)
+        if self.webhooks is not None:
+            self.webhooks.notify(report)
 
     def _log(self, report: Report) -> None:
         left = sum(report.left_alone.values())

@@ -137,6 +137,8 @@ class ReaperService:
                 loop.join(timeout=max(5.0, self.settings.connect_timeout + 1))
         self._mark(STOPPED)
         self.reaper.db.dispose()
+        if self.reaper.webhooks is not None:
+            self.reaper.webhooks.close(timeout=self.settings.webhook_timeout)
 
     def _mark(self, state: str) -> None:
         if not self.registered:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
 
 from celery.utils.time import maybe_timedelta
 
@@ -37,6 +38,10 @@ DEFAULT_UNACKED_GRACE = 60.0
 #: A RabbitMQ sweep stops at a message already delivered this many times (``x-delivery-count``
 #: of quorum queues), so that it never pushes one to the queue's ``delivery-limit``.
 DEFAULT_AMQP_MAX_DELIVERIES = 10
+#: seconds one webhook POST may take before it counts as failed
+DEFAULT_WEBHOOK_TIMEOUT = 5.0
+#: further tries of a webhook POST that timed out or got a 5xx/408/429 answer
+DEFAULT_WEBHOOK_RETRIES = 3
 #: Engine options used when jobreaper creates its own engine (Celery's own choice).
 DEFAULT_ENGINE_OPTIONS: Mapping[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
 
@@ -101,6 +106,10 @@ class Settings:
     revoked_expires: float = DEFAULT_REVOKED_EXPIRES
     unacked_grace: float = DEFAULT_UNACKED_GRACE
     amqp_max_deliveries: int = DEFAULT_AMQP_MAX_DELIVERIES
+    webhooks: tuple[str, ...] = ()
+    webhook_timeout: float = DEFAULT_WEBHOOK_TIMEOUT
+    webhook_retries: int = DEFAULT_WEBHOOK_RETRIES
+    webhook_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_app(cls, app: Celery, **overrides: Any) -> Settings:
@@ -193,6 +202,17 @@ class Settings:
                 "jobreaper_amqp_max_deliveries",
                 get("amqp_max_deliveries", DEFAULT_AMQP_MAX_DELIVERIES),
             ),
+            webhooks=_urls("jobreaper_webhooks", get("webhooks", ())),
+            webhook_timeout=_seconds(
+                "jobreaper_webhook_timeout",
+                get("webhook_timeout"),
+                DEFAULT_WEBHOOK_TIMEOUT,
+                positive=True,
+            ),
+            webhook_retries=_count(
+                "jobreaper_webhook_retries", get("webhook_retries", DEFAULT_WEBHOOK_RETRIES)
+            ),
+            webhook_headers=_headers("jobreaper_webhook_headers", get("webhook_headers", {})),
         )
         if settings.enabled and settings.database_url is None and settings.engine is None:
             raise ConfigurationError(
@@ -252,6 +272,32 @@ def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigurationError(key, f"expected a positive integer, got {value!r}")
     return value
+
+
+def _count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(key, f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _urls(key: str, value: Any) -> tuple[str, ...]:
+    urls = (value,) if isinstance(value, str) else value
+    if not isinstance(urls, (list, tuple)):
+        raise ConfigurationError(key, f"expected a URL or a list of URLs, got {value!r}")
+    for url in urls:
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigurationError(key, f"expected http:// or https:// URLs, got {url!r}")
+    return tuple(urls)
+
+
+def _headers(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigurationError(
+            key, f"expected a mapping of header names to strings, got {value!r}"
+        )
+    return dict(value)
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> str:

@@ -21,6 +21,7 @@ from .service import ReaperService
 from .settings import Settings
 from .sweep import BrokerSweep, worker_queues
 from .tracking import Tracker, connect_signals, set_tracker
+from .webhooks import webhooks_for
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class JobReaperStep(bootsteps.StartStopStep):
             sweep=sweep,
             # a table not migrated yet: skipped and looked up again, unless strict
             skip_missing_tables=not self.settings.strict,
+            webhooks=webhooks_for(self.settings),
         )
         return ReaperService(
             reaper,
