@@ -91,7 +91,7 @@ def test_dry_run_option_inspect_and_cli(
     # the dry-run worker is alive, so a plan from outside must not propose failing its job
     assert "would settle 0 of 1" in plan and "left alone: 1" in plan
     status = _celery(["jobreaper", "status"], env, tmp_path)
-    assert node in status and "startup dry-run" in status
+    assert node in status and "startup (dry)" in status
     assert worker.stop() == 0
     with engine.connect() as conn:
         assert conn.execute(select(tables.incarnations.c.state)).scalar() == "stopped"

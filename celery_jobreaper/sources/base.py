@@ -60,6 +60,10 @@ class JobSource(Protocol):
         """Up to *limit* jobs in a stale status with id greater than *after*, in id order."""
         ...
 
+    def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
+        """How many jobs are in a stale status, and the oldest start among them (naive UTC)."""
+        ...
+
 
 def keyset_batch(
     conn: Connection,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from ..schema import JobReaperTables
@@ -40,6 +41,14 @@ class TrackedJobsSource:
         t = self.table
         rows = conn.execute(select(t.c.incarnation_id).where(t.c.status == RUNNING).distinct())
         return {r[0] for r in rows if r[0]}, set()
+
+    def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
+        """How many tracked jobs are running, and the oldest start among them."""
+        t = self.table
+        count, oldest = conn.execute(
+            select(func.count(), func.min(t.c.started_at)).where(t.c.status == RUNNING)
+        ).one()
+        return int(count), oldest
 
     def batch(self, conn: Connection, after: Any, limit: int) -> list[Candidate]:
         """Running tracked jobs, by task id."""

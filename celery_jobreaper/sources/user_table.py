@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
-from sqlalchemy import Column, ColumnElement, DateTime, Enum, MetaData, Table, exc, inspect, select
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    DateTime,
+    Enum,
+    MetaData,
+    Table,
+    exc,
+    func,
+    inspect,
+    null,
+    select,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import Date
 
+from ..clock import as_naive_utc
 from ..errors import ConfigurationError, MissingTableError
 from ..settings import SourceSpec
 from ..timezones import localize
@@ -173,6 +187,17 @@ class UserTableSource:
         owner = self.cols["owner"]
         rows = conn.execute(select(owner).where(self._stale()).distinct())
         return set(), {r[0] for r in rows if r[0]}
+
+    def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
+        """How many rows are in a stale status, and the oldest start among them (naive UTC)."""
+        started = self.cols.get("started_at")
+        oldest_col = func.min(started) if started is not None else null()
+        count, oldest = conn.execute(select(func.count(), oldest_col).where(self._stale())).one()
+        if oldest is None:
+            return int(count), None
+        if not isinstance(oldest, datetime):  # a DATE column
+            oldest = datetime(oldest.year, oldest.month, oldest.day)
+        return int(count), as_naive_utc(localize(oldest, self.spec.zone))
 
     def _stale(self) -> Any:
         return self.cols["status"].in_(self.spec.stale_statuses)

@@ -1,0 +1,20 @@
+"""``celery -A proj jobreaper plan | reap | status | history``.
+
+Exit codes (the same for every command): see :mod:`celery_jobreaper.cli.group`.
+"""
+
+from __future__ import annotations
+
+from . import history, run, status
+from .group import EXIT_DECLINED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, jobreaper
+
+__all__ = [
+    "EXIT_DECLINED",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "history",
+    "jobreaper",
+    "run",
+    "status",
+]
