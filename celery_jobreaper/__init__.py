@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import reap
+from .api import prune, reap
 from .errors import (
     ConfigurationError,
     JobReaperError,
@@ -28,6 +28,7 @@ __all__ = [
     "StartupReapError",
     "__version__",
     "install",
+    "prune",
     "reap",
     "revoke",
 ]

@@ -1,4 +1,4 @@
-"""Reaping from any process (a web app's startup, a cron job, the CLI)."""
+"""Reaping and pruning from any process (a web app's startup, a cron job, the CLI)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from typing import Any
 
 from .database import Database
 from .extras import check_broker_transport
+from .prune import Pruner, PruneResult, own_targets, user_target
 from .reaper import Reaper
 from .report import Report
 from .schema import tables
 from .settings import Settings
+from .sources import UserTableSource, resolve_table
 from .sweep import BrokerSweep, worker_queues
 from .vocabulary import MANUAL
 from .webhooks import webhooks_for
@@ -34,3 +36,27 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = MANUAL, **overrides:
         db.dispose()
         if webhooks is not None:
             webhooks.close()  # a one-shot process: deliver before returning
+
+
+def prune(app: Any, *, dry_run: bool = False, older_than: float | None = None) -> PruneResult:
+    """Delete finished rows older than their retention, in short batches; return the counts.
+
+    jobreaper's own tables keep ``jobreaper_retention`` seconds (*older_than* overrides it; both
+    ``None``: they are not pruned); user tables only when their source sets ``prune_after``.
+    At most ``jobreaper_prune_max_rows`` rows per call (``partial`` says more are due).
+    """
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    try:
+        keep = settings.retention if older_than is None else older_than
+        targets = [] if keep is None else own_targets(tables, keep)
+        with db.connect() as conn:
+            for spec in settings.sources:
+                if spec.prune_after is not None:
+                    target = user_target(UserTableSource(spec, resolve_table(spec, conn)))
+                    if target is not None:
+                        targets.append(target)
+        pruner = Pruner(db, targets, batch=settings.batch_size, max_rows=settings.prune_max_rows)
+        return pruner.run(dry_run=dry_run)
+    finally:
+        db.dispose()

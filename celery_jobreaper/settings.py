@@ -42,6 +42,10 @@ DEFAULT_AMQP_MAX_DELIVERIES = 10
 DEFAULT_WEBHOOK_TIMEOUT = 5.0
 #: further tries of a webhook POST that timed out or got a 5xx/408/429 answer
 DEFAULT_WEBHOOK_RETRIES = 3
+#: seconds finished tracked jobs, runs and ledger events are kept before a prune deletes them
+DEFAULT_RETENTION = 30 * 86400.0
+#: rows one prune deletes at most (over every table); the next prune goes on
+DEFAULT_PRUNE_MAX_ROWS = 100_000
 #: Engine options used when jobreaper creates its own engine (Celery's own choice).
 DEFAULT_ENGINE_OPTIONS: Mapping[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
 
@@ -75,6 +79,10 @@ class SourceSpec:
     timezone: str = "UTC"
     #: that zone, or ``None`` for UTC (naive values are then taken as UTC, as they are)
     zone: tzinfo | None = None
+    #: seconds after ``completed_at`` a row in one of ``prune_statuses`` is deleted by a prune
+    #: (``None``: rows of this table are never deleted)
+    prune_after: float | None = None
+    prune_statuses: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,8 @@ class Settings:
     webhook_timeout: float = DEFAULT_WEBHOOK_TIMEOUT
     webhook_retries: int = DEFAULT_WEBHOOK_RETRIES
     webhook_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    retention: float | None = DEFAULT_RETENTION
+    prune_max_rows: int = DEFAULT_PRUNE_MAX_ROWS
 
     @classmethod
     def from_app(cls, app: Celery, **overrides: Any) -> Settings:
@@ -213,6 +223,10 @@ class Settings:
                 "jobreaper_webhook_retries", get("webhook_retries", DEFAULT_WEBHOOK_RETRIES)
             ),
             webhook_headers=_headers("jobreaper_webhook_headers", get("webhook_headers", {})),
+            retention=_optional_seconds("jobreaper_retention", get("retention", DEFAULT_RETENTION)),
+            prune_max_rows=_positive_int(
+                "jobreaper_prune_max_rows", get("prune_max_rows", DEFAULT_PRUNE_MAX_ROWS)
+            ),
         )
         if settings.enabled and settings.database_url is None and settings.engine is None:
             raise ConfigurationError(
@@ -272,6 +286,10 @@ def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigurationError(key, f"expected a positive integer, got {value!r}")
     return value
+
+
+def _optional_seconds(key: str, value: Any) -> float | None:
+    return None if value is None else _seconds(key, value, 0.0, positive=True)
 
 
 def _count(key: str, value: Any) -> int:
@@ -348,6 +366,8 @@ def _source(key: str, raw: Any) -> SourceSpec:
         "stale_statuses",
         "failed_status",
         "timezone",
+        "prune_after",
+        "prune_statuses",
         *COLUMN_ROLES,
     }
     unknown = sorted(set(raw) - known)
@@ -381,6 +401,7 @@ def _source(key: str, raw: Any) -> SourceSpec:
     timezone = raw.get("timezone", "UTC")
     zone = zone_named(f"{key}.timezone", timezone)
     name = raw.get("name") or _table_label(table)
+    prune_after, prune_statuses = _prune_of(key, raw, columns, tuple(stale))
     return SourceSpec(
         key=key,
         table=table,
@@ -391,7 +412,37 @@ def _source(key: str, raw: Any) -> SourceSpec:
         schema=schema,
         timezone=timezone,
         zone=zone,
+        prune_after=prune_after,
+        prune_statuses=prune_statuses,
     )
+
+
+def _prune_of(
+    key: str, raw: Mapping[str, Any], columns: Mapping[str, str | None], stale: tuple[str, ...]
+) -> tuple[float | None, tuple[str, ...]]:
+    """A source's opt-in to pruning: ``prune_after`` seconds, for ``prune_statuses`` rows."""
+    after = _optional_seconds(f"{key}.prune_after", raw.get("prune_after"))
+    statuses = raw.get("prune_statuses")
+    if after is None:
+        if statuses is not None:
+            raise ConfigurationError(f"{key}.prune_statuses", "set prune_after (seconds) too")
+        return None, ()
+    if columns.get("completed_at") is None:
+        raise ConfigurationError(
+            f"{key}.prune_after", "needs the completed_at column mapped (rows age from it)"
+        )
+    if isinstance(statuses, str) or not isinstance(statuses, Sequence) or not statuses:
+        raise ConfigurationError(
+            f"{key}.prune_statuses", "expected the finished statuses to delete, e.g. ['completed']"
+        )
+    if not all(isinstance(s, str) and s for s in statuses):
+        raise ConfigurationError(f"{key}.prune_statuses", f"expected strings, got {statuses!r}")
+    live = sorted(set(statuses) & set(stale))
+    if live:
+        raise ConfigurationError(
+            f"{key}.prune_statuses", f"{live[0]!r} is a stale (running) status; never deleted"
+        )
+    return after, tuple(statuses)
 
 
 def _table_label(table: Any) -> str:

@@ -1,11 +1,11 @@
-"""``celery -A proj jobreaper plan | reap | status | history``.
+"""``celery -A proj jobreaper plan | reap | status | history | prune``.
 
 Exit codes (the same for every command): see :mod:`celery_jobreaper.cli.group`.
 """
 
 from __future__ import annotations
 
-from . import history, run, status
+from . import history, prune, run, status
 from .group import EXIT_DECLINED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, jobreaper
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "EXIT_USAGE",
     "history",
     "jobreaper",
+    "prune",
     "run",
     "status",
 ]
