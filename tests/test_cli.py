@@ -187,3 +187,15 @@ def test_status_before_any_worker_created_the_tables_says_so(sqlite_url: str) ->
     result = jobreaper(sqlite_url, "status")
     assert result.returncode == EXIT_FAILED
     assert "cannot read jobreaper_meta" in result.stderr
+
+
+def test_status_with_a_source_that_does_not_fit_its_table_exits_2(
+    sqlite_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    create_seed(engine_for(sqlite_url), [])
+    jobreaper(sqlite_url, "reap")  # creates jobreaper's tables
+    result = jobreaper(
+        sqlite_url, "status", settings={"sources": [{**SEED_SOURCE, "kind": "nope"}]}
+    )
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert "jobreaper_sources[0].kind" in result.stderr and "Traceback" not in result.stderr

@@ -11,11 +11,11 @@ from celery.bin.base import CeleryCommand
 from sqlalchemy import func, select
 
 from ..clock import db_utcnow
-from ..errors import SchemaVersionError
+from ..errors import ConfigurationError, SchemaVersionError
 from ..reaper import Reaper
 from ..schema import tables
 from ..vocabulary import LIVE_STATES
-from .group import EXIT_FAILED, database, echo_json, fail, jobreaper, settings_of
+from .group import EXIT_FAILED, EXIT_USAGE, database, echo_json, fail, jobreaper, settings_of
 from .output import age, table
 
 
@@ -48,6 +48,8 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
             sources = reaper.prepare()
         except SchemaVersionError as error:
             fail(str(error).removeprefix("jobreaper: "), EXIT_FAILED)
+        except ConfigurationError as error:  # a source that does not fit its table
+            fail(str(error), EXIT_USAGE)
         inc, runs = tables.incarnations, tables.runs
         with db.connect() as conn:
             now = db_utcnow(conn)
