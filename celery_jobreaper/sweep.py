@@ -118,7 +118,9 @@ class BrokerSweep:
                     )
                 )
                 if settled and not dry and not result.partial:
-                    gone = sweep_redis.settled_gone(conn, settled & targets, result)
+                    # every settled id still revoked, looked for in every queue on the
+                    # broker: a message in a queue this worker does not read is not gone
+                    gone = sweep_redis.settled_gone(conn, settled, result, queues)
         if not dry and not result.partial:
             self._swept |= targets
         if gone:
