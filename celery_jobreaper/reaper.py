@@ -51,7 +51,7 @@ class Sweep(Protocol):
 
 
 class PeersUnsure(RuntimeError):
-    """Not every live peer asked gave a complete answer: nobody knows who holds the tasks."""
+    """A live peer answered but could not tell (an error: jobreaper not installed there)."""
 
 
 def ask_with(app: Any) -> TaskAsker:
