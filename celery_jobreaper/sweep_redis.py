@@ -142,7 +142,8 @@ def settled_gone(
     step, and the ``unacked`` hash at any age (a message a live worker holds is there, and
     kombu restores only what is there). The hash is read before and after the lists: a
     message moving between a list and the hash (a worker taking it, a restore) is seen in
-    one of the three reads. An id restored by this sweep (*result*) is not gone.
+    one of the three reads. An id restored by this sweep (*result*) is not gone. What looks
+    gone is looked for once more (lists, then the hash) before it is declared gone.
     """
     wanted = set(candidates)
     if not wanted:
@@ -162,28 +163,51 @@ def settled_gone(
         return {e.task_id for e in entries if e.task_id in wanted}
 
     present = in_unacked()
-    everywhere = set(queues) | redis_sweep.bound_queues(
-        client, sep=options["sep"], global_keyprefix=options["global_keyprefix"]
+    everywhere = sorted(
+        set(queues)
+        | redis_sweep.bound_queues(
+            client, sep=options["sep"], global_keyprefix=options["global_keyprefix"]
+        )
     )
-    present |= _ids_in_lists(client, options, sorted(everywhere)) & wanted
+    present |= _ids_in_lists(client, options, everywhere) & wanted
     present |= in_unacked()
     present |= {t for t, _ in result.restored}
-    return wanted - present
+    gone = wanted - present
+    if gone:
+        # A list read in chunks while another sweep removes entries ahead of the reader
+        # shifts later entries back past it: confirm with a second look before forgetting.
+        gone -= _ids_in_lists(client, options, everywhere)
+        gone -= in_unacked()
+    return gone
 
 
 def _ids_in_lists(client: Any, options: dict[str, Any], queues: Iterable[str]) -> set[str]:
-    """Task ids of the messages in the lists of *queues* (every priority step)."""
+    """Task ids of the messages in the lists of *queues* (every priority step).
+
+    The lengths are read first, pipelined (a broker with many bound queues, most of them
+    empty, costs a few round trips); only non-empty lists are read, in chunks.
+    """
     redis_sweep = module()
-    found: set[str] = set()
-    for queue in queues:
+    keys = [
+        key
+        for queue in queues
         for key in redis_sweep.queue_keys(
             queue,
             priority_steps=options["priority_steps"],
             sep=options["sep"],
             global_keyprefix=options["global_keyprefix"],
-        ):
+        )
+    ]
+    found: set[str] = set()
+    for at in range(0, len(keys), 1000):
+        part = keys[at : at + 1000]
+        with client.pipeline(transaction=False) as pipe:
+            for key in part:
+                pipe.llen(key)
+            lengths = pipe.execute()
+        for key, length in zip(part, lengths, strict=True):
             start = 0
-            while True:
+            while length:  # read to the end, even if it grew meanwhile
                 chunk = client.lrange(key, start, start + 9999)
                 for raw in chunk:
                     task_id = fast_task_id(raw) or task_id_of(raw)
