@@ -174,7 +174,9 @@ def sweep_queues(
     * only *ready* messages are seen: messages prefetched by live consumers (delivered,
       not yet acked) are invisible and untouched; they come back only if that consumer
       dies, so sweep again later or before workers start;
-    * while held, messages are invisible to consumers (for at most *max_seconds*);
+    * while held, messages are invisible to consumers (for at most *max_seconds*): a live
+      consumer of the queue takes the messages behind them first, so they run later than
+      their order (with no other consumer the order is kept; see the module docstring);
     * every message given back is marked redelivered, and on quorum queues a requeue may
       count towards the queue's ``delivery-limit`` (a message requeued that many times is
       dead-lettered or dropped): see *max_deliveries* and *holds*; a dry run gives
