@@ -69,7 +69,7 @@ class TaskFacts:
 
     #: every task id this worker process holds (active, reserved, scheduled, rate-limited)
     held_here: frozenset[str] = frozenset()
-    #: of the batch's task ids, those a live peer holds (its ``query_task`` reply)
+    #: of the batch's task ids, those a live peer holds (its ``jobreaper_held`` reply)
     held_by_peers: frozenset[str] = frozenset()
     #: task ids whose messages wait in this worker's queues
     queued: frozenset[str] = frozenset()

@@ -51,22 +51,38 @@ class Sweep(Protocol):
         ...
 
 
+class PeersUnsure(RuntimeError):
+    """A live peer answered but could not tell (an error: jobreaper not installed there)."""
+
+
 def ask_with(app: Any) -> TaskAsker:
-    """A :data:`TaskAsker` broadcasting ``query_task`` to exactly *nodes* (no blind broadcast).
+    """A :data:`TaskAsker`: which of *task_ids* the live workers *nodes* hold.
+
+    Sends jobreaper's own ``jobreaper_held`` command (:mod:`.broker.holders`) to exactly
+    *nodes*, not Celery's ``query_task``: that one sees neither a rate-limited request waiting
+    in a token bucket nor (before Celery 5.7) an ETA request waiting on the timer. A node
+    that answers with an error (a worker without jobreaper installed, which cannot see those
+    requests either) or incompletely makes the answer "don't know": :class:`PeersUnsure` is
+    raised and the caller leaves those jobs alone this time. A node that does not answer
+    within *timeout* is taken to hold none of them, as before: a worker still starting
+    (registered, its startup reap not done, not consuming yet) cannot answer and holds
+    nothing, and counting it as "don't know" would keep every reap near a starting peer
+    from settling jobs with a task id (a busy ``-P solo`` peer cannot answer either).
 
     Every reply counts: replies are collected until none came for *timeout* seconds
     (:data:`ALL_REPLIES`), and read raw, not through ``inspect()``, whose replies are merged
     by node name: of two processes answering to one name, the later reply would hide a live
-    peer's "I hold it".
+    peer's "I hold it" (or its failure to answer).
     """
+    from .broker.holders import HELD_COMMAND
 
     def ask(nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
         if not nodes or not task_ids:
             return set()
         replies = (
             app.control.broadcast(
-                "query_task",
-                arguments={"ids": list(task_ids)},
+                HELD_COMMAND,
+                arguments={"tags": [], "ids": list(task_ids)},
                 destination=list(nodes),
                 reply=True,
                 timeout=timeout,
@@ -74,13 +90,23 @@ def ask_with(app: Any) -> TaskAsker:
             )
             or []
         )
-        return {
-            task_id
-            for reply in replies
-            for body in reply.values()
-            if isinstance(body, dict)
-            for task_id in body
-        }
+        held: set[str] = set()
+        answered: set[str] = set()
+        unsure: set[str] = set()
+        for reply in replies:
+            for node, body in (reply or {}).items():
+                if isinstance(body, dict) and body.get("complete") is True:
+                    answered.add(node)
+                    held.update(str(i) for i in body.get("ids") or ())
+                else:
+                    unsure.add(node)
+        if unsure:
+            raise PeersUnsure(
+                "no complete answer from "
+                + ", ".join(safe(n) for n in sorted(unsure))
+                + " (jobreaper not installed there?)"
+            )
+        return held
 
     return ask
 
@@ -410,7 +436,7 @@ class Reaper:
 
     def _decide(self, batch: list[Any], view: LivenessView, queued: _Once) -> list[Decision]:
         """Plan a batch with its task facts: queued (read once per run), held here, held by
-        live peers (asked once per batch, exactly them: ``query_task`` with a reply limit)."""
+        live peers (asked once per batch, exactly them: :func:`ask_with`)."""
         with_task = any(c.task_id for c in batch)
         waiting = queued() if with_task else frozenset()
         facts = TaskFacts(

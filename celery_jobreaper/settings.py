@@ -35,8 +35,9 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_REVOKED_EXPIRES = 10800.0
 #: Seconds an unacked Redis message must have been held before a sweep may restore or drop it.
 DEFAULT_UNACKED_GRACE = 60.0
-#: A RabbitMQ sweep stops at a message already delivered this many times (``x-delivery-count``
-#: of quorum queues), so that it never pushes one to the queue's ``delivery-limit``.
+#: A RabbitMQ sweep never hands a message back with more deliveries counted than this
+#: (``x-delivery-count`` of quorum queues), nor with as many as the queue's declared
+#: ``x-delivery-limit``: it stops at the message that reaches the cap.
 DEFAULT_AMQP_MAX_DELIVERIES = 10
 #: seconds one webhook POST may take before it counts as failed
 DEFAULT_WEBHOOK_TIMEOUT = 5.0

@@ -118,7 +118,9 @@ class BrokerSweep:
                     )
                 )
                 if settled and not dry and not result.partial:
-                    gone = sweep_redis.settled_gone(conn, settled & targets, result)
+                    # every settled id still revoked, looked for in every queue on the
+                    # broker: a message in a queue this worker does not read is not gone
+                    gone = sweep_redis.settled_gone(conn, settled, result, queues)
         if not dry and not result.partial:
             self._swept |= targets
         if gone:
@@ -154,12 +156,16 @@ class BrokerSweep:
         db, tables = self.db, self.tables
         with db.connect() as dbc:
             holds = amqp_holds.load(dbc, tables, queues)
+        declared = {
+            name: self.app.amqp.queues[name] for name in queues if name in self.app.amqp.queues
+        }
         try:
             return amqp_sweep.sweep_queues(
                 conn,
                 queues,
                 targets.__contains__,
                 max_deliveries=self.settings.amqp_max_deliveries,
+                limits=amqp_sweep.delivery_limits(conn, declared),
                 holds=holds,
             )
         finally:

@@ -132,43 +132,82 @@ def settle_dead_unacked(
     return result
 
 
-def settled_gone(conn: Any, looked_for: set[str], result: SweepResult) -> set[str]:
-    """Settled jobs' task ids whose message is gone for sure, after a complete sweep.
+def settled_gone(
+    conn: Any, candidates: Collection[str], result: SweepResult, queues: Iterable[str]
+) -> set[str]:
+    """Of *candidates* (settled jobs' task ids), those whose message is gone for sure.
 
-    Gone: removed from a list or dropped from ``unacked`` now, or looked for (*looked_for*)
-    in every list of this worker's queues without being found and not in ``unacked`` at all
-    (any age: a message a live worker holds is there, and kombu restores only what is
-    there). A message already restored to a queue this worker does not consume is not seen.
+    Looked for everywhere a message of this Redis broker can be: every queue bound on it
+    (kombu's ``_kombu.binding.*`` sets, plus *queues*, this worker's), each at every priority
+    step, and the ``unacked`` hash at any age (a message a live worker holds is there, and
+    kombu restores only what is there). The hash is read before and after the lists: a
+    message moving between a list and the hash (a worker taking it, a restore) is seen in
+    one of the three reads. An id restored by this sweep (*result*) is not gone. What looks
+    gone is looked for once more (lists, then the hash) before it is declared gone.
     """
-    redis_sweep = module()
-    options = redis_sweep.settings_from_connection(conn)
-    entries = redis_sweep.read_unacked(
-        plain_client(conn),
-        ceiling=float("inf"),
-        unacked_key=options["unacked_key"],
-        unacked_index_key=options["unacked_index_key"],
-        global_keyprefix=options["global_keyprefix"],
-    )
-    present = {e.task_id for e in entries} | {t for t, _ in result.restored}
-    done = {t for t, _ in result.removed} | {t for t, _ in result.dropped_unacked}
-    return (looked_for | done) - present
-
-
-def queued_ids(conn: Any, queues: Iterable[str]) -> set[str]:
-    """Task ids of the messages waiting in the lists of *queues*."""
+    wanted = set(candidates)
+    if not wanted:
+        return set()
     redis_sweep = module()
     client = plain_client(conn)
     options = redis_sweep.settings_from_connection(conn)
-    found: set[str] = set()
-    for queue in queues:
+
+    def in_unacked() -> set[str]:
+        entries = redis_sweep.read_unacked(
+            client,
+            ceiling=float("inf"),
+            unacked_key=options["unacked_key"],
+            unacked_index_key=options["unacked_index_key"],
+            global_keyprefix=options["global_keyprefix"],
+        )
+        return {e.task_id for e in entries if e.task_id in wanted}
+
+    present = in_unacked()
+    everywhere = sorted(
+        set(queues)
+        | redis_sweep.bound_queues(
+            client, sep=options["sep"], global_keyprefix=options["global_keyprefix"]
+        )
+    )
+    present |= _ids_in_lists(client, options, everywhere) & wanted
+    present |= in_unacked()
+    present |= {t for t, _ in result.restored}
+    gone = wanted - present
+    if gone:
+        # A list read in chunks while another sweep removes entries ahead of the reader
+        # shifts later entries back past it: confirm with a second look before forgetting.
+        gone -= _ids_in_lists(client, options, everywhere)
+        gone -= in_unacked()
+    return gone
+
+
+def _ids_in_lists(client: Any, options: dict[str, Any], queues: Iterable[str]) -> set[str]:
+    """Task ids of the messages in the lists of *queues* (every priority step).
+
+    The lengths are read first, pipelined (a broker with many bound queues, most of them
+    empty, costs a few round trips); only non-empty lists are read, in chunks.
+    """
+    redis_sweep = module()
+    keys = [
+        key
+        for queue in queues
         for key in redis_sweep.queue_keys(
             queue,
             priority_steps=options["priority_steps"],
             sep=options["sep"],
             global_keyprefix=options["global_keyprefix"],
-        ):
+        )
+    ]
+    found: set[str] = set()
+    for at in range(0, len(keys), 1000):
+        part = keys[at : at + 1000]
+        with client.pipeline(transaction=False) as pipe:
+            for key in part:
+                pipe.llen(key)
+            lengths = pipe.execute()
+        for key, length in zip(part, lengths, strict=True):
             start = 0
-            while True:
+            while length:  # read to the end, even if it grew meanwhile
                 chunk = client.lrange(key, start, start + 9999)
                 for raw in chunk:
                     task_id = fast_task_id(raw) or task_id_of(raw)
@@ -178,3 +217,10 @@ def queued_ids(conn: Any, queues: Iterable[str]) -> set[str]:
                     break
                 start += len(chunk)
     return found
+
+
+def queued_ids(conn: Any, queues: Iterable[str]) -> set[str]:
+    """Task ids of the messages waiting in the lists of *queues*."""
+    redis_sweep = module()
+    options = redis_sweep.settings_from_connection(conn)
+    return _ids_in_lists(plain_client(conn), options, queues)

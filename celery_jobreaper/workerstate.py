@@ -33,7 +33,8 @@ def held_task_ids(consumer: Any = None) -> set[str]:
     reserved, scheduled or active request by id), ``reserved_requests``, ``active_requests``
     and ``scheduled_requests``. Celery keeps a rate-limited request without ETA only in its
     task's token bucket on the consumer (``Consumer.task_buckets``) until a token frees up,
-    so the buckets of *consumer* are read too.
+    so the buckets of *consumer* are read too, and its timer (ETA requests, which Celery
+    before 5.7 keeps only there: :func:`timer_request_ids`).
     """
     from celery.worker import state as worker_state
 
@@ -52,7 +53,30 @@ def held_task_ids(consumer: Any = None) -> set[str]:
                 task_id = getattr(request, "id", None)
                 if task_id is not None:
                     ids.add(task_id)
+    ids |= timer_request_ids(consumer)
     return ids
+
+
+def timer_request_ids(consumer: Any) -> set[str]:
+    """Task ids of requests waiting on the consumer's timer for their ETA/countdown.
+
+    Celery before 5.7 keeps such a request only in the timer entry (``apply_eta_task`` or,
+    rate-limited, ``limit_post_eta``, the request first among its arguments), not in
+    ``worker_state.requests``; this reads the timer as Celery's own ``inspect scheduled`` does.
+    """
+    from celery.worker.request import Request
+
+    timer = getattr(consumer, "timer", None)
+    schedule = getattr(timer, "schedule", None)
+    if schedule is None:
+        return set()
+    found: set[str] = set()
+    for waiting in _copy(schedule.queue):
+        args = getattr(getattr(waiting, "entry", None), "args", None) or ()
+        first = args[0] if isinstance(args, (tuple, list)) and args else None
+        if isinstance(first, Request) and isinstance(first.id, str):
+            found.add(first.id)
+    return found
 
 
 def held_by(worker: Any) -> Callable[[], set[str]]:

@@ -158,3 +158,86 @@ def test_a_partial_sweep_does_not_start_over_from_the_head(unique: str) -> None:
             assert rest == [(i, True) for i in ids[3:7]] + [(i, False) for i in ids[8:]]
         finally:
             conn.default_channel.queue_delete(queue)
+
+
+@pytest.mark.parametrize("max_deliveries", [None, 3])
+def test_sweeps_stay_below_the_queues_own_delivery_limit(
+    pg_url: str, unique: str, max_deliveries: int | None
+) -> None:
+    """The queue's own ``x-delivery-limit`` (3) is read from its declaration: with the
+    default ``jobreaper_amqp_max_deliveries`` (10), or one equal to the limit, eight sweeps
+    dead-letter nothing and leave every message with fewer deliveries than the limit."""
+    queue, dead = f"hbrk-qq-{unique}", f"hbrk-dlq-{unique}"
+    conf = {} if max_deliveries is None else {"amqp_max_deliveries": max_deliveries}
+    app = _app(pg_url, queue, dead, **conf)
+    try:
+        ids = _fill(app, dead, 4)
+        for _ in range(8):
+            celery_jobreaper.revoke(app, [str(uuid.uuid4())])  # a target: the queue is read
+            report = celery_jobreaper.reap(app)
+            assert not report.broker.get("errors"), report.broker
+
+        assert _drain(dead) == []
+        with kombu.Connection(AMQP_URL) as conn:
+            channel = conn.channel()
+            wait_until(
+                lambda: channel.queue_declare(queue=queue, passive=True).message_count == 4,
+                30,
+                "the messages to be back",
+            )
+            channel.close()
+        left = _drain(queue)
+        assert sorted(task_id for task_id, _ in left) == sorted(ids)
+        assert max(count for _, count in left) <= 2  # strictly below the limit
+    finally:
+        app.close()
+        with kombu.Connection(AMQP_URL) as conn:
+            channel: Any = conn.channel()
+            for name in (queue, dead):
+                channel.queue_delete(name)
+            channel.exchange_delete(queue)
+            channel.close()
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_full_sweep_keeps_the_order_of_the_rest(unique: str, queue_type: str) -> None:
+    """No other consumer: a sweep that reaches the end of the queue removes the target and
+    leaves the others in their order, a message published during the sweep behind them."""
+    queue = f"hbrk-ord-{queue_type}-{unique}"
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+    ids = [f"{queue}-{i}" for i in range(6)]
+    late = f"{queue}-late"
+    options = {"confirm_publish": True}
+    with (
+        kombu.Connection(AMQP_URL, transport_options=options) as conn,
+        kombu.Connection(AMQP_URL, transport_options=options) as other,
+    ):
+        kombu.Queue(queue, routing_key=queue, queue_arguments=arguments).bind(
+            conn.default_channel
+        ).declare()
+        try:
+            producer = conn.Producer()
+            for task_id in ids:
+                producer.publish({"i": task_id}, routing_key=queue, headers={"id": task_id})
+            seen: list[str] = []
+
+            def remove(task_id: str) -> bool:
+                seen.append(task_id)
+                if len(seen) == 3:  # published while the sweep holds the first three
+                    other.Producer().publish({"i": late}, routing_key=queue, headers={"id": late})
+                return task_id == ids[4]
+
+            result = sweep_queues(conn, [queue], remove)
+            assert [task_id for task_id, _ in result.removed] == [ids[4]]
+            channel: Any = conn.channel()
+            wait_until(
+                lambda: channel.queue_declare(queue=queue, passive=True).message_count == 6,
+                30,
+                "the messages to be back",
+            )
+            left = []
+            while (raw := channel.basic_get(queue=queue, no_ack=True)) is not None:
+                left.append(raw.properties["application_headers"]["id"])
+            assert left == [*ids[:4], ids[5], late]
+        finally:
+            conn.default_channel.queue_delete(queue)

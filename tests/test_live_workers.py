@@ -412,3 +412,36 @@ def test_rate_limited_task_held_by_this_worker_protects_its_row(fleet: Fleet) ->
     fleet.periodic_runs(worker, 3)
     assert not (fleet.tmp / "finished-second").exists()  # still in the token bucket
     assert fleet.status("second") == "scheduled"
+
+
+def test_eta_task_held_by_this_worker_protects_its_row(fleet: Fleet) -> None:
+    """A job row made before its task is sent (status scheduled, task id, no owner): while
+    the task waits on this worker's timer for its countdown, the worker's reaps leave the
+    row (Celery before 5.7 keeps such a request only in the timer entry)."""
+    from uuid import uuid4
+
+    from jobtables import ago
+    from sqlalchemy import insert
+
+    table = fleet.seed(task_id=True)
+    task_id = str(uuid4())
+    with fleet.db.begin() as conn:
+        conn.execute(
+            insert(table),
+            [
+                {
+                    "job_id": "later",
+                    "job_type": "eta",
+                    "status": "scheduled",
+                    "started_at": ago(minutes=1),
+                    "task_id": task_id,
+                }
+            ],
+        )
+    fleet.producer.send_task(  # queued before the worker starts
+        "jr.sleep", args=(0,), queue=fleet.queue, task_id=task_id, countdown=300
+    )
+    worker = fleet.worker("a")
+    worker.wait_for(rf"Task jr\.sleep\[{task_id}\] received")
+    fleet.periodic_runs(worker, 3)
+    assert fleet.status("later") == "scheduled"

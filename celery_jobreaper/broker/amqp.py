@@ -8,8 +8,11 @@ back at its original position, so the queue order is kept (classic and quorum qu
 On a quorum queue every message handed back counts as a delivery (its ``x-delivery-count``
 header goes up by one; RabbitMQ 3.x and 4.0-4.2 count every return, 4.3 only rejections),
 and a message delivered more than the queue's ``delivery-limit`` is dead-lettered or dropped
-(RabbitMQ 3.x has no default limit; 4.0 and later default to 20). So a sweep stops at the
-first message that has already been delivered *max_deliveries* times, and leaves a *hold* on
+(RabbitMQ 3.x has no default limit; 4.0 and later default to 20; a returned message whose
+count then exceeds the limit is dead-lettered, 3.10 verified). So a sweep never hands a message
+back with more than *max_deliveries* deliveries counted, and on a queue with a known
+``delivery-limit`` (:func:`delivery_limits`) fewer than the limit: it stops at the first message
+whose hand-back reaches that cap (that one is handed back too), and leaves a *hold* on
 the queue: the next sweeps leave the queue alone until every message it held then has left it
 (the queue's ready count has dropped by that many). A sweep stopped by its own bounds leaves
 a hold until the messages it took have left, so it does not take the same first messages
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import amqp
@@ -35,7 +38,7 @@ from .result import SweepResult
 if TYPE_CHECKING:
     import kombu
 
-__all__ = ["Hold", "sweep_queues"]
+__all__ = ["Hold", "delivery_limits", "sweep_queues"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,47 @@ def _ready(channel: Any, queue: str) -> int | None:
     except Exception:
         return None
     return int(ok.message_count)
+
+
+#: RabbitMQ 4.0 and later give quorum queues this ``delivery-limit`` unless one is set.
+RABBITMQ4_DEFAULT_DELIVERY_LIMIT = 20
+
+
+def delivery_limits(conn: kombu.Connection, declared: Mapping[str, Any]) -> dict[str, int]:
+    """The ``delivery-limit`` of each of *declared* (queue name -> :class:`kombu.Queue`).
+
+    Read from the queue's own ``x-delivery-limit`` argument; on RabbitMQ 4.0 and later a queue
+    without one is taken to have the default 20 (a quorum queue may be declared without
+    arguments where it is the virtual host's default queue type). A limit set by a *policy*
+    cannot be read over AMQP (only through the management API): ``jobreaper_amqp_max_deliveries``
+    must stay below it. A negative limit (RabbitMQ 4: no limit) is no limit.
+    """
+    properties = getattr(conn.connection, "server_properties", None) or {}
+    version = properties.get("version", b"")
+    version = version.decode() if isinstance(version, bytes) else str(version)
+    try:
+        major = int(version.split(".", 1)[0])
+    except ValueError:
+        major = 4  # unknown: assume the stricter default
+    limits: dict[str, int] = {}
+    for name, queue in declared.items():
+        arguments = getattr(queue, "queue_arguments", None) or {}
+        value = arguments.get("x-delivery-limit")
+        try:
+            limit = int(value) if value is not None else None
+        except (TypeError, ValueError):
+            limit = None
+        if limit is None and major >= 4:
+            limit = RABBITMQ4_DEFAULT_DELIVERY_LIMIT
+        if limit is not None and limit >= 0:
+            limits[name] = limit
+    return limits
+
+
+def _cap(max_deliveries: int | None, limit: int | None) -> int | None:
+    """The most deliveries a sweep may leave counted on a message it hands back."""
+    caps = [c for c in (max_deliveries, None if limit is None else limit - 1) if c is not None]
+    return min(caps) if caps else None
 
 
 def _delivery_count(message: Any) -> int:
@@ -104,6 +148,7 @@ def sweep_queues(
     max_messages: int = 100_000,
     max_seconds: float = 30.0,
     max_deliveries: int | None = None,
+    limits: Mapping[str, int] | None = None,
     holds: MutableMapping[str, Hold] | None = None,
     dry_run: bool = False,
 ) -> SweepResult:
@@ -116,8 +161,11 @@ def sweep_queues(
     bound is hit the sweep stops, gives back everything it holds (targets already acked
     stay removed), marks the result ``partial`` and logs it. *dry_run* acks nothing.
 
-    With *max_deliveries*, a queue's sweep also stops (``partial``) at the first message
-    that is not a target and whose ``x-delivery-count`` has reached it. With *holds* (queue ->
+    With *max_deliveries* or a queue's delivery limit in *limits* (queue -> limit, see
+    :func:`delivery_limits`), a queue's sweep also stops (``partial``) at the first message
+    that is not a target and whose ``x-delivery-count`` would reach the cap when handed back
+    (*max_deliveries*, and below the limit); with a cap under one it leaves the queue
+    alone. With *holds* (queue ->
     :class:`Hold`), a queue held is left alone until the message its last sweep stopped at
     has left it, and a sweep that stops leaves a hold there (see the module's docstring).
 
@@ -126,7 +174,9 @@ def sweep_queues(
     * only *ready* messages are seen: messages prefetched by live consumers (delivered,
       not yet acked) are invisible and untouched; they come back only if that consumer
       dies, so sweep again later or before workers start;
-    * while held, messages are invisible to consumers (for at most *max_seconds*);
+    * while held, messages are invisible to consumers (for at most *max_seconds*): a live
+      consumer of the queue takes the messages behind them first, so they run later than
+      their order (with no other consumer the order is kept; see the module docstring);
     * every message given back is marked redelivered, and on quorum queues a requeue may
       count towards the queue's ``delivery-limit`` (a message requeued that many times is
       dead-lettered or dropped): see *max_deliveries* and *holds*; a dry run gives
@@ -145,7 +195,7 @@ def sweep_queues(
             should_remove,
             budget=budget,
             deadline=deadline,
-            max_deliveries=max_deliveries,
+            max_deliveries=_cap(max_deliveries, (limits or {}).get(queue)),
             holds=holds,
             dry_run=dry_run,
             result=result,
@@ -194,6 +244,13 @@ def _sweep_queue(
     worn: str | None = None
     removed_here = 0
     try:
+        if max_deliveries is not None and max_deliveries < 1:
+            logger.warning(
+                "jobreaper: AMQP queue %r: its delivery limit leaves no hand-back to spare; "
+                "left alone",
+                queue,
+            )
+            return 0, HELD
         ready_before = _ready(channel, queue) if holds is not None else None
         if holds is not None and queue in holds:
             hold = holds[queue]
@@ -227,7 +284,7 @@ def _sweep_queue(
             held += 1
             if task_id is None:
                 unparsable += 1
-            if max_deliveries is not None and _delivery_count(message) >= max_deliveries:
+            if max_deliveries is not None and _delivery_count(message) + 1 >= max_deliveries:
                 worn = task_id or "(unreadable)"
                 break
         if held:
@@ -249,8 +306,8 @@ def _sweep_queue(
             logger.debug("jobreaper: closing the AMQP sweep channel failed", exc_info=True)
     if worn is not None:
         logger.warning(
-            "jobreaper: AMQP queue %r: message of task %s was delivered %d or more times "
-            "already; the sweep stopped there and leaves the queue alone until it is consumed",
+            "jobreaper: AMQP queue %r: message of task %s has %d or more deliveries counted "
+            "now; the sweep stopped there and leaves the queue alone until it is consumed",
             queue,
             worn,
             max_deliveries,

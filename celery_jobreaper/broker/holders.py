@@ -38,19 +38,24 @@ HELD_COMMAND = "jobreaper_held"
 def held_here(consumer: Any, tags: Iterable[str], ids: Iterable[str]) -> dict[str, Any]:
     """This worker's answer: which of *tags* and *ids* it holds, and whether it could tell.
 
-    Runs in the worker (the consumer's thread, through the remote-control command).
+    Runs in the worker (the consumer's thread, through the remote-control command). Task
+    ids are looked for among its requests, its rate-limit token buckets and its timer (ETA
+    requests, which Celery before 5.7 keeps only there); asked about task ids only (no
+    tags), it need not read its channel, so it can answer on any transport.
     """
     from celery.worker import state as worker_state
 
-    delivered = _delivered_tags(consumer)
+    asked = set(tags)
+    delivered = _delivered_tags(consumer) if asked else set()
     if delivered is None:
         return {"complete": False}
     wanted = set(ids)
     held_ids = {i for i in workerstate.snapshot(worker_state.requests) if i in wanted}
     held_ids |= {i for i in _bucket_ids(consumer) if i in wanted}
+    held_ids |= {i for i in workerstate.timer_request_ids(consumer) if i in wanted}
     return {
         "complete": True,
-        "tags": sorted(tag for tag in set(tags) if tag in delivered),
+        "tags": sorted(tag for tag in asked if tag in delivered),
         "ids": sorted(held_ids),
     }
 

@@ -167,3 +167,23 @@ def test_quorum_queue_keeps_order(amqp_conn: kombu.Connection, queue_name: str) 
         left.append(raw.properties["application_headers"])
     channel.close()
     assert [headers["id"] for headers in left] == [i for i in ids if i not in targets]
+
+
+def test_delivery_limits_read_from_declarations_and_the_server_version() -> None:
+    """The declared ``x-delivery-limit`` wins; RabbitMQ 4 defaults to 20, 3.x to none; a
+    negative limit (RabbitMQ 4: unlimited) is none."""
+    from types import SimpleNamespace
+
+    from celery_jobreaper.broker.amqp import delivery_limits
+
+    declared = {
+        "own": kombu.Queue("own", queue_arguments={"x-delivery-limit": 3}),
+        "plain": kombu.Queue("plain"),
+        "unlimited": kombu.Queue("unlimited", queue_arguments={"x-delivery-limit": -1}),
+    }
+
+    def server(version: bytes | str) -> Any:
+        return SimpleNamespace(connection=SimpleNamespace(server_properties={"version": version}))
+
+    assert delivery_limits(server("3.10.8"), declared) == {"own": 3}
+    assert delivery_limits(server(b"4.1.0"), declared) == {"own": 3, "plain": 20}

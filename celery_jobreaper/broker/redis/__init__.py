@@ -8,7 +8,7 @@ unacknowledged messages). Importing this package imports the ``redis`` client li
 
 from __future__ import annotations
 
-from .keys import queue_keys, settings_from_connection
+from .keys import bound_queues, queue_keys, settings_from_connection
 from .lists import sweep_queues
 from .lua import REMOVE_LUA
 from .unacked import UnackedEntry, read_unacked, settle_unacked, sweep_unacked
@@ -18,6 +18,7 @@ _REMOVE_LUA = REMOVE_LUA  # the name the tests used before the split
 __all__ = [
     "REMOVE_LUA",
     "UnackedEntry",
+    "bound_queues",
     "queue_keys",
     "read_unacked",
     "settings_from_connection",

@@ -9,6 +9,7 @@ prefixing client of a kombu channel: the key prefix is applied here.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,32 @@ def queue_keys(
         if key not in keys:
             keys.append(key)
     return keys
+
+
+def bound_queues(
+    client: redis.Redis[Any], *, sep: str = DEFAULT_SEP, global_keyprefix: str = ""
+) -> set[str]:
+    """Every queue bound to any exchange on this Redis (under *global_keyprefix*).
+
+    kombu records each binding as a member ``routing_key<sep>pattern<sep>queue`` of the set
+    ``_kombu.binding.<exchange>`` (kept until the queue is deleted), so these are all the
+    queues kombu producers can route a message to. The keyspace is walked with ``SCAN``
+    (bounded commands, no ``KEYS``).
+    """
+    check_client(client)
+    pattern = _glob_escape(global_keyprefix + BINDING_PREFIX) + "*"
+    queues: set[str] = set()
+    for key in client.scan_iter(match=pattern, count=1000):
+        for member in client.smembers(key):
+            parts = text(member).split(sep)
+            if len(parts) == 3 and parts[2]:
+                queues.add(parts[2])
+    return queues
+
+
+def _glob_escape(value: str) -> str:
+    """*value* as a literal in a Redis ``MATCH`` glob."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", value)
 
 
 def text(value: bytes | str) -> str:
