@@ -11,7 +11,7 @@ the very primitives ``threading`` uses: one code path for every pool.
 Under gevent an I/O object belongs to the thread that made it: a patched socket waits on its
 creator's hub, and used from another thread fails ("Cannot switch to a different thread").
 So :class:`~celery_jobreaper.database.Database` keeps a connection pool per thread and
-remote-control calls use a broker connection made in the calling thread
+remote-control calls use a broker connection pool per thread
 (:mod:`celery_jobreaper.broadcast`). eventlet is not handled (see README).
 """
 
