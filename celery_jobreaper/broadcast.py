@@ -27,9 +27,9 @@ def broadcast(
     under gevent a pooled connection's socket waits on the hub of the thread that opened it:
     used from jobreaper's real threads (:mod:`celery_jobreaper.native`) it fails with "Cannot
     switch to a different thread". So the message goes out on the connection the replies come
-    back on, taken from :func:`connection_pool`. Returns the replies (``[]`` without *reply*).
+    back on, taken from :func:`_connection`. Returns the replies (``[]`` without *reply*).
     """
-    with connection_pool(app).acquire(block=True) as conn:
+    with _connection(app) as conn:
         mailbox = app.control.mailbox(conn)  # a copy bound to *conn*
         mailbox._producer_pool = None  # publish on *conn*, not on the app's producer pool
         replies = mailbox._broadcast(
@@ -43,15 +43,16 @@ def broadcast(
     return list(replies or [])
 
 
-def connection_pool(app: Any) -> Any:
-    """The broker connection pool for the calling thread: the app's own (shared by threads),
-    or under gevent one of this OS thread's own (kept while the thread lives).
+def _connection(app: Any) -> Any:
+    """A pooled broker connection the calling thread may use (a context manager): from the
+    app's own pool (shared by threads, as Celery uses it), or under gevent from a pool of this
+    OS thread's own, kept while the thread lives.
 
     A connection is kept, not made and closed per call: closing a Redis connection waits for
     the reply consumer's ``BRPOP`` in flight (up to a second).
     """
     if not native.patched():
-        return app.pool
+        return app.connection_or_acquire()
     pools: dict[int, tuple[Any, Any]] | None = getattr(_pools, "pools", None)
     if pools is None:
         pools = _pools.pools = {}
@@ -59,4 +60,4 @@ def connection_pool(app: Any) -> Any:
     if made is None or made[0] is not app:
         limit = app.conf.broker_pool_limit or 1
         made = pools[id(app)] = (app, app.connection_for_write().Pool(limit=limit))
-    return made[1]
+    return made[1].acquire(block=True)
