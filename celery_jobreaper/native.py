@@ -32,22 +32,18 @@ logger = logging.getLogger(__name__)
 JOIN_POLL = 0.01
 
 
-def _monkey() -> Any | None:
-    """``gevent.monkey`` if it patched ``threading`` in this process, else None."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        return monkey
-    return None
-
-
 def patched() -> bool:
-    """Whether gevent monkey-patched threads here (a ``threading.Thread`` is a greenlet)."""
-    return _monkey() is not None
+    """Whether gevent monkey-patched threads or sockets here (Celery's ``-P gevent`` patches
+    everything): a ``threading.Thread`` is a greenlet, a socket belongs to one thread's hub."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(
+        monkey.is_module_patched("threading") or monkey.is_module_patched("socket")
+    )
 
 
 def _original(name: str) -> Any:
-    """The unpatched ``_thread.<name>``."""
-    monkey = _monkey()
+    """The unpatched ``_thread.<name>`` (gevent keeps the originals of what it patched)."""
+    monkey = sys.modules.get("gevent.monkey")
     if monkey is not None:
         return monkey.get_original("_thread", name)
     return getattr(_thread, name)
