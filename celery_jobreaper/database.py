@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -10,8 +11,10 @@ from kombu.utils.imports import symbol_by_name
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from . import native
 from .errors import ConfigurationError
 from .extras import driver_hint
 from .settings import Settings
@@ -20,15 +23,25 @@ logger = logging.getLogger(__name__)
 
 
 class Database:
-    """An engine plus what jobreaper needs to know about it (ownership, dialect abilities)."""
+    """An engine plus what jobreaper needs to know about it (ownership, dialect abilities).
+
+    Under gevent's monkey-patching each real thread other than the one that made this object
+    (jobreaper's loops: see :mod:`celery_jobreaper.native`) gets a copy of the engine with a
+    pool of its own: a pooled connection's socket waits on the hub of the thread that opened
+    it and cannot be used from another thread.
+    """
 
     def __init__(self, engine: Engine, *, owned: bool) -> None:
         if not owned and engine.dialect.name == "sqlite":
             # jobreaper's own engines get this in make_engine; a borrowed one through a view
             engine = borrowed_sqlite_begin_immediate(engine)
-        self.engine = engine
+        self._engine = engine
         self.owned = owned
         self._pid = os.getpid()
+        self._home = native.thread_ident()
+        self._local = native.thread_local()  # this thread's engine copy (gevent only)
+        self._copies: list[Engine] = []  # every copy made, to dispose
+        self._copies_lock = native.real_lock()
         name = engine.dialect.name
         #: ``SELECT … FOR UPDATE SKIP LOCKED`` is available (PostgreSQL, MySQL 8, MariaDB 10.6+).
         self.skip_locked = name in {"postgresql", "mysql", "mariadb"}
@@ -66,9 +79,21 @@ class Database:
         return cls(engine, owned=True)
 
     @property
+    def engine(self) -> Engine:
+        """The engine for the calling thread (the one given, but see the class docstring)."""
+        if not native.patched() or native.thread_ident() == self._home:
+            return self._engine
+        engine: Engine | None = getattr(self._local, "engine", None)
+        if engine is None:
+            engine = self._local.engine = _with_own_pool(self._engine)
+            with self._copies_lock:
+                self._copies.append(engine)
+        return engine
+
+    @property
     def url(self) -> str:
         """The database URL with any password hidden, for logs."""
-        return str(maybe_sanitize_url(self.engine.url.render_as_string(hide_password=False)))
+        return str(maybe_sanitize_url(self._engine.url.render_as_string(hide_password=False)))
 
     def connect(self) -> Connection:
         """A connection; after a fork, the pool inherited from the parent is dropped first."""
@@ -76,15 +101,36 @@ class Database:
             self.after_fork()
         return self.engine.connect()
 
+    def _take_copies(self) -> list[Engine]:
+        with self._copies_lock:
+            copies, self._copies = self._copies, []
+        self._local = native.thread_local()
+        return copies
+
     def after_fork(self) -> None:
         """Forget pooled connections inherited from the parent process (never close them)."""
         self._pid = os.getpid()
-        self.engine.dispose(close=False)
+        self._engine.dispose(close=False)
+        self._take_copies()
 
     def dispose(self) -> None:
-        """Close pooled connections if jobreaper created the engine; borrowed ones stay open."""
+        """Close pooled connections if jobreaper created the engine; borrowed ones stay open
+        (the pools of the per-thread copies are jobreaper's own: closed either way)."""
+        for engine in self._take_copies():
+            engine.pool.dispose()
         if self.owned:
-            self.engine.dispose()
+            self._engine.dispose()
+
+
+def _with_own_pool(engine: Engine) -> Engine:
+    """A copy of *engine* (dialect, options, event listeners shared) with a pool of its own."""
+    if isinstance(engine, OptionEngine):  # its pool is its parent's: copy the parent
+        option_clone = copy.copy(engine)
+        option_clone._proxied = _with_own_pool(engine._proxied)
+        return option_clone
+    clone = copy.copy(engine)
+    clone.pool = engine.pool.recreate()
+    return clone
 
 
 def make_engine(url: str, settings: Settings) -> Engine:

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import false, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
+from .broadcast import broadcast
 from .clock import db_now, db_utcnow, monotonic, utcnow
 from .schema import JobReaperTables
 from .vocabulary import DEAD, DRAINING, RUNNING, STOPPED
@@ -122,15 +123,13 @@ def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
     def ping(nodes: Collection[str], timeout: float) -> set[str]:
         if not nodes:
             return set()
-        replies = (
-            app.control.broadcast(
-                PING_COMMAND,
-                destination=list(nodes),
-                reply=True,
-                timeout=timeout,
-                limit=ALL_REPLIES,
-            )
-            or []
+        replies = broadcast(
+            app,
+            PING_COMMAND,
+            destination=nodes,
+            reply=True,
+            timeout=timeout,
+            limit=ALL_REPLIES,
         )
         return {
             name

@@ -14,6 +14,7 @@ from sqlalchemy import insert, update
 
 from . import bulk, signals
 from .apply import settle_batch
+from .broadcast import broadcast
 from .broker.result import SweepResult
 from .clock import db_utcnow, utcnow
 from .database import Database
@@ -79,16 +80,14 @@ def ask_with(app: Any) -> TaskAsker:
     def ask(nodes: Collection[str], task_ids: Collection[str], timeout: float) -> set[str]:
         if not nodes or not task_ids:
             return set()
-        replies = (
-            app.control.broadcast(
-                HELD_COMMAND,
-                arguments={"tags": [], "ids": list(task_ids)},
-                destination=list(nodes),
-                reply=True,
-                timeout=timeout,
-                limit=ALL_REPLIES,
-            )
-            or []
+        replies = broadcast(
+            app,
+            HELD_COMMAND,
+            arguments={"tags": [], "ids": list(task_ids)},
+            destination=nodes,
+            reply=True,
+            timeout=timeout,
+            limit=ALL_REPLIES,
         )
         held: set[str] = set()
         answered: set[str] = set()

@@ -1,51 +1,17 @@
-"""The background side of a worker: heartbeats and periodic reaps, in threads of their own."""
+"""The background side of a worker: heartbeats and periodic reaps, in real threads of their own
+(also under gevent: see :mod:`celery_jobreaper.native`)."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 
 from .liveness import Incarnation, Liveness
+from .native import Loop
 from .reaper import Reaper
 from .revoked import RevokedSync
 from .vocabulary import DRAINING, PERIODIC, STARTUP, STOPPED
 
 logger = logging.getLogger(__name__)
-
-
-class _Loop(threading.Thread):
-    """A daemon thread calling *fn* every *every* seconds until stopped; it survives errors."""
-
-    def __init__(self, name: str, every: float, fn: Callable[[], None]) -> None:
-        super().__init__(name=name, daemon=True)
-        self.every = every
-        self.fn = fn
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        last_error: str | None = None
-        while not self.stopping.wait(self.every):
-            try:
-                self.fn()
-            except Exception as error:
-                text = f"{type(error).__name__}: {error}"
-                if text == last_error:  # the same failure again: one line, no traceback
-                    logger.error(
-                        "jobreaper: %s failed again (%s); retrying in %g s",
-                        self.name,
-                        text.splitlines()[0],
-                        self.every,
-                    )
-                else:
-                    logger.exception(
-                        "jobreaper: %s failed; retrying in %g s", self.name, self.every
-                    )
-                last_error = text
-            else:
-                if last_error is not None:
-                    logger.info("jobreaper: %s works again", self.name)
-                last_error = None
 
 
 class ReaperService:
@@ -70,8 +36,8 @@ class ReaperService:
         self._warned_duplicates: set[str] = set()
         #: copies this worker's in-memory revoked ids to the table on every heartbeat
         self.revoked_sync = revoked_sync
-        self._heart = _Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
-        self._timer = _Loop("jobreaper-reaper", self.settings.interval, self.periodic)
+        self._heart = Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
+        self._timer = Loop("jobreaper-reaper", self.settings.interval, self.periodic)
 
     def register(self) -> None:
         """Create this incarnation's row (once)."""
@@ -133,7 +99,7 @@ class ReaperService:
         self._timer.stopping.set()
         self._heart.stopping.set()
         for loop in (self._timer, self._heart):
-            if loop.is_alive() and loop is not threading.current_thread():
+            if not loop.is_current():
                 loop.join(timeout=max(5.0, self.settings.connect_timeout + 1))
         self._mark(STOPPED)
         self.reaper.db.dispose()

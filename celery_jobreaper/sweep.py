@@ -18,6 +18,7 @@ from typing import Any
 
 from . import ledger, sweep_redis, workerstate
 from . import revoked as revoked_store
+from .broadcast import broadcast
 from .broker.result import SweepResult
 from .database import Database
 from .liveness import LivenessView
@@ -204,8 +205,10 @@ class BrokerSweep:
             # own revoke would block the id there for 3 hours, a re-sent task included).
             ids = sorted(settled_ids)
             for i in range(0, len(ids), REVOKE_CHUNK):
-                self.app.control.broadcast(
-                    "jobreaper_revoke_settled", arguments={"ids": ids[i : i + REVOKE_CHUNK]}
+                broadcast(
+                    self.app,
+                    "jobreaper_revoke_settled",
+                    arguments={"ids": ids[i : i + REVOKE_CHUNK]},
                 )
         return targets, settled
 
@@ -223,16 +226,18 @@ class BrokerSweep:
         if not nodes:
             return set()
         try:
-            replies = (
-                self.app.control.inspect(
-                    destination=nodes, limit=len(nodes), timeout=self.settings.ping_timeout
-                ).revoked()
-                or {}
+            replies = broadcast(
+                self.app,
+                "revoked",
+                destination=nodes,
+                reply=True,
+                limit=len(nodes),
+                timeout=self.settings.ping_timeout,
             )
         except Exception as error:
             logger.warning("jobreaper: could not ask live workers for revoked ids (%s)", error)
             return set()
-        return {i for ids in replies.values() for i in (ids or ())}
+        return {i for reply in replies for ids in reply.values() for i in (ids or ())}
 
     # -- reconciliation ---------------------------------------------------------------------
 

@@ -176,7 +176,7 @@ def _tracked(fleet: Fleet, task_id: str) -> Row[Any] | None:
 # --- 1: this worker is a live worker too ----------------------------------------------------
 
 
-@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads", "gevent"])
 def test_one_worker_seed_table_long_job_untouched_then_settled_after_restart(
     fleet: Fleet, pool: str
 ) -> None:
@@ -184,6 +184,14 @@ def test_one_worker_seed_table_long_job_untouched_then_settled_after_restart(
     every pool: the startup reap, the periodic reap with a long job in flight, tracking."""
     fleet.seed()
     worker = fleet.worker("a", pool=pool)
+    quick = fleet.job("quick", 0)
+
+    def quick_succeeded() -> bool:
+        row = _tracked(fleet, quick)
+        return row is not None and row.status == "succeeded"
+
+    wait_until(quick_succeeded, 60, "the quick job to be tracked as succeeded")
+    assert fleet.status("quick") == "completed"
     task_id = fleet.job("long", 120)
     fleet.started("long")
     fleet.periodic_runs(worker, 4)
@@ -200,6 +208,41 @@ def test_one_worker_seed_table_long_job_untouched_then_settled_after_restart(
     assert [e.job_id for e in fleet.events()] == ["long"]
     tracked = _tracked(fleet, task_id)
     assert tracked is not None and tracked.status == "failed"
+    assert fleet.status("quick") == "completed"
+
+
+def _incarnation(fleet: Fleet, inc: str) -> Row[Any]:
+    t = tables.incarnations
+    with fleet.db.connect() as conn:
+        return conn.execute(select(t.c.state, t.c.heartbeat_at).where(t.c.id == inc)).one()
+
+
+def test_gevent_worker_in_a_task_that_never_yields_keeps_heartbeating(fleet: Fleet) -> None:
+    """``-P gevent``, a CPU-bound task that never yields: it blocks the hub, so the worker
+    answers no ping (its consumer is a greenlet too). Its heartbeat goes on (a real thread),
+    so a second worker reaping every second past the heartbeat timeout never finds it dead
+    and leaves its job alone (DESIGN §2.1); the job then ends and is tracked as succeeded."""
+    fleet.seed(owner=True, task_id=True)
+    busy = fleet.worker("busy", pool="gevent")
+    inc = fleet.incarnation_id(busy)
+    task_id = str(fleet.producer.send_task("jr.spin", args=("spin",), queue=fleet.queue).id)
+    fleet.started("spin")
+    before = _incarnation(fleet, inc).heartbeat_at
+    reaper = fleet.worker("r", queue=f"{fleet.queue}-b")
+    assert fleet.producer.control.ping([busy.name], timeout=1.0) == [], "the hub is blocked"
+    fleet.periodic_runs(reaper, 6)  # well past the heartbeat timeout (3 s)
+    assert fleet.status("spin") == "running"
+    assert fleet.events() == []
+    state, after = _incarnation(fleet, inc)
+    assert state == "running"
+    assert after > before, "the busy worker's heartbeat went on"
+    assert not (fleet.tmp / "finished-spin").exists(), "the task was busy all along"
+    (fleet.tmp / "release-spin").write_text("")
+    wait_until(lambda: fleet.status("spin") == "completed", 60, "the busy job to end")
+    tracked = _tracked(fleet, task_id)
+    assert tracked is not None and tracked.status == "succeeded"
+    assert fleet.events() == []
+    assert "Traceback" not in busy.output(), busy.output()
 
 
 # --- 2: a pool process dies, the worker lives -----------------------------------------------

@@ -56,6 +56,45 @@ def sleep(self: Any, seconds: float, tag: str = "") -> str:
     return tag
 
 
+@app.task(name="jr.spin", bind=True)
+def spin(self: Any, job_id: str) -> str:
+    """A user job (as ``jr.job``) that keeps the CPU busy and never yields (no I/O, no sleep)
+    until the file ``release-<job_id>`` appears in JR_SIGNAL_DIR (checked with ``os.stat``,
+    which no green library patches)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import insert, update
+
+    engine, table = _jobs_table()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    values: dict[str, Any] = {
+        "job_id": job_id,
+        "job_type": "library_scan",
+        "status": "running",
+        "started_at": now,
+        "owner": self.request.hostname,
+        "task_id": self.request.id,
+    }
+    with engine.begin() as conn:
+        conn.execute(insert(table).values(**values))
+    _mark(f"started-{job_id}")
+    release = Path(os.environ["JR_SIGNAL_DIR"], f"release-{job_id}")
+    spins = 0
+    while not release.exists():
+        for _ in range(10_000):  # pure CPU between two checks
+            spins += 1
+    with engine.begin() as conn:
+        conn.execute(
+            update(table)
+            .where(table.c.job_id == job_id, table.c.status == "running")
+            .values(
+                status="completed", completed_at=datetime.now(timezone.utc).replace(tzinfo=None)
+            )
+        )
+    _mark(f"finished-{job_id}")
+    return job_id
+
+
 @app.task(name="jr.record")
 def record(value: str) -> None:
     """Append *value* to the Redis list named by JR_RECORD_KEY (execution order)."""

@@ -28,6 +28,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 from .. import workerstate
+from ..broadcast import broadcast
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +128,13 @@ def ask_holders(
     before = pidbox_listeners(app, conn, client, prefix)
     replies: list[dict[str, Any]] = []
     if before:
-        replies = (
-            app.control.broadcast(
-                HELD_COMMAND,
-                arguments={"tags": sorted(tags), "ids": sorted(ids)},
-                reply=True,
-                timeout=timeout,
-                limit=before,
-            )
-            or []
+        replies = broadcast(
+            app,
+            HELD_COMMAND,
+            arguments={"tags": sorted(tags), "ids": sorted(ids)},
+            reply=True,
+            timeout=timeout,
+            limit=before,
         )
     after = pidbox_listeners(app, conn, client, prefix)
     answered: set[str] = set()

@@ -1,0 +1,165 @@
+"""Real OS threads for jobreaper's background loops, also under gevent's monkey-patching.
+
+With ``celery worker -P gevent`` Celery monkey-patches the process before anything else runs:
+a ``threading.Thread`` is then a greenlet in the hub's thread, and a task that does not yield
+(CPU-bound, or blocked inside a C call) starves it. The heartbeat must go on whatever tasks do
+-- a stale heartbeat and no reply to a ping (the consumer is a greenlet too) is death (DESIGN
+§2.1) -- so the loops run in real threads, started and waited for with the original
+``_thread`` primitives (as gevent's own thread pool does). Without monkey-patching these are
+the very primitives ``threading`` uses: one code path for every pool.
+
+Under gevent an I/O object belongs to the thread that made it: a patched socket waits on its
+creator's hub, and used from another thread fails ("Cannot switch to a different thread").
+So :class:`~celery_jobreaper.database.Database` keeps a connection pool per thread and
+remote-control calls use a broker connection pool per thread
+(:mod:`celery_jobreaper.broadcast`). eventlet is not handled (see README).
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two looks at a stopping loop thread in :meth:`Loop.join` (the calling
+#: thread sleeps with ``time.sleep``: under gevent that lets the hub serve tasks meanwhile).
+JOIN_POLL = 0.01
+
+
+def patched() -> bool:
+    """Whether gevent monkey-patched threads or sockets here (Celery's ``-P gevent`` patches
+    everything): a ``threading.Thread`` is a greenlet, a socket belongs to one thread's hub."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(
+        monkey.is_module_patched("threading") or monkey.is_module_patched("socket")
+    )
+
+
+def _original(name: str) -> Any:
+    """The unpatched ``_thread.<name>`` (gevent keeps the originals of what it patched)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original("_thread", name)
+    return getattr(_thread, name)
+
+
+def thread_ident() -> int:
+    """The id of the calling OS thread (under gevent, not of the calling greenlet)."""
+    return int(_original("get_ident")())
+
+
+class StopFlag:
+    """Set once, from any thread or greenlet; waited on with a timeout by a real thread."""
+
+    def __init__(self) -> None:
+        allocate = _original("allocate_lock")
+        self._guard = allocate()
+        self._gate = allocate()  # held while not set: a waiter blocks on it
+        self._gate.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        """Wake the waiter now and from then on (never blocks)."""
+        with self._guard:
+            if not self._set:
+                self._set = True
+                self._gate.release()
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` was called."""
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Block this real thread up to *timeout* seconds; True once the flag is set."""
+        if self._gate.acquire(timeout=max(0.0, timeout)):
+            self._gate.release()  # stays open for any later wait
+            return True
+        return self._set
+
+
+class Loop:
+    """A real thread calling *fn* every *every* seconds until stopped; it survives errors.
+
+    Like a daemon thread, it does not keep the interpreter alive.
+    """
+
+    def __init__(self, name: str, every: float, fn: Callable[[], None]) -> None:
+        self.name = name
+        self.every = every
+        self.fn = fn
+        self.stopping = StopFlag()
+        self._running = _original("allocate_lock")()  # held while the thread runs
+        self._ident: int | None = None
+
+    def start(self) -> None:
+        """Start the thread (once)."""
+        self._running.acquire()
+        try:
+            _original("start_new_thread")(self._main, ())
+        except BaseException:
+            self._running.release()
+            raise
+
+    def is_alive(self) -> bool:
+        """Whether the thread was started and has not ended."""
+        return bool(self._running.locked())
+
+    def is_current(self) -> bool:
+        """Whether the caller runs in this loop's thread."""
+        return self._ident is not None and self._ident == thread_ident()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the thread to end; True if it did."""
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and time.monotonic() < deadline:
+            time.sleep(JOIN_POLL)  # gevent's sleep under gevent: the hub goes on meanwhile
+        return not self.is_alive()
+
+    def _main(self) -> None:
+        self._ident = thread_ident()
+        try:
+            threading.current_thread().name = self.name  # for logs' threadName
+            self.run()
+        finally:
+            self._running.release()
+
+    def run(self) -> None:
+        """Call *fn* every *every* seconds until :attr:`stopping` is set."""
+        last_error: str | None = None
+        while not self.stopping.wait(self.every):
+            try:
+                self.fn()
+            except Exception as error:
+                text = f"{type(error).__name__}: {error}"
+                if text == last_error:  # the same failure again: one line, no traceback
+                    logger.error(
+                        "jobreaper: %s failed again (%s); retrying in %g s",
+                        self.name,
+                        text.splitlines()[0],
+                        self.every,
+                    )
+                else:
+                    logger.exception(
+                        "jobreaper: %s failed; retrying in %g s", self.name, self.every
+                    )
+                last_error = text
+            else:
+                if last_error is not None:
+                    logger.info("jobreaper: %s works again", self.name)
+                last_error = None
+
+
+def real_lock() -> Any:
+    """A lock of the OS (not gevent's); hold it only for a moment in the hub's thread."""
+    return _original("allocate_lock")()
+
+
+def thread_local() -> Any:
+    """Storage local to the calling OS thread (under gevent, not to the calling greenlet)."""
+    return _original("_local")()
