@@ -94,21 +94,16 @@ class Loop:
         self.every = every
         self.fn = fn
         self.stopping = StopFlag()
-        self._running = _original("allocate_lock")()  # held while the thread runs
+        self._running: Any = None  # from start_thread: held while the thread runs
         self._ident: int | None = None
 
     def start(self) -> None:
         """Start the thread (once)."""
-        self._running.acquire()
-        try:
-            _original("start_new_thread")(self._main, ())
-        except BaseException:
-            self._running.release()
-            raise
+        self._running = start_thread(self.name, self._main)
 
     def is_alive(self) -> bool:
         """Whether the thread was started and has not ended."""
-        return bool(self._running.locked())
+        return self._running is not None and bool(self._running.locked())
 
     def is_current(self) -> bool:
         """Whether the caller runs in this loop's thread."""
@@ -116,18 +111,11 @@ class Loop:
 
     def join(self, timeout: float) -> bool:
         """Wait up to *timeout* seconds for the thread to end; True if it did."""
-        deadline = time.monotonic() + timeout
-        while self.is_alive() and time.monotonic() < deadline:
-            time.sleep(JOIN_POLL)  # gevent's sleep under gevent: the hub goes on meanwhile
-        return not self.is_alive()
+        return self._running is None or wait_released(self._running, timeout)
 
     def _main(self) -> None:
         self._ident = thread_ident()
-        try:
-            threading.current_thread().name = self.name  # for logs' threadName
-            self.run()
-        finally:
-            self._running.release()
+        self.run()
 
     def run(self) -> None:
         """Call *fn* every *every* seconds until :attr:`stopping` is set."""
@@ -153,6 +141,61 @@ class Loop:
                 if last_error is not None:
                     logger.info("jobreaper: %s works again", self.name)
                 last_error = None
+
+
+class Wakeup:
+    """A doorbell between threads (greenlets too): rung any number of times, one waiter wakes
+    once per ring it has not seen yet; waited on by a real thread with a timeout."""
+
+    def __init__(self) -> None:
+        allocate = _original("allocate_lock")
+        self._guard = allocate()
+        self._gate = allocate()  # held while nobody rang
+        self._gate.acquire()
+        self._rung = False
+
+    def ring(self) -> None:
+        """Wake the waiter (never blocks)."""
+        with self._guard:
+            if not self._rung:
+                self._rung = True
+                self._gate.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to *timeout* seconds for a ring; True if one came (and it is consumed)."""
+        if not self._gate.acquire(timeout=max(0.0, timeout)):
+            return False
+        with self._guard:
+            self._rung = False
+        return True
+
+
+def start_thread(name: str, target: Callable[[], None]) -> Any:
+    """Run *target* in a new real thread named *name*; return a lock held while it runs."""
+    running = _original("allocate_lock")()
+    running.acquire()
+
+    def main() -> None:
+        try:
+            threading.current_thread().name = name
+            target()
+        finally:
+            running.release()
+
+    try:
+        _original("start_new_thread")(main, ())
+    except BaseException:
+        running.release()
+        raise
+    return running
+
+
+def wait_released(lock: Any, timeout: float) -> bool:
+    """Wait up to *timeout* seconds for *lock* (from :func:`start_thread`) to be released."""
+    deadline = time.monotonic() + timeout
+    while lock.locked() and time.monotonic() < deadline:
+        time.sleep(JOIN_POLL)  # gevent's sleep under gevent: the hub goes on meanwhile
+    return not lock.locked()
 
 
 def real_lock() -> Any:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kombu.utils.url import maybe_sanitize_url
+
+from . import native
 
 if TYPE_CHECKING:
     from .report import Report
@@ -33,11 +34,13 @@ FIRST_PAUSE = 0.5
 #: answers worth another try: timeouts and overload on the receiving side
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
-_STOP = object()
-
 
 class Webhooks:
-    """Posts reports that settled something to *urls* (``jobreaper_webhooks``)."""
+    """Posts reports that settled something to *urls* (``jobreaper_webhooks``).
+
+    The posting thread is a real OS thread (:mod:`celery_jobreaper.native`), also under
+    gevent, where a green thread started from jobreaper's loop thread would never run.
+    """
 
     def __init__(
         self,
@@ -53,9 +56,10 @@ class Webhooks:
         self.retries = retries  #: further tries after the first one, per URL
         self.headers = {"Content-Type": "application/json", **dict(headers or {})}
         self.first_pause = first_pause  #: seconds
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=CAPACITY)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._waiting: deque[bytes] = deque()
+        self._guard = native.real_lock()
+        self._wake = native.Wakeup()
+        self._running: Any = None  # held while the posting thread runs
         self._closed = False
 
     def notify(self, report: Report) -> None:
@@ -64,23 +68,36 @@ class Webhooks:
             return
         try:
             body = json.dumps({"event": "jobreaper.reap", "report": report.as_dict()}).encode()
-            self._put(body)
+            dropped = False
+            with self._guard:
+                if self._closed:
+                    return
+                if len(self._waiting) >= CAPACITY:
+                    self._waiting.popleft()
+                    dropped = True
+                self._waiting.append(body)
+                if self._running is None:
+                    self._running = native.start_thread("jobreaper-webhooks", self._run)
+            self._wake.ring()
+            if dropped:
+                logger.warning(
+                    "jobreaper: %d webhook reports waiting; dropped the oldest", CAPACITY
+                )
         except Exception:
             logger.exception("jobreaper: could not queue the report of run %s", report.run_id)
 
     def close(self, timeout: float | None = None) -> None:
         """Post what is queued (waiting at most *timeout* seconds; default: the longest one
-        delivery may take), then stop the thread."""
-        with self._lock:
+        delivery may take, for each report waiting), then stop the thread."""
+        with self._guard:
             self._closed = True
-            thread = self._thread
-        if thread is None:
+            running, waiting = self._running, len(self._waiting)
+        if running is None:
             return
-        self._put(_STOP)
+        self._wake.ring()
         if timeout is None:
-            timeout = self.longest_delivery() * (self._queue.qsize() + 1)
-        thread.join(timeout)
-        if thread.is_alive():
+            timeout = self.longest_delivery() * (waiting + 1)
+        if not native.wait_released(running, timeout):
             logger.warning(
                 "jobreaper: gave up waiting %g s for webhook reports still being posted", timeout
             )
@@ -90,36 +107,19 @@ class Webhooks:
         pauses = sum(self.first_pause * 2.0**i for i in range(self.retries))
         return len(self.urls) * (self.timeout * (self.retries + 1) + pauses)
 
-    def _put(self, item: Any) -> None:
-        with self._lock:
-            if self._closed and item is not _STOP:
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="jobreaper-webhooks", daemon=True
-                )
-                self._thread.start()
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    continue
-                logger.warning(
-                    "jobreaper: %d webhook reports waiting; dropped the oldest", CAPACITY
-                )
-
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
+            with self._guard:
+                body = self._waiting.popleft() if self._waiting else None
+                closed = self._closed
+            if body is None:
+                if closed:
+                    return
+                self._wake.wait(60.0)
+                continue
             for url in self.urls:
                 try:
-                    self._deliver(url, item)
+                    self._deliver(url, body)
                 except Exception:  # the thread outlives any surprise
                     logger.exception("jobreaper: webhook %s failed", maybe_sanitize_url(url))
 
