@@ -1,0 +1,116 @@
+"""Late writes to user tables (DESIGN §2.4): the application's own UPDATE of a row jobreaper
+settled cannot be blocked, but it is detected by the next reap, recorded in the ledger once
+(whatever number of reapers run), logged and signalled, and not again on later reaps."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from jobtables import create_seed
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.engine import Engine, Row
+from support import make_app
+
+import celery_jobreaper
+from celery_jobreaper import signals
+from celery_jobreaper.report import Report
+from celery_jobreaper.schema import tables
+
+OVERWRITTEN = 40  # rows the application completes after jobreaper failed them
+
+
+def late_events(engine: Engine) -> list[Row[Any]]:
+    ev = tables.events
+    with engine.connect() as conn:
+        return list(
+            conn.execute(select(ev).where(ev.c.action == "late_write").order_by(ev.c.job_id))
+        )
+
+
+def settle_then_overwrite(engine: Engine, url: str) -> Table:
+    """Jobs left running, settled by a reap, then some completed by a late application write."""
+    table = create_seed(engine, [{"job_id": f"j{i:03d}"} for i in range(2 * OVERWRITTEN)])
+    assert celery_jobreaper.reap(make_app(url)).settled == 2 * OVERWRITTEN
+    with engine.begin() as conn:  # the paused worker wakes up: its own completion UPDATE
+        conn.execute(
+            update(table)
+            .where(table.c.job_id < f"j{OVERWRITTEN:03d}")
+            .values(status="completed", error=None)
+        )
+    return table
+
+
+def test_two_concurrent_reapers_record_each_late_write_once(
+    db_url: str, engine_for: Callable[[str], Engine], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = engine_for(db_url)
+    table = settle_then_overwrite(engine, db_url)
+    barrier = threading.Barrier(2)
+    reports: list[Report] = []
+    errors: list[BaseException] = []
+    signalled: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def on_late(sender: Any = None, **kwargs: Any) -> None:
+        with lock:
+            signalled.append(kwargs)
+
+    def reaper() -> None:
+        try:
+            barrier.wait()
+            reports.append(celery_jobreaper.reap(make_app(db_url)))
+        except BaseException as error:
+            errors.append(error)
+
+    signals.late_result.connect(on_late, weak=False, dispatch_uid="test-late-writes")
+    caplog.set_level(logging.WARNING, logger="celery_jobreaper")
+    try:
+        threads = [threading.Thread(target=reaper) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert [r.settled for r in reports] == [0, 0]
+        # Later reaps find the same rows still overwritten: nothing new to record.
+        celery_jobreaper.reap(make_app(db_url))
+    finally:
+        signals.late_result.disconnect(dispatch_uid="test-late-writes")
+
+    events = late_events(engine)
+    assert [e.job_id for e in events] == [f"j{i:03d}" for i in range(OVERWRITTEN)]
+    e = events[0]
+    assert (e.source, e.previous_status, e.new_status) == ("system_jobs", "failed", "completed")
+    assert e.run_id is not None and "after jobreaper had settled it" in (e.reason or "")
+    assert sorted(s["job_id"] for s in signalled) == [e.job_id for e in events]
+    assert {(s["status"], s["source"], s["task_id"]) for s in signalled} == {
+        ("completed", "system_jobs", None)
+    }
+    logged = [r.getMessage() for r in caplog.records if "late write" in r.getMessage()]
+    assert len(logged) == OVERWRITTEN, logged
+    assert logged[0].startswith("jobreaper: late write to system_jobs job j0"), logged[0]
+    with engine.connect() as conn:  # detection changes nothing in the user's table
+        statuses = dict(
+            conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).all()
+        )
+    assert statuses == {"completed": OVERWRITTEN, "failed": OVERWRITTEN}
+
+
+def test_settlements_older_than_the_window_are_not_checked(
+    sqlite_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    engine = engine_for(sqlite_url)
+    settle_then_overwrite(engine, sqlite_url)
+    ev = tables.events
+    with engine.begin() as conn:
+        settled_at = conn.execute(select(func.min(ev.c.at))).scalar_one()
+        conn.execute(update(ev).values(at=settled_at - timedelta(seconds=601)))
+    celery_jobreaper.reap(make_app(sqlite_url, late_write_window=600))
+    assert late_events(engine) == []
+    celery_jobreaper.reap(make_app(sqlite_url, late_write_window=700))
+    assert len(late_events(engine)) == OVERWRITTEN
