@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import insert, update
 
-from . import bulk, signals
+from . import bulk, late_writes, signals
 from .apply import settle_batch
 from .broker.result import SweepResult
 from .clock import db_utcnow, utcnow
@@ -124,6 +124,7 @@ class Reaper:
         #: sources skipped by the last :meth:`prepare`: ``jobreaper_sources[i].table`` -> why
         self.missing_sources: dict[str, str] = {}
         self._tables_ready = False
+        self._late_error: str | None = None
         self._sources: list[JobSource] | None = None
         self._lock = threading.Lock()
 
@@ -234,6 +235,8 @@ class Reaper:
             queued = _Once(self._read_queues)
             for source in sources:
                 self._reap_source(conn, source, view, tally, queued=queued)
+            if not tally.dry_run:
+                self._detect_late_writes(conn, sources, tally)
             if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
                     mark_dead(conn, self.tables, view)
@@ -310,6 +313,36 @@ class Reaper:
                 self._settled(source, done, tally)
             if len(batch) < self.settings.batch_size:
                 return
+
+    def _detect_late_writes(self, conn: Any, sources: list[JobSource], tally: Tally) -> None:
+        """Record late writes to recently settled user-table rows (see :mod:`.late_writes`).
+
+        A failure here is logged (once per distinct error), never fails the reap."""
+        user = [s for s in sources if isinstance(s, UserTableSource)]
+        if not user or self.settings.late_write_window <= 0:
+            return
+        try:
+            with conn.begin():
+                found = late_writes.detect(
+                    conn,
+                    self.tables,
+                    user,
+                    now=tally.started_at,
+                    window=self.settings.late_write_window,
+                    run_id=tally.run_id,
+                )
+        except Exception as error:
+            text = f"{type(error).__name__}: {error}"
+            if text != self._late_error:
+                logger.warning(
+                    "jobreaper: could not check settled user-table rows for late writes (%s)",
+                    safe(text.splitlines()[0]),
+                    exc_info=True,
+                )
+            self._late_error = text
+            return
+        self._late_error = None
+        late_writes.report(self, found)
 
     def _reap_in_bulk(
         self,

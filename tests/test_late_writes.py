@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 from jobtables import create_seed
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, func, inspect, select, update
 from sqlalchemy.engine import Engine, Row
 from support import make_app
 
 import celery_jobreaper
-from celery_jobreaper import signals
+from celery_jobreaper import late_writes, signals
 from celery_jobreaper.report import Report
-from celery_jobreaper.schema import tables
+from celery_jobreaper.schema import create_all, tables
 
 OVERWRITTEN = 40  # rows the application completes after jobreaper failed them
 
@@ -46,10 +46,23 @@ def settle_then_overwrite(engine: Engine, url: str) -> Table:
 
 
 def test_two_concurrent_reapers_record_each_late_write_once(
-    db_url: str, engine_for: Callable[[str], Engine], caplog: pytest.LogCaptureFixture
+    db_url: str,
+    engine_for: Callable[[str], Engine],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = engine_for(db_url)
     table = settle_then_overwrite(engine, db_url)
+    if engine.dialect.name != "sqlite":  # (SQLite: BEGIN IMMEDIATE lets one in at a time)
+        # Both reapers have read the same unrecorded settlements before either records one.
+        both_read = threading.Barrier(2, timeout=30)
+        check = late_writes._check_source
+
+        def check_together(*args: Any, **kwargs: Any) -> Any:
+            both_read.wait()
+            return check(*args, **kwargs)
+
+        monkeypatch.setattr(late_writes, "_check_source", check_together)
     barrier = threading.Barrier(2)
     reports: list[Report] = []
     errors: list[BaseException] = []
@@ -75,6 +88,7 @@ def test_two_concurrent_reapers_record_each_late_write_once(
             t.start()
         for t in threads:
             t.join(timeout=120)
+        monkeypatch.undo()
         assert not errors, errors
         assert [r.settled for r in reports] == [0, 0]
         # Later reaps find the same rows still overwritten: nothing new to record.
@@ -114,3 +128,18 @@ def test_settlements_older_than_the_window_are_not_checked(
     assert late_events(engine) == []
     celery_jobreaper.reap(make_app(sqlite_url, late_write_window=700))
     assert len(late_events(engine)) == OVERWRITTEN
+
+
+def test_tables_of_an_older_release_get_the_late_write_table_and_index(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    engine = engine_for(db_url)
+    create_all(engine)
+    index = next(i for i in tables.events.indexes if i.name == "ix_jobreaper_events_action_at")
+    index.drop(engine)  # as an older celery_jobreaper created them
+    tables.late_writes.drop(engine)
+    create_all(engine)
+    with engine.connect() as conn:
+        names = {i["name"] for i in inspect(conn).get_indexes(tables.events.name)}
+        assert inspect(conn).has_table(tables.late_writes.name)
+    assert index.name in names
