@@ -8,12 +8,15 @@ from typing import Any
 import click
 from celery.bin.base import CeleryCommand, handle_preload_options
 from sqlalchemy import select
+from sqlalchemy.engine import Connection
 
 from .api import reap
 from .database import Database
+from .errors import MissingTableError
 from .report import Report
 from .schema import tables
 from .settings import Settings
+from .sources import resolve_table
 from .vocabulary import DRAINING, MANUAL, RUNNING
 
 
@@ -65,11 +68,23 @@ def reap_command(ctx: click.Context, max_age: float | None, as_json: bool) -> No
 reap_command.name = "reap"
 
 
+def _missing_tables(settings: Settings, conn: Connection) -> dict[str, str]:
+    """``jobreaper_sources[i].table`` -> why, for each configured table that does not exist."""
+    missing: dict[str, str] = {}
+    for spec in settings.sources:
+        try:
+            resolve_table(spec, conn)
+        except MissingTableError as error:
+            missing[error.key] = error.problem
+    return missing
+
+
 @jobreaper.command(cls=CeleryCommand)
 @click.option("--limit", type=int, default=10, show_default=True, help="How many runs to show.")
 @click.pass_context
 def status(ctx: click.Context, limit: int) -> None:
-    """Show live worker incarnations and the last reap runs from the ledger."""
+    """Show live worker incarnations, configured tables that do not exist, and the last reap
+    runs from the ledger."""
     settings = Settings.from_app(ctx.obj.app)
     db = Database.from_settings(settings)
     try:
@@ -81,9 +96,16 @@ def status(ctx: click.Context, limit: int) -> None:
             runs = conn.execute(
                 select(tables.runs).order_by(tables.runs.c.id.desc()).limit(limit)
             ).all()
+            missing = _missing_tables(settings, conn)
     finally:
         db.dispose()
     click.echo(f"database: {db.url}")
+    if missing:
+        click.echo(f"missing tables ({len(missing)}): their jobs are not reaped until they exist")
+        for key, problem in missing.items():
+            click.echo(f"  {key}: {problem}")
+    elif settings.sources:
+        click.echo(f"tables of jobreaper_sources: all {len(settings.sources)} present")
     click.echo(f"workers ({len(workers)}):")
     for w in workers:
         click.echo(

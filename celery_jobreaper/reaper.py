@@ -36,6 +36,8 @@ TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
 #: Task ids this worker process holds (active, reserved, scheduled, rate-limited).
 HeldIds = Callable[[], set[str]]
 MAX_PLANNED_IN_REPORT = 1000
+#: Seconds between two warnings about one configured table that does not exist (10 minutes).
+MISSING_TABLE_REPEAT = 600.0
 
 
 class Sweep(Protocol):
@@ -100,6 +102,7 @@ class Reaper:
         held: HeldIds | None = None,
         sweep: Sweep | None = None,
         skip_missing_tables: bool = False,
+        missing_table_repeat: float = MISSING_TABLE_REPEAT,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -123,6 +126,9 @@ class Reaper:
         self.skip_missing_tables = skip_missing_tables
         #: sources skipped by the last :meth:`prepare`: ``jobreaper_sources[i].table`` -> why
         self.missing_sources: dict[str, str] = {}
+        #: seconds between two warnings about one missing table
+        self.missing_table_repeat = missing_table_repeat
+        self._missing_said: dict[str, float] = {}  # key -> when last warned (monotonic)
         self._tables_ready = False
         self._late_error: str | None = None
         self._sources: list[JobSource] | None = None
@@ -155,14 +161,21 @@ class Reaper:
                     if not self.skip_missing_tables:
                         raise
                     missing[error.key] = error.problem
-        for key in missing.keys() - self.missing_sources.keys():
+        now = time.monotonic()
+        for key, problem in missing.items():
+            said = self._missing_said.get(key)
+            if said is not None and now - said < self.missing_table_repeat:
+                continue
+            self._missing_said[key] = now
             logger.warning(
                 "jobreaper: %s: %s; its jobs are not reaped until it exists (looked up again "
-                "on every reap)",
+                "on every reap; this warning repeats every %g s while it is missing)",
                 key,
-                safe(missing[key]),
+                safe(problem),
+                self.missing_table_repeat,
             )
         for key in self.missing_sources.keys() - missing.keys():
+            self._missing_said.pop(key, None)
             logger.info("jobreaper: %s exists now; its jobs are reaped from now on", key)
         self.missing_sources = missing
         if not missing:

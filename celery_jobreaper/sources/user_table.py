@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
@@ -43,7 +44,7 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     except exc.NoSuchTableError:
         columns = []
     if not columns:
-        raise _no_table(spec, table)
+        raise _no_table(spec, table, conn)
     keys = list(primary.get("constrained_columns") or ())
     reflected = Table(
         table,
@@ -55,12 +56,32 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     return reflected
 
 
-def _no_table(spec: SourceSpec, name: str) -> MissingTableError:
+def _no_table(spec: SourceSpec, name: str, conn: Connection) -> MissingTableError:
     where = f" in schema {spec.schema!r}" if spec.schema else ""
+    close = close_table_names(conn, name, spec.schema)
+    hint = (
+        f"; did you mean {' or '.join(repr(n) for n in close)}?"
+        if close
+        else "; no table of a similar name exists"
+    )
     return MissingTableError(
         f"{spec.key}.table",
-        f"no table named {name!r}{where} in the database (a migration not run yet?)",
+        f"no table named {name!r}{where} in the database (a migration not run yet?){hint}",
     )
+
+
+def close_table_names(conn: Connection, name: str, schema: str | None) -> list[str]:
+    """Up to three existing table names close to *name* (a typo's likely intent), best first.
+
+    Case is ignored when comparing. Empty when the names cannot be read.
+    """
+    try:
+        names = inspect(conn).get_table_names(schema=schema)
+    except exc.DBAPIError:
+        return []
+    by_lower = {n.lower(): n for n in names if n != name}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    return [by_lower[n] for n in close]
 
 
 def check_unique_id(
@@ -95,7 +116,7 @@ def check_unique_id(
             if index.get("unique") and not partial and list(index["column_names"]) == [name]:
                 return
     except exc.NoSuchTableError:
-        raise _no_table(spec, table.name) from None
+        raise _no_table(spec, table.name, conn) from None
     raise ConfigurationError(
         f"{spec.key}.id",
         f"column {name!r} of table {table.name!r} is neither its primary key nor unique: "
