@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, literal, select, update
 
 from . import bulk, late_writes, signals
 from .apply import settle_batch
@@ -22,7 +22,7 @@ from .liveness import ALL_REPLIES, Incarnation, Liveness, LivenessView, Pinger, 
 from .planner import Decision, TaskFacts, plan
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
-from .schema import JobReaperTables, check_version, create_all, tables
+from .schema import JobReaperTables, check_stored_version, check_version, create_all, tables
 from .settings import Settings
 from .settled import Settled, Tally
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
@@ -138,10 +138,12 @@ class Reaper:
         """Create (if configured) and check jobreaper's own tables, once."""
         if self._tables_ready:
             return
-        if self.settings.create_tables:
-            create_all(self.db.engine, self.tables)
-        with self.db.connect() as conn:
-            check_version(conn, self.tables)
+        stored = create_all(self.db.engine, self.tables) if self.settings.create_tables else None
+        if stored is not None:  # read while creating: not read again
+            check_stored_version(stored)
+        else:
+            with self.db.connect() as conn:
+                check_version(conn, self.tables)
         self._tables_ready = True
 
     def prepare(self) -> list[JobSource]:
@@ -248,7 +250,8 @@ class Reaper:
             queued = _Once(self._read_queues)
             for source in sources:
                 self._reap_source(conn, source, view, tally, queued=queued)
-            if not tally.dry_run:
+            if not tally.dry_run and tally.trigger != STARTUP:
+                # (not on the worker's start path: its first periodic reap checks)
                 self._detect_late_writes(conn, sources, tally)
             if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
@@ -370,6 +373,10 @@ class Reaper:
             # Settled jobs come back one by one only if someone reads them (log, signal).
             detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
             with conn.begin() as tx:
+                if after is None and not _any_stale(conn, source):
+                    # Nothing in a stale status: the batch statement (large: compiling it
+                    # costs a worker start several ms) is not even built.
+                    return
                 got = settler.batch(conn, after, detail=detail)
                 if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
                     tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
@@ -589,6 +596,13 @@ class _Once:
             self._value = self._read()
             self._done = True
         return self._value
+
+
+def _any_stale(conn: Any, source: JobSource) -> bool:
+    """Whether *source* has a row in a stale status (one indexed probe, ``LIMIT 1``)."""
+    target = source.target
+    probe = select(literal(1)).where(target.status.in_(target.stale_statuses)).limit(1)
+    return conn.execute(probe).first() is not None
 
 
 def _planned(d: Decision) -> dict[str, Any]:

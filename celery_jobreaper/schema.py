@@ -166,11 +166,13 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 tables = define_tables(metadata)
 
 
-def create_all(engine: Engine, tbls: JobReaperTables = tables) -> None:
+def create_all(engine: Engine, tbls: JobReaperTables = tables) -> str | None:
     """Create jobreaper's tables if missing and record the schema version.
 
     Safe when several workers start at once: a concurrent creator's "already exists" error is
-    swallowed once the tables are seen to exist.
+    swallowed once the tables are seen to exist. Returns the schema version stored (read or
+    recorded here; give it to :func:`check_stored_version` instead of reading it again), or
+    ``None`` when another worker recorded it at the same moment.
     """
     with engine.connect() as conn:  # one catalogue query per schema, not one per table
         inspector = inspect(conn)
@@ -198,12 +200,13 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> None:
     version = select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
     try:
         with engine.begin() as conn:
-            if conn.execute(version).first() is None:
-                conn.execute(
-                    insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION))
-                )
+            row = conn.execute(version).first()
+            if row is not None:
+                return str(row[0])
+            conn.execute(insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            return str(SCHEMA_VERSION)
     except exc.IntegrityError:
-        pass  # another worker recorded it first
+        return None  # another worker recorded it first
 
 
 def _create_indexes(engine: Engine, table: Table) -> None:
@@ -237,7 +240,12 @@ def check_version(conn: Connection, tbls: JobReaperTables = tables) -> None:
         ) from error
     if row is None:
         raise SchemaVersionError(f"jobreaper: {tbls.meta.name} holds no schema_version")
-    stored = int(row[0])
+    check_stored_version(str(row[0]))
+
+
+def check_stored_version(value: str) -> None:
+    """Raise :class:`SchemaVersionError` if the stored version *value* is newer than ours."""
+    stored = int(value)
     if stored > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"jobreaper: database schema version {stored} is newer than this "
