@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
-from sqlalchemy import Column, ColumnElement, DateTime, Enum, MetaData, Table, exc, inspect, select
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    DateTime,
+    Enum,
+    MetaData,
+    Table,
+    exc,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import Date
 
@@ -38,22 +50,80 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     # Only names, types and the primary key are read (not indexes, constraints, comments,
     # unless the id is not the primary key): a worker start pays for every reflection query.
     inspector = inspect(conn)
+    keys: list[str] = []
     try:
         columns = inspector.get_columns(table, schema=spec.schema)
-        primary = inspector.get_pk_constraint(table, schema=spec.schema)
+        unique = _pg_unique_keys(conn, table, spec.schema)
+        if unique is None:
+            primary = inspector.get_pk_constraint(table, schema=spec.schema)
+            keys = list(primary.get("constrained_columns") or ())
+        else:
+            keys = unique.primary
     except exc.NoSuchTableError:
         columns = []
     if not columns:
         raise _no_table(spec, table, conn)
-    keys = list(primary.get("constrained_columns") or ())
     reflected = Table(
         table,
         MetaData(),
         *(Column(c["name"], c["type"], primary_key=c["name"] in keys) for c in columns),
         schema=spec.schema,
     )
-    check_unique_id(spec, reflected, conn, primary_key=keys)
+    check_unique_id(spec, reflected, conn, primary_key=keys, unique=unique)
     return reflected
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _UniqueKeys:
+    """The key columns of a table's primary key and of each of its unique indexes."""
+
+    primary: list[str]
+    unique: list[list[str]]  #: plain-column, non-partial unique indexes (constraints have one)
+
+
+#: PostgreSQL: every unique index (primary key and unique constraints have one) without WHERE
+#: and without expressions, with its key columns (not INCLUDE ones), in one catalogue query;
+#: the table name is a bound parameter, resolved by ``to_regclass`` like the search path does.
+_PG_UNIQUE_KEYS = """
+SELECT c.oid IS NOT NULL AS found, i.indisprimary, (
+    SELECT array_agg(a.attname::text ORDER BY k.ord)
+    FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE k.ord <= i.indnkeyatts
+) AS cols
+FROM (SELECT to_regclass({name})::oid AS oid) AS c
+LEFT JOIN pg_catalog.pg_index i
+    ON i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+"""
+
+
+def _pg_unique_keys(conn: Connection, name: str, schema: str | None) -> _UniqueKeys | None:
+    """On PostgreSQL, the table's unique keys in one query (``None`` elsewhere).
+
+    What :func:`check_unique_id` asks through the inspector (primary key, unique constraints,
+    indexes: several catalogue queries, each compiled on a worker's first start) comes from
+    ``pg_index`` directly. Raises ``NoSuchTableError`` for a table that does not exist.
+    """
+    if conn.dialect.name != "postgresql":
+        return None
+    if schema is None:
+        sql = _PG_UNIQUE_KEYS.format(name="quote_ident(:jr_name)")
+        params = {"jr_name": name}
+    else:
+        sql = _PG_UNIQUE_KEYS.format(name="quote_ident(:jr_schema) || '.' || quote_ident(:jr_name)")
+        params = {"jr_name": name, "jr_schema": schema}
+    rows = conn.execute(text(sql), params).all()
+    if not rows or not rows[0][0]:
+        raise exc.NoSuchTableError(name)
+    primary: list[str] = []
+    unique: list[list[str]] = []
+    for _, is_primary, cols in rows:
+        if cols is None:
+            continue  # the LEFT JOIN's row of a table without unique index
+        if is_primary:
+            primary = list(cols)
+        unique.append(list(cols))
+    return _UniqueKeys(primary, unique)
 
 
 def _no_table(spec: SourceSpec, name: str, conn: Connection) -> MissingTableError:
@@ -85,7 +155,12 @@ def close_table_names(conn: Connection, name: str, schema: str | None) -> list[s
 
 
 def check_unique_id(
-    spec: SourceSpec, table: Table, conn: Connection, *, primary_key: list[str] | None = None
+    spec: SourceSpec,
+    table: Table,
+    conn: Connection,
+    *,
+    primary_key: list[str] | None = None,
+    unique: _UniqueKeys | None = None,
 ) -> None:
     """Refuse an id column that the database does not keep unique.
 
@@ -98,6 +173,15 @@ def check_unique_id(
     if id_name is None or id_name not in table.c:
         return  # UserTableSource names the missing column
     name = table.c[id_name].name
+    try:
+        if unique is None:
+            unique = _pg_unique_keys(conn, table.name, table.schema)
+        if unique is not None:
+            if [name] in unique.unique:
+                return
+            raise _not_unique(spec, table, name)
+    except exc.NoSuchTableError:
+        raise _no_table(spec, table.name, conn) from None
     inspector = inspect(conn)
     try:
         if primary_key is None:
@@ -117,7 +201,11 @@ def check_unique_id(
                 return
     except exc.NoSuchTableError:
         raise _no_table(spec, table.name, conn) from None
-    raise ConfigurationError(
+    raise _not_unique(spec, table, name)
+
+
+def _not_unique(spec: SourceSpec, table: Table, name: str) -> ConfigurationError:
+    return ConfigurationError(
         f"{spec.key}.id",
         f"column {name!r} of table {table.name!r} is neither its primary key nor unique: "
         "rows sharing an id would be settled together, including rows never judged; "
