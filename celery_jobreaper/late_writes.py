@@ -3,8 +3,9 @@
 Tracked jobs are fenced: a late finish of a settled job changes nothing (see
 :mod:`celery_jobreaper.tracking.late`). A user table is written by the application itself, so
 jobreaper cannot refuse a late UPDATE there (a worker paused past its heartbeat timeout wakes
-up and sets ``completed`` on a row jobreaper already failed). Instead, every reap looks at the
-rows it settled within ``jobreaper_late_write_window`` seconds (the ledger's ``settled``
+up and sets ``completed`` on a row jobreaper already failed). Instead, every periodic or
+manual reap (not the startup one, which must be quick) looks at the user-table rows any
+reaper settled within ``jobreaper_late_write_window`` seconds (the ledger's ``settled``
 events, through an index on ``(action, at)``; nothing else is read when there are none) and
 records each row whose status is no longer the one jobreaper set: one ``late_write`` event,
 a warning and :data:`celery_jobreaper.signals.late_result`.
