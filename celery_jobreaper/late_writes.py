@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, exists, insert, select
+from sqlalchemy import Select, any_, bindparam, delete, exists, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Insert
 
 from . import ledger, signals
+from .pgarrays import Array, send_arrays_in_binary
 from .schema import JobReaperTables
 from .sources.user_table import UserTableSource
 from .textsafe import safe
@@ -130,13 +131,15 @@ def _check_source(
     extra = [source.cols[r] for r in roles]
     by_key: dict[str, Any] = {row.job_id: row for row in settled}
     current: dict[str, tuple[Any, ...]] = {}
-    keys = list(by_key)
-    for i in range(0, len(keys), _CHUNK):
-        chunk = keys[i : i + _CHUNK]
-        ids = [_as_id(id_col, k) for k in chunk]
-        for row in conn.execute(
-            select(id_col, status_col, *extra).where(id_col.in_([x for x in ids if x is not None]))
-        ):
+    ids = [x for x in (_as_id(id_col, k) for k in by_key) if x is not None]
+    read = select(id_col, status_col, *extra)
+    if conn.dialect.name == "postgresql":  # one statement, the ids as one (binary) array
+        send_arrays_in_binary(conn)
+        chunks = [read.where(id_col == any_(bindparam("jr_ids", ids, type_=Array(id_col.type))))]
+    else:
+        chunks = [read.where(id_col.in_(ids[i : i + _CHUNK])) for i in range(0, len(ids), _CHUNK)]
+    for stmt in chunks:
+        for row in conn.execute(stmt):
             current[str(row[0])] = tuple(row[1:])
     found: list[LateWrite] = []
     for key, row in by_key.items():

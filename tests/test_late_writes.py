@@ -143,3 +143,14 @@ def test_tables_of_an_older_release_get_the_late_write_table_and_index(
         names = {i["name"] for i in inspect(conn).get_indexes(tables.events.name)}
         assert inspect(conn).has_table(tables.late_writes.name)
     assert index.name in names
+
+
+def test_integer_ids(db_url: str, engine_for: Callable[[str], Engine]) -> None:
+    """The ledger keeps ids as text; an integer id column is looked up by its value."""
+    engine = engine_for(db_url)
+    table = create_seed(engine, [{"job_id": i} for i in range(1, 4)], int_ids=True)
+    assert celery_jobreaper.reap(make_app(db_url)).settled == 3
+    with engine.begin() as conn:
+        conn.execute(update(table).where(table.c.job_id == 2).values(status="completed"))
+    celery_jobreaper.reap(make_app(db_url))
+    assert [(e.job_id, e.new_status) for e in late_events(engine)] == [("2", "completed")]
