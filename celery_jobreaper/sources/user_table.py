@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any
 
 from kombu.utils.imports import symbol_by_name
@@ -52,7 +53,9 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     inspector = inspect(conn)
     keys: list[str] = []
     try:
-        columns = inspector.get_columns(table, schema=spec.schema)
+        columns: list[Any] | None = _pg_plain_columns(conn, table, spec.schema)
+        if columns is None:
+            columns = list(inspector.get_columns(table, schema=spec.schema))
         unique = _pg_unique_keys(conn, table, spec.schema)
         if unique is None:
             primary = inspector.get_pk_constraint(table, schema=spec.schema)
@@ -71,6 +74,81 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     )
     check_unique_id(spec, reflected, conn, primary_key=keys, unique=unique)
     return reflected
+
+
+#: PostgreSQL: each column's name, ``format_type`` and whether its collation is its type's.
+_PG_COLUMNS = """
+SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+    a.attcollation = t.typcollation
+FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+WHERE a.attrelid = to_regclass({name})::oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+#: ``format_type`` names read without SQLAlchemy's inspector (``-``: no arguments allowed).
+_PG_PLAIN = {
+    "smallint": "-",
+    "integer": "-",
+    "bigint": "-",
+    "text": "-",
+    "date": "-",
+    "uuid": "-",
+    "boolean": "-",
+    "character varying": "length",
+    "character": "length",
+    "timestamp without time zone": "precision",
+    "timestamp with time zone": "precision",
+}
+_PG_FORMAT = re.compile(r"^(?P<head>[a-z ]+?)(?:\((?P<arg>[0-9]+)\))?(?P<tail>[a-z ]*)$")
+
+
+def _pg_plain_columns(
+    conn: Connection, name: str, schema: str | None
+) -> list[dict[str, Any]] | None:
+    """On PostgreSQL, the columns of a table of plain types, in one small query; ``None``
+    elsewhere or when any column is of another type (or collation) than the ones of
+    :data:`_PG_PLAIN`: the inspector reflects such a table.
+
+    The inspector's column query is large: compiling it costs a worker's first start several
+    ms. The types built here are the ones it builds (the dialect's ``ischema_names`` classes
+    with the same arguments; ``tests/test_reflection.py`` compares them).
+    """
+    if conn.dialect.name != "postgresql":
+        return None
+    sql, params = _pg_regclass(_PG_COLUMNS, name, schema)
+    rows = conn.execute(text(sql), params).all()
+    if not rows:
+        return None  # no such table (or no column): the inspector says which
+    dialect: Any = conn.dialect
+    names = dialect.ischema_names
+    columns: list[dict[str, Any]] = []
+    for column, formatted, default_collation in rows:
+        match = _PG_FORMAT.match(formatted or "")
+        if match is None or not default_collation:
+            return None
+        attype = (match["head"] + match["tail"]).strip()
+        role = _PG_PLAIN.get(attype)
+        if role is None or (role == "-" and match["arg"]):
+            return None
+        kwargs: dict[str, Any] = {}
+        if attype.startswith("timestamp"):
+            kwargs["timezone"] = attype.endswith("with time zone")
+        args: tuple[int, ...] = ()
+        if match["arg"]:
+            if role == "precision":
+                kwargs["precision"] = int(match["arg"])
+            else:
+                args = (int(match["arg"]),)
+        columns.append({"name": column, "type": names[attype](*args, **kwargs)})
+    return columns
+
+
+def _pg_regclass(template: str, name: str, schema: str | None) -> tuple[str, dict[str, str]]:
+    """*template* with ``{name}`` resolving the table (a bound name, quoted by the server)."""
+    if schema is None:
+        return template.format(name="quote_ident(:jr_name)"), {"jr_name": name}
+    qualified = "quote_ident(:jr_schema) || '.' || quote_ident(:jr_name)"
+    return template.format(name=qualified), {"jr_name": name, "jr_schema": schema}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,12 +184,7 @@ def _pg_unique_keys(conn: Connection, name: str, schema: str | None) -> _UniqueK
     """
     if conn.dialect.name != "postgresql":
         return None
-    if schema is None:
-        sql = _PG_UNIQUE_KEYS.format(name="quote_ident(:jr_name)")
-        params = {"jr_name": name}
-    else:
-        sql = _PG_UNIQUE_KEYS.format(name="quote_ident(:jr_schema) || '.' || quote_ident(:jr_name)")
-        params = {"jr_name": name, "jr_schema": schema}
+    sql, params = _pg_regclass(_PG_UNIQUE_KEYS, name, schema)
     rows = conn.execute(text(sql), params).all()
     if not rows or not rows[0][0]:
         raise exc.NoSuchTableError(name)
