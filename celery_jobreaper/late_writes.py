@@ -77,9 +77,7 @@ def detect(
     ).all()
     if not recent:
         return []
-    latest: dict[tuple[str, str], Any] = {}
-    for row in recent:  # the latest settlement of each job (a job may have run again since)
-        latest[(row.source, row.job_id)] = row
+    latest: dict[tuple[str, str], Any] = {(row.source, row.job_id): row for row in recent}
     found: list[LateWrite] = []
     for name, source in by_name.items():
         settled = [row for (src, _), row in latest.items() if src == name]
@@ -93,9 +91,10 @@ def detect(
 
 @functools.lru_cache(maxsize=8)
 def _recent(tables: JobReaperTables) -> Select[Any]:
-    """Unrecorded settlements since ``:jr_since`` of the sources ``:jr_sources`` (built once:
-    an idle reap pays for one indexed query, not for building it)."""
+    """Unrecorded latest settlements since ``:jr_since`` of the sources ``:jr_sources`` (built
+    once: an idle reap pays for one indexed query, not for building it)."""
     ev, marks = tables.events, tables.late_writes
+    later = ev.alias("jr_later")
     return (
         select(
             ev.c.id,
@@ -112,6 +111,14 @@ def _recent(tables: JobReaperTables) -> Select[Any]:
             ev.c.at >= bindparam("jr_since", type_=ev.c.at.type),
             ev.c.source.in_(bindparam("jr_sources", expanding=True)),
             ~exists().where(marks.c.event_id == ev.c.id),
+            # only a job's latest settlement: an earlier one's row was written again since
+            # (by the application's next run, which was settled again)
+            ~exists().where(
+                later.c.source == ev.c.source,
+                later.c.job_id == ev.c.job_id,
+                later.c.action == SETTLED,
+                later.c.id > ev.c.id,
+            ),
         )
         .order_by(ev.c.id)
     )

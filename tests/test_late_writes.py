@@ -154,3 +154,21 @@ def test_integer_ids(db_url: str, engine_for: Callable[[str], Engine]) -> None:
         conn.execute(update(table).where(table.c.job_id == 2).values(status="completed"))
     celery_jobreaper.reap(make_app(db_url))
     assert [(e.job_id, e.new_status) for e in late_events(engine)] == [("2", "completed")]
+
+
+def test_a_job_settled_twice_gets_one_late_write(
+    sqlite_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Settled, run again in the same row, settled again, then overwritten: one late write
+    (the latest settlement's), however many reaps follow."""
+    engine = engine_for(sqlite_url)
+    table = create_seed(engine, [{"job_id": "again"}])
+    assert celery_jobreaper.reap(make_app(sqlite_url)).settled == 1
+    with engine.begin() as conn:  # the application runs the job again in the same row
+        conn.execute(update(table).values(status="running", error=None))
+    assert celery_jobreaper.reap(make_app(sqlite_url)).settled == 1
+    with engine.begin() as conn:
+        conn.execute(update(table).values(status="completed"))
+    for _ in range(3):
+        celery_jobreaper.reap(make_app(sqlite_url))
+    assert [(e.job_id, e.new_status) for e in late_events(engine)] == [("again", "completed")]
