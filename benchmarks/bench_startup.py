@@ -18,6 +18,11 @@ plugin variants.
 
     python benchmarks/bench_startup.py            # 7 starts of each
     python benchmarks/bench_startup.py 3          # quick
+
+With ``--baseline DIR`` (a source tree of another celery_jobreaper version, e.g.
+``git archive <commit> | tar -x -C DIR``) the two plugin variants also run with that tree's
+package first on ``PYTHONPATH`` (``plugin@base``, ``plugin+table@base``), interleaved with the
+rest, so before and after are measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -46,16 +51,21 @@ REAP_LINE = re.compile(r"jobreaper: No stale jobs found \(startup, ([0-9.]+) s\)
 reap_seconds: dict[str, list[float]] = {}
 
 
-def start_worker(url: str, variant: str, queue: str, timeout: float = 60.0) -> float:
-    """Start one worker, return seconds from spawn to its ``ready.`` line, then stop it."""
+def start_worker(
+    url: str, variant: str, queue: str, timeout: float = 60.0, baseline: Path | None = None
+) -> float:
+    """Start one worker, return seconds from spawn to its ``ready.`` line, then stop it.
+
+    ``@base`` variants import celery_jobreaper from the *baseline* source tree."""
+    root = baseline if variant.endswith("@base") and baseline is not None else ROOT
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(root)]),
         "PYTHONUNBUFFERED": "1",
         "JR_BENCH_BROKER": REDIS_URL,
         "JR_BENCH_DATABASE_URL": url,
         "JR_BENCH_QUEUE": queue,
-        "JR_BENCH_SOURCE": "1" if variant == "plugin+table" else "0",
+        "JR_BENCH_SOURCE": "1" if variant.startswith("plugin+table") else "0",
         "JR_BENCH_INSTALL": "0" if variant == "bare" else "1",
     }
     env.pop("PYTHONWARNINGS", None)
@@ -67,7 +77,7 @@ def start_worker(url: str, variant: str, queue: str, timeout: float = 60.0) -> f
         "benchapp",
         "worker",
         "-n",
-        f"bench-{variant.replace('+', '-')}@%h",
+        f"bench-{variant.replace('+', '-').replace('@', '-')}@%h",
         "-P",
         "solo",
         "-l",
@@ -148,29 +158,41 @@ def flush_redis() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("starts", nargs="?", type=int, default=7, help="starts of each variant")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="source tree to compare with (see above)"
+    )
     args = parser.parse_args()
+    baseline: Path | None = args.baseline
+    variants = VARIANTS + (("plugin@base", "plugin+table@base") if baseline else ())
     queue = f"jrbench-{uuid.uuid4().hex[:8]}"
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     flush_redis()
     try:
         with throwaway_database() as url:
             setup(url)
-            for variant in VARIANTS:  # warm-up: tables, OS caches, .pyc files
-                start_worker(url, variant, queue)
+            for variant in variants:  # warm-up: tables, OS caches, .pyc files
+                start_worker(url, variant, queue, baseline=baseline)
             reap_seconds.clear()
             for i in range(args.starts):
-                order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
+                order = variants if i % 2 == 0 else variants[::-1]
                 for variant in order:
-                    times[variant].append(start_worker(url, variant, queue))
+                    times[variant].append(start_worker(url, variant, queue, baseline=baseline))
     finally:
         flush_redis()
     plugin, table, without, bare = (median(times[v]) * 1000 for v in VARIANTS)
     print(f"bench_startup: {args.starts} starts each, interleaved; spawn -> 'ready.' (ms)")
-    for variant in VARIANTS:
+    for variant in variants:
         runs = " ".join(f"{t * 1000:.0f}" for t in times[variant])
-        print(f"  {variant:<13} median {median(times[variant]) * 1000:7.1f}   runs: {runs}")
+        print(f"  {variant:<18} median {median(times[variant]) * 1000:7.1f}   runs: {runs}")
     print(f"  step overhead, defaults   (plugin - without):       {plugin - without:+6.1f} ms")
     print(f"  step overhead, user table (plugin+table - without): {table - without:+6.1f} ms")
+    if baseline:
+        base_plugin, base_table = (
+            median(times[v]) * 1000 for v in ("plugin@base", "plugin+table@base")
+        )
+        print(f"  baseline {baseline}:")
+        print(f"    step overhead, defaults:   {base_plugin - without:+6.1f} ms")
+        print(f"    step overhead, user table: {base_table - without:+6.1f} ms")
     print("  (target for the step overhead: <= 50 ms)")
     for variant, seconds in reap_seconds.items():
         logged = median(seconds) * 1000

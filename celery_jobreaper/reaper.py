@@ -10,9 +10,9 @@ from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, literal, select, update
 
-from . import bulk, signals
+from . import bulk, late_writes, signals
 from .apply import settle_batch
 from .broadcast import broadcast
 from .broker.result import SweepResult
@@ -23,7 +23,7 @@ from .liveness import ALL_REPLIES, Incarnation, Liveness, LivenessView, Pinger, 
 from .planner import Decision, TaskFacts, plan
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
-from .schema import JobReaperTables, check_version, create_all, tables
+from .schema import JobReaperTables, check_stored_version, check_version, create_all, tables
 from .settings import Settings
 from .settled import Settled, Tally
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
@@ -38,6 +38,8 @@ TaskAsker = Callable[[Collection[str], Collection[str], float], set[str]]
 #: Task ids this worker process holds (active, reserved, scheduled, rate-limited).
 HeldIds = Callable[[], set[str]]
 MAX_PLANNED_IN_REPORT = 1000
+#: Seconds between two warnings about one configured table that does not exist (10 minutes).
+MISSING_TABLE_REPEAT = 600.0
 
 
 class Sweep(Protocol):
@@ -127,6 +129,7 @@ class Reaper:
         sweep: Sweep | None = None,
         skip_missing_tables: bool = False,
         webhooks: Webhooks | None = None,
+        missing_table_repeat: float = MISSING_TABLE_REPEAT,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -152,7 +155,11 @@ class Reaper:
         self.skip_missing_tables = skip_missing_tables
         #: sources skipped by the last :meth:`prepare`: ``jobreaper_sources[i].table`` -> why
         self.missing_sources: dict[str, str] = {}
+        #: seconds between two warnings about one missing table
+        self.missing_table_repeat = missing_table_repeat
+        self._missing_said: dict[str, float] = {}  # key -> when last warned (monotonic)
         self._tables_ready = False
+        self._late_error: str | None = None
         self._sources: list[JobSource] | None = None
         self._lock = threading.Lock()
 
@@ -160,10 +167,12 @@ class Reaper:
         """Create (if configured) and check jobreaper's own tables, once."""
         if self._tables_ready:
             return
-        if self.settings.create_tables:
-            create_all(self.db.engine, self.tables)
-        with self.db.connect() as conn:
-            check_version(conn, self.tables)
+        stored = create_all(self.db.engine, self.tables) if self.settings.create_tables else None
+        if stored is not None:  # read while creating: not read again
+            check_stored_version(stored)
+        else:
+            with self.db.connect() as conn:
+                check_version(conn, self.tables)
         self._tables_ready = True
 
     def prepare(self) -> list[JobSource]:
@@ -183,14 +192,21 @@ class Reaper:
                     if not self.skip_missing_tables:
                         raise
                     missing[error.key] = error.problem
-        for key in missing.keys() - self.missing_sources.keys():
+        now = time.monotonic()
+        for key, problem in missing.items():
+            said = self._missing_said.get(key)
+            if said is not None and now - said < self.missing_table_repeat:
+                continue
+            self._missing_said[key] = now
             logger.warning(
                 "jobreaper: %s: %s; its jobs are not reaped until it exists (looked up again "
-                "on every reap)",
+                "on every reap; this warning repeats every %g s while it is missing)",
                 key,
-                safe(missing[key]),
+                safe(problem),
+                self.missing_table_repeat,
             )
         for key in self.missing_sources.keys() - missing.keys():
+            self._missing_said.pop(key, None)
             logger.info("jobreaper: %s exists now; its jobs are reaped from now on", key)
         self.missing_sources = missing
         if not missing:
@@ -263,6 +279,9 @@ class Reaper:
             queued = _Once(self._read_queues)
             for source in sources:
                 self._reap_source(conn, source, view, tally, queued=queued)
+            if not tally.dry_run and tally.trigger != STARTUP:
+                # (not on the worker's start path: its first periodic reap checks)
+                self._detect_late_writes(conn, sources, tally)
             if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
                     mark_dead(conn, self.tables, view)
@@ -340,6 +359,36 @@ class Reaper:
             if len(batch) < self.settings.batch_size:
                 return
 
+    def _detect_late_writes(self, conn: Any, sources: list[JobSource], tally: Tally) -> None:
+        """Record late writes to recently settled user-table rows (see :mod:`.late_writes`).
+
+        A failure here is logged (once per distinct error), never fails the reap."""
+        user = [s for s in sources if isinstance(s, UserTableSource)]
+        if not user or self.settings.late_write_window <= 0:
+            return
+        try:
+            with conn.begin():
+                found = late_writes.detect(
+                    conn,
+                    self.tables,
+                    user,
+                    now=tally.started_at,
+                    window=self.settings.late_write_window,
+                    run_id=tally.run_id,
+                )
+        except Exception as error:
+            text = f"{type(error).__name__}: {error}"
+            if text != self._late_error:
+                logger.warning(
+                    "jobreaper: could not check settled user-table rows for late writes (%s)",
+                    safe(text.splitlines()[0]),
+                    exc_info=True,
+                )
+            self._late_error = text
+            return
+        self._late_error = None
+        late_writes.report(self, found)
+
     def _reap_in_bulk(
         self,
         conn: Any,
@@ -353,6 +402,10 @@ class Reaper:
             # Settled jobs come back one by one only if someone reads them (log, signal).
             detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
             with conn.begin() as tx:
+                if after is None and not _any_stale(conn, source):
+                    # Nothing in a stale status: the batch statement (large: compiling it
+                    # costs a worker start several ms) is not even built.
+                    return
                 got = settler.batch(conn, after, detail=detail)
                 if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
                     tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
@@ -574,6 +627,13 @@ class _Once:
             self._value = self._read()
             self._done = True
         return self._value
+
+
+def _any_stale(conn: Any, source: JobSource) -> bool:
+    """Whether *source* has a row in a stale status (one indexed probe, ``LIMIT 1``)."""
+    target = source.target
+    probe = select(literal(1)).where(target.status.in_(target.stale_statuses)).limit(1)
+    return conn.execute(probe).first() is not None
 
 
 def _planned(d: Decision) -> dict[str, Any]:

@@ -55,11 +55,20 @@ class JobReaperTables:
     runs: Table
     events: Table
     revoked: Table
+    late_writes: Table
 
     @property
     def all(self) -> tuple[Table, ...]:
         """Every table, in creation order."""
-        return (self.meta, self.incarnations, self.jobs, self.runs, self.events, self.revoked)
+        return (
+            self.meta,
+            self.incarnations,
+            self.jobs,
+            self.runs,
+            self.events,
+            self.revoked,
+            self.late_writes,
+        )
 
 
 def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperTables:
@@ -129,6 +138,8 @@ def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperT
         Column("reason", Text),
         Column("owner", _KEY),
         Index(f"ix_{prefix}events_source_job", "source", "job_id"),
+        # the recent settlements a reap checks for late writes (see late_writes.py)
+        Index(f"ix_{prefix}events_action_at", "action", "at"),
     )
     revoked = Table(
         f"{prefix}revoked",
@@ -138,7 +149,15 @@ def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperT
         Column("expires_at", DateTime, nullable=False, index=True),
         Column("node", _KEY),
     )
-    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked)
+    # One row per late write recorded (the settlement's event id is the key): what makes
+    # concurrent reapers record each late write once.
+    late_writes = Table(
+        f"{prefix}late_writes",
+        target,
+        Column("event_id", _BIGID, primary_key=True, autoincrement=False),
+        Column("detected_at", DateTime, nullable=False, index=True),
+    )
+    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked, late_writes)
 
 
 #: The default ``MetaData`` holding jobreaper's tables; give it to Alembic.
@@ -147,11 +166,13 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 tables = define_tables(metadata)
 
 
-def create_all(engine: Engine, tbls: JobReaperTables = tables) -> None:
+def create_all(engine: Engine, tbls: JobReaperTables = tables) -> str | None:
     """Create jobreaper's tables if missing and record the schema version.
 
     Safe when several workers start at once: a concurrent creator's "already exists" error is
-    swallowed once the tables are seen to exist.
+    swallowed once the tables are seen to exist. Returns the schema version stored (read or
+    recorded here; give it to :func:`check_stored_version` instead of reading it again), or
+    ``None`` when another worker recorded it at the same moment.
     """
     with engine.connect() as conn:  # one catalogue query per schema, not one per table
         inspector = inspect(conn)
@@ -169,15 +190,41 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> None:
             with engine.connect() as conn:
                 if not inspect(conn).has_table(table.name, schema=table.schema):
                     raise
+    late = tbls.late_writes
+    if (late.schema, late.name) not in existing and (tbls.events.schema, tbls.events.name) in (
+        existing
+    ):
+        # Tables made by an older celery_jobreaper: the events index that came with the late
+        # writes table is added with it (once; no catalogue query on later starts).
+        _create_indexes(engine, tbls.events)
     version = select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
     try:
         with engine.begin() as conn:
-            if conn.execute(version).first() is None:
-                conn.execute(
-                    insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION))
-                )
+            row = conn.execute(version).first()
+            if row is not None:
+                return str(row[0])
+            conn.execute(insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            return str(SCHEMA_VERSION)
     except exc.IntegrityError:
-        pass  # another worker recorded it first
+        return None  # another worker recorded it first
+
+
+def _create_indexes(engine: Engine, table: Table) -> None:
+    """Create *table*'s indexes that are missing (a concurrent creator's error swallowed)."""
+    with engine.connect() as conn:
+        have = {i["name"] for i in inspect(conn).get_indexes(table.name, schema=table.schema)}
+    for index in table.indexes:
+        if index.name in have:
+            continue
+        try:
+            index.create(engine)
+        except exc.DBAPIError:
+            with engine.connect() as conn:
+                names = {
+                    i["name"] for i in inspect(conn).get_indexes(table.name, schema=table.schema)
+                }
+            if index.name not in names:
+                raise
 
 
 def check_version(conn: Connection, tbls: JobReaperTables = tables) -> None:
@@ -193,7 +240,12 @@ def check_version(conn: Connection, tbls: JobReaperTables = tables) -> None:
         ) from error
     if row is None:
         raise SchemaVersionError(f"jobreaper: {tbls.meta.name} holds no schema_version")
-    stored = int(row[0])
+    check_stored_version(str(row[0]))
+
+
+def check_stored_version(value: str) -> None:
+    """Raise :class:`SchemaVersionError` if the stored version *value* is newer than ours."""
+    stored = int(value)
     if stored > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"jobreaper: database schema version {stored} is newer than this "

@@ -33,6 +33,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_BATCH_SIZE = 1000
 #: Seconds a durably revoked task id is kept (Celery's own default for its in-memory set).
 DEFAULT_REVOKED_EXPIRES = 10800.0
+#: Seconds after settling a user-table row during which reaps look for a late write to it.
+DEFAULT_LATE_WRITE_WINDOW = 10800.0
 #: Seconds an unacked Redis message must have been held before a sweep may restore or drop it.
 DEFAULT_UNACKED_GRACE = 60.0
 #: A RabbitMQ sweep never hands a message back with more deliveries counted than this
@@ -113,6 +115,7 @@ class Settings:
     policies: tuple[tuple[str, Action], ...] = ()
     queue_cleanup: Literal["selective", "purge", "off"] = "selective"
     revoked_expires: float = DEFAULT_REVOKED_EXPIRES
+    late_write_window: float = DEFAULT_LATE_WRITE_WINDOW
     unacked_grace: float = DEFAULT_UNACKED_GRACE
     amqp_max_deliveries: int = DEFAULT_AMQP_MAX_DELIVERIES
     webhooks: tuple[str, ...] = ()
@@ -205,6 +208,11 @@ class Settings:
                 get("revoked_expires"),
                 DEFAULT_REVOKED_EXPIRES,
                 positive=True,
+            ),
+            late_write_window=_seconds(
+                "jobreaper_late_write_window",
+                get("late_write_window"),
+                DEFAULT_LATE_WRITE_WINDOW,
             ),
             unacked_grace=_seconds(
                 "jobreaper_unacked_grace", get("unacked_grace"), DEFAULT_UNACKED_GRACE

@@ -170,6 +170,7 @@ class JobReaperStep(bootsteps.StartStopStep):
                 "incarnation": service.me.id,
                 "dry_run": self.settings.dry_run,
                 "last_run": report.as_dict() if report else None,
+                "missing_tables": dict(service.reaper.missing_sources),
             }
         }
 

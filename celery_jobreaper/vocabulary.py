@@ -39,6 +39,9 @@ LIVE_STATES: Final = (RUNNING, DRAINING)
 SETTLED: Final = "settled"
 #: A task finished after its job had been settled (the late result is not applied).
 LATE_RESULT: Final = "late_result"
+#: A user-table row changed after jobreaper settled it (the application's own write, which
+#: jobreaper cannot fence: detected by a later reap, see :mod:`celery_jobreaper.late_writes`).
+LATE_WRITE: Final = "late_write"
 #: A revoked or settled job's message removed from a queue.
 REMOVED: Final = "removed"
 #: A message a dead worker took but never acknowledged, put back in its queue.
@@ -47,7 +50,7 @@ RESTORED: Final = "restored"
 DROPPED: Final = "dropped"
 #: This worker's queues purged (``jobreaper_queue_cleanup = "purge"``).
 PURGED: Final = "purged"
-LEDGER_ACTIONS: Final = (SETTLED, LATE_RESULT, REMOVED, RESTORED, DROPPED, PURGED)
+LEDGER_ACTIONS: Final = (SETTLED, LATE_RESULT, LATE_WRITE, REMOVED, RESTORED, DROPPED, PURGED)
 
 # -- run triggers (jobreaper_runs.trigger) -----------------------------------------------------
 

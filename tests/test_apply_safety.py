@@ -629,3 +629,49 @@ def test_row_reused_by_a_new_run_between_read_and_apply_is_not_settled(
         got = {r.job_id: (r.task_id, r.status) for r in conn.execute(select(table))}
     assert got["nightly"] == ("t-new", "running")
     assert [e.job_id for e in events(engine)] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("index", "accepted"),
+    [
+        ("CREATE UNIQUE INDEX ix_jobs_cover ON jobs (job_id) INCLUDE (owner)", True),
+        ("CREATE UNIQUE INDEX ix_jobs_other ON jobs (owner) INCLUDE (job_id)", False),
+        ("CREATE UNIQUE INDEX ix_jobs_lower ON jobs (lower(job_id))", False),
+        ("CREATE UNIQUE INDEX ix_jobs_pair ON jobs (job_id, owner)", False),
+    ],
+)
+def test_postgresql_unique_index_shapes(
+    index: str, accepted: bool, pg_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Only the key columns of a plain unique index count (not INCLUDE columns, not
+    expressions, not a pair)."""
+    engine = engine_for(pg_url)
+    _jobs_table().create(engine)
+    with engine.begin() as conn:
+        conn.execute(text(index))
+    app = make_app(pg_url, sources=[{"table": "jobs", "id": "job_id", "owner": "owner"}])
+    if accepted:
+        assert celery_jobreaper.reap(app).ok
+    else:
+        with pytest.raises(ConfigurationError, match="primary key or unique"):
+            celery_jobreaper.reap(app)
+
+
+def test_postgresql_table_in_a_schema_is_checked_there(
+    pg_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Same name in two schemas: the configured schema's table (unique id) is the one checked."""
+    engine = engine_for(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text('CREATE SCHEMA "Other"'))
+    _jobs_table().create(engine)  # public.jobs: job_id not unique
+    Table(
+        "jobs",
+        MetaData(schema="Other"),
+        Column("job_id", String(64), primary_key=True),
+        Column("status", String(16), nullable=False),
+    ).create(engine)
+    source = {"table": "jobs", "id": "job_id", "schema": "Other"}
+    assert celery_jobreaper.reap(make_app(pg_url, sources=[source])).ok
+    with pytest.raises(ConfigurationError, match="primary key or unique"):
+        celery_jobreaper.reap(make_app(pg_url, sources=[{"table": "jobs", "id": "job_id"}]))

@@ -68,7 +68,7 @@ def test_plan_status_reap_history_as_json_on_a_seed_table(
     (seed,) = [s for s in status["sources"] if s["source"] == "system_jobs"]
     assert seed["stale"] == 2
     assert seed["oldest_started_at"] < status["now"]  # the day-old job, as ISO text
-    assert status["runs"][0]["dry_run"] is True and status["missing_sources"] == {}
+    assert status["runs"][0]["dry_run"] is True and status["missing_tables"] == {}
 
     reaped = _json(jobreaper(pg_url, "reap", "--json"))  # stdin is not a terminal: no question
     assert reaped["settled"] == 2 and reaped["error"] is None

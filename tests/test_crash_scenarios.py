@@ -390,6 +390,56 @@ def test_paused_worker_late_result_is_fenced(cluster: Cluster) -> None:
     assert [e.action for e in cluster.events(task_id)] == ["settled", "late_result"]
 
 
+def test_paused_worker_late_write_to_a_user_table_is_recorded_once(cluster: Cluster) -> None:
+    """A user-table job of a frozen worker is settled; when the worker wakes up, its task's own
+    (unfenced) completion UPDATE overwrites the row: that cannot be blocked, but the next reap
+    records it in the ledger once, logs it, and later reaps do not record it again."""
+    create_seed(cluster.db, [], owner=True, task_id=True)
+    source = {**SEED_SOURCE, "owner": "owner", "task_id": "task_id"}
+    settings = {"sources": [source], "track_tasks": False}
+    a_name, b_name = f"a-{cluster.unique}@h", f"b-{cluster.unique}@h"
+    b = cluster.ready_worker(b_name, queue=f"{cluster.queue}-b", settings=settings)
+    b_id = cluster.incarnation(b).id
+    a = cluster.ready_worker(a_name, settings=settings)
+    cluster.producer.send_task(
+        "jr.job", args=("late-1", 6), kwargs={"fenced": False}, queue=cluster.queue
+    )
+    wait_until(lambda: cluster.marker("started-late-1").exists(), 60, "the job to start")
+
+    def status() -> str | None:
+        with cluster.db.connect() as conn:
+            value = conn.exec_driver_sql(
+                "SELECT status FROM system_jobs WHERE job_id = 'late-1'"
+            ).scalar()
+        return None if value is None else str(value)
+
+    a.signal(signal.SIGSTOP)  # main process and pool child: no heartbeat, no ping reply
+    try:
+        wait_until(lambda: status() == "failed", 60, "B to settle the frozen worker's job")
+        assert [e.action for e in cluster.events() if e.job_id == "late-1"] == ["settled"]
+    finally:
+        a.signal(signal.SIGCONT)
+    wait_until(lambda: cluster.marker("finished-late-1").exists(), 60, "the task to finish")
+    assert status() == "completed"  # the application's own UPDATE is not blocked
+
+    def late() -> list[Row[Any]]:
+        return [e for e in cluster.events() if e.action == "late_write"]
+
+    [event] = wait_until(late, 30, "the late write in the ledger")
+    assert (event.job_id, event.source, event.previous_status, event.new_status) == (
+        "late-1",
+        "system_jobs",
+        "failed",
+        "completed",
+    )
+    assert event.owner == a_name and event.task_id is not None
+    line = "jobreaper: late write to system_jobs job late-1"
+    wait_until(lambda: line in a.output() + b.output(), 30, "the late write logged")
+    cluster.more_periodic_runs(b_id, 3)
+    assert len(late()) == 1
+    assert (a.output() + b.output()).count(line) == 1
+
+
 # --- 4 ------------------------------------------------------------------------------------
 
 

@@ -279,6 +279,7 @@ def test_finish_after_the_reaper_settled_the_job_is_a_late_result(
     assert [(r["task_id"], r["status"], r["node"]) for r in received] == [
         ("late", "succeeded", NODE)
     ]
+    assert [(r["source"], r["job_id"]) for r in received] == [("jobreaper_jobs", "late")]
 
 
 def test_flush_on_demand(db_url: str, make_tracker: Made, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -128,8 +128,11 @@ def _jobs_table() -> tuple[Any, Any]:
 
 
 @app.task(name="jr.job", bind=True)
-def job(self: Any, job_id: str, seconds: float) -> str:
+def job(self: Any, job_id: str, seconds: float, fenced: bool = True) -> str:
     """A user job in the seed's ``system_jobs`` table: written running, then completed.
+
+    *fenced*: the completion UPDATE only changes a row still ``running`` (a row jobreaper
+    settled meanwhile is kept); unfenced, it overwrites whatever the row holds.
 
     Writes the owner / task id columns when the table has them (``owner`` is this worker's
     node name, as ``task.request.hostname``), and announces its pool process's pid in
@@ -157,10 +160,13 @@ def job(self: Any, job_id: str, seconds: float) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
+    where = [table.c.job_id == job_id]
+    if fenced:
+        where.append(table.c.status == "running")
     with engine.begin() as conn:
         conn.execute(
             update(table)
-            .where(table.c.job_id == job_id, table.c.status == "running")
+            .where(*where)
             .values(
                 status="completed", completed_at=datetime.now(timezone.utc).replace(tzinfo=None)
             )

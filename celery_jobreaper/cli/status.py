@@ -86,7 +86,7 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
             {"source": name, "stale": count, "oldest_started_at": oldest}
             for name, count, oldest in stale
         ],
-        "missing_sources": dict(reaper.missing_sources),
+        "missing_tables": dict(reaper.missing_sources),
         "runs": [dict(r._mapping) for r in last],
     }
     if as_json:
@@ -114,8 +114,11 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
         ("source", "jobs", "oldest start", "age"),
         [(name, count, oldest, age(oldest, now)) for name, count, oldest in stale],
     )
-    for key, why in reaper.missing_sources.items():
-        click.echo(f"  {key}: {why} (not reaped until it exists)")
+    missing = reaper.missing_sources
+    if missing:
+        click.echo(f"\nmissing tables ({len(missing)}): their jobs are not reaped until they exist")
+        for key, why in missing.items():
+            click.echo(f"  {key}: {why}")
     click.echo(f"\nlast {len(last)} run(s):")
     table(
         ("run", "started", "trigger", "node", "settled", "left", "seconds", "error"),

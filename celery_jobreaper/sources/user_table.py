@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +21,7 @@ from sqlalchemy import (
     inspect,
     null,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import Date
@@ -51,34 +55,189 @@ def resolve_table(spec: SourceSpec, conn: Connection) -> Table:
     # Only names, types and the primary key are read (not indexes, constraints, comments,
     # unless the id is not the primary key): a worker start pays for every reflection query.
     inspector = inspect(conn)
+    keys: list[str] = []
     try:
-        columns = inspector.get_columns(table, schema=spec.schema)
-        primary = inspector.get_pk_constraint(table, schema=spec.schema)
+        columns: list[Any] | None = _pg_plain_columns(conn, table, spec.schema)
+        if columns is None:
+            columns = list(inspector.get_columns(table, schema=spec.schema))
+        unique = _pg_unique_keys(conn, table, spec.schema)
+        if unique is None:
+            primary = inspector.get_pk_constraint(table, schema=spec.schema)
+            keys = list(primary.get("constrained_columns") or ())
+        else:
+            keys = unique.primary
     except exc.NoSuchTableError:
         columns = []
     if not columns:
-        raise _no_table(spec, table)
-    keys = list(primary.get("constrained_columns") or ())
+        raise _no_table(spec, table, conn)
     reflected = Table(
         table,
         MetaData(),
         *(Column(c["name"], c["type"], primary_key=c["name"] in keys) for c in columns),
         schema=spec.schema,
     )
-    check_unique_id(spec, reflected, conn, primary_key=keys)
+    check_unique_id(spec, reflected, conn, primary_key=keys, unique=unique)
     return reflected
 
 
-def _no_table(spec: SourceSpec, name: str) -> MissingTableError:
+#: PostgreSQL: each column's name, ``format_type`` and whether its collation is its type's.
+_PG_COLUMNS = """
+SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+    a.attcollation = t.typcollation
+FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+WHERE a.attrelid = to_regclass({name})::oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+#: ``format_type`` names read without SQLAlchemy's inspector (``-``: no arguments allowed).
+_PG_PLAIN = {
+    "smallint": "-",
+    "integer": "-",
+    "bigint": "-",
+    "text": "-",
+    "date": "-",
+    "uuid": "-",
+    "boolean": "-",
+    "character varying": "length",
+    "character": "length",
+    "timestamp without time zone": "precision",
+    "timestamp with time zone": "precision",
+}
+_PG_FORMAT = re.compile(r"^(?P<head>[a-z ]+?)(?:\((?P<arg>[0-9]+)\))?(?P<tail>[a-z ]*)$")
+
+
+def _pg_plain_columns(
+    conn: Connection, name: str, schema: str | None
+) -> list[dict[str, Any]] | None:
+    """On PostgreSQL, the columns of a table of plain types, in one small query; ``None``
+    elsewhere or when any column is of another type (or collation) than the ones of
+    :data:`_PG_PLAIN`: the inspector reflects such a table.
+
+    The inspector's column query is large: compiling it costs a worker's first start several
+    ms. The types built here are the ones it builds (the dialect's ``ischema_names`` classes
+    with the same arguments; ``tests/test_reflection.py`` compares them).
+    """
+    if conn.dialect.name != "postgresql":
+        return None
+    sql, params = _pg_regclass(_PG_COLUMNS, name, schema)
+    rows = conn.execute(text(sql), params).all()
+    if not rows:
+        return None  # no such table (or no column): the inspector says which
+    dialect: Any = conn.dialect
+    names = dialect.ischema_names
+    columns: list[dict[str, Any]] = []
+    for column, formatted, default_collation in rows:
+        match = _PG_FORMAT.match(formatted or "")
+        if match is None or not default_collation:
+            return None
+        attype = (match["head"] + match["tail"]).strip()
+        role = _PG_PLAIN.get(attype)
+        if role is None or (role == "-" and match["arg"]):
+            return None
+        kwargs: dict[str, Any] = {}
+        if attype.startswith("timestamp"):
+            kwargs["timezone"] = attype.endswith("with time zone")
+        args: tuple[int, ...] = ()
+        if match["arg"]:
+            if role == "precision":
+                kwargs["precision"] = int(match["arg"])
+            else:
+                args = (int(match["arg"]),)
+        columns.append({"name": column, "type": names[attype](*args, **kwargs)})
+    return columns
+
+
+def _pg_regclass(template: str, name: str, schema: str | None) -> tuple[str, dict[str, str]]:
+    """*template* with ``{name}`` resolving the table (a bound name, quoted by the server)."""
+    if schema is None:
+        return template.format(name="quote_ident(:jr_name)"), {"jr_name": name}
+    qualified = "quote_ident(:jr_schema) || '.' || quote_ident(:jr_name)"
+    return template.format(name=qualified), {"jr_name": name, "jr_schema": schema}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _UniqueKeys:
+    """The key columns of a table's primary key and of each of its unique indexes."""
+
+    primary: list[str]
+    unique: list[list[str]]  #: plain-column, non-partial unique indexes (constraints have one)
+
+
+#: PostgreSQL: every unique index (primary key and unique constraints have one) without WHERE
+#: and without expressions, with its key columns (not INCLUDE ones), in one catalogue query;
+#: the table name is a bound parameter, resolved by ``to_regclass`` like the search path does.
+_PG_UNIQUE_KEYS = """
+SELECT c.oid IS NOT NULL AS found, i.indisprimary, (
+    SELECT array_agg(a.attname::text ORDER BY k.ord)
+    FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE k.ord <= i.indnkeyatts
+) AS cols
+FROM (SELECT to_regclass({name})::oid AS oid) AS c
+LEFT JOIN pg_catalog.pg_index i
+    ON i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+"""
+
+
+def _pg_unique_keys(conn: Connection, name: str, schema: str | None) -> _UniqueKeys | None:
+    """On PostgreSQL, the table's unique keys in one query (``None`` elsewhere).
+
+    What :func:`check_unique_id` asks through the inspector (primary key, unique constraints,
+    indexes: several catalogue queries, each compiled on a worker's first start) comes from
+    ``pg_index`` directly. Raises ``NoSuchTableError`` for a table that does not exist.
+    """
+    if conn.dialect.name != "postgresql":
+        return None
+    sql, params = _pg_regclass(_PG_UNIQUE_KEYS, name, schema)
+    rows = conn.execute(text(sql), params).all()
+    if not rows or not rows[0][0]:
+        raise exc.NoSuchTableError(name)
+    primary: list[str] = []
+    unique: list[list[str]] = []
+    for _, is_primary, cols in rows:
+        if cols is None:
+            continue  # the LEFT JOIN's row of a table without unique index
+        if is_primary:
+            primary = list(cols)
+        unique.append(list(cols))
+    return _UniqueKeys(primary, unique)
+
+
+def _no_table(spec: SourceSpec, name: str, conn: Connection) -> MissingTableError:
     where = f" in schema {spec.schema!r}" if spec.schema else ""
+    close = close_table_names(conn, name, spec.schema)
+    hint = (
+        f"; did you mean {' or '.join(repr(n) for n in close)}?"
+        if close
+        else "; no table of a similar name exists"
+    )
     return MissingTableError(
         f"{spec.key}.table",
-        f"no table named {name!r}{where} in the database (a migration not run yet?)",
+        f"no table named {name!r}{where} in the database (a migration not run yet?){hint}",
     )
 
 
+def close_table_names(conn: Connection, name: str, schema: str | None) -> list[str]:
+    """Up to three existing table names close to *name* (a typo's likely intent), best first.
+
+    Case is ignored when comparing. Empty when the names cannot be read.
+    """
+    try:
+        names = inspect(conn).get_table_names(schema=schema)
+    except exc.DBAPIError:
+        return []
+    by_lower = {n.lower(): n for n in names if n != name}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    return [by_lower[n] for n in close]
+
+
 def check_unique_id(
-    spec: SourceSpec, table: Table, conn: Connection, *, primary_key: list[str] | None = None
+    spec: SourceSpec,
+    table: Table,
+    conn: Connection,
+    *,
+    primary_key: list[str] | None = None,
+    unique: _UniqueKeys | None = None,
 ) -> None:
     """Refuse an id column that the database does not keep unique.
 
@@ -91,6 +250,15 @@ def check_unique_id(
     if id_name is None or id_name not in table.c:
         return  # UserTableSource names the missing column
     name = table.c[id_name].name
+    try:
+        if unique is None:
+            unique = _pg_unique_keys(conn, table.name, table.schema)
+        if unique is not None:
+            if [name] in unique.unique:
+                return
+            raise _not_unique(spec, table, name)
+    except exc.NoSuchTableError:
+        raise _no_table(spec, table.name, conn) from None
     inspector = inspect(conn)
     try:
         if primary_key is None:
@@ -109,8 +277,12 @@ def check_unique_id(
             if index.get("unique") and not partial and list(index["column_names"]) == [name]:
                 return
     except exc.NoSuchTableError:
-        raise _no_table(spec, table.name) from None
-    raise ConfigurationError(
+        raise _no_table(spec, table.name, conn) from None
+    raise _not_unique(spec, table, name)
+
+
+def _not_unique(spec: SourceSpec, table: Table, name: str) -> ConfigurationError:
+    return ConfigurationError(
         f"{spec.key}.id",
         f"column {name!r} of table {table.name!r} is neither its primary key nor unique: "
         "rows sharing an id would be settled together, including rows never judged; "

@@ -39,7 +39,9 @@ def record_late(
     ledger.write(conn, tables, events, now=utcnow(), run_id=None)
 
 
-def report_late(sender: Any, node: str, late: list[tuple[str, str]]) -> None:
+def report_late(
+    sender: Any, node: str, late: list[tuple[str, str]], *, source: str = "jobreaper_jobs"
+) -> None:
     """After the commit: log each late result and send :data:`signals.late_result`."""
     for task_id, status in late:
         logger.warning(
@@ -49,4 +51,6 @@ def report_late(sender: Any, node: str, late: list[tuple[str, str]]) -> None:
             node,
             status,
         )
-        signals.late_result.send(sender=sender, task_id=task_id, status=status, node=node)
+        signals.late_result.send(
+            sender=sender, task_id=task_id, status=status, node=node, source=source, job_id=task_id
+        )

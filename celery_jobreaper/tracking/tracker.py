@@ -189,7 +189,7 @@ class Tracker(BatchWriter):
         return late
 
     def _report_late(self, late: list[tuple[str, str]]) -> None:
-        report_late(self, self.me.node, late)
+        report_late(self, self.me.node, late, source=self.tables.jobs.name)
 
     def _write_now(self, records: list[_Record]) -> None:
         """Write *records* at once in their own transaction (gevent/eventlet: no writer)."""

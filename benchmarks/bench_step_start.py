@@ -1,0 +1,143 @@
+"""The step's own start work, without a worker around it: register + the startup reap.
+
+``bench_startup.py`` times a whole ``celery worker`` from spawn to ``ready.``; on a busy
+machine its spread (hundreds of ms) hides differences of a few ms. This one times only what
+the step does at start (``ReaperService.startup()``: create/check the tables, register the
+incarnation, the startup reap) in a fresh Python process each time (a worker's first
+statements are compiled then), on a fresh PostgreSQL database where nothing is stale, with
+default settings and with the seed-shaped ``system_jobs`` table (1000 finished jobs) as a
+source. It also counts what reaches the database (statements, plus BEGIN/COMMIT/ROLLBACK).
+
+    python benchmarks/bench_step_start.py 21
+    python benchmarks/bench_step_start.py 21 --baseline /tmp/base   # before/after, interleaved
+
+``--baseline DIR`` is a source tree of another version (``git archive <commit> | tar -x -C
+DIR``), imported first on ``PYTHONPATH`` for the ``base`` rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import median, throwaway_database
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time
+from celery import Celery
+from sqlalchemy import event
+from celery_jobreaper.database import Database
+from celery_jobreaper.liveness import Incarnation
+from celery_jobreaper.reaper import Reaper
+from celery_jobreaper.service import ReaperService
+from celery_jobreaper.settings import Settings
+
+url, with_table = sys.argv[1], sys.argv[2] == "1"
+app = Celery("bench", set_as_current=False)
+app.conf.jobreaper_database_url = url
+if with_table:
+    app.conf.jobreaper_sources = [{
+        "table": "system_jobs", "id": "job_id", "status": "status", "kind": "job_type",
+        "started_at": "started_at", "completed_at": "completed_at", "error": "error",
+    }]
+settings = Settings.from_app(app)
+db = Database.from_settings(settings)
+me = Incarnation.new("bench-step@h")
+sent = [0]
+def count(*_):
+    sent[0] += 1
+for name in ("before_cursor_execute", "begin", "commit", "rollback"):
+    event.listen(db.engine, name, count)
+reaper = Reaper(app, settings, db, me=me, ping=lambda nodes, timeout: set(), held=set)
+service = ReaperService(reaper, me)
+began = time.perf_counter()
+service.startup()
+took = time.perf_counter() - began
+print(json.dumps({"seconds": took, "sent": sent[0]}))
+service.stop()
+"""
+
+
+def setup(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE system_jobs (job_id varchar(64) PRIMARY KEY, job_type varchar(64), "
+                "status varchar(16) NOT NULL, started_at timestamp, completed_at timestamp, "
+                "error text)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO system_jobs SELECT 'job_' || i, 'library_scan', 'completed', "
+                "now() - interval '1 hour', now(), NULL FROM generate_series(1, 1000) AS i"
+            )
+        )
+    engine.dispose()
+
+
+def start(url: str, tree: Path, with_table: bool, cwd: str) -> tuple[float, int]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env.pop("PYTHONWARNINGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, url, "1" if with_table else "0"],
+        env=env,
+        cwd=cwd,  # not a source tree: only PYTHONPATH decides which package is imported
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), int(result["sent"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="?", type=int, default=15)
+    parser.add_argument("--baseline", type=Path, default=None)
+    args = parser.parse_args()
+    trees = {"this": ROOT, **({"base": args.baseline} if args.baseline else {})}
+    seconds: dict[tuple[str, bool], list[float]] = {}
+    sent: dict[tuple[str, bool], int] = {}
+    with throwaway_database() as url, tempfile.TemporaryDirectory() as cwd:
+        setup(url)
+        start(url, ROOT, True, cwd)  # warm-up: tables created, .pyc files written
+        for tree in trees.values():
+            start(url, tree, True, cwd)
+        for _ in range(args.runs):
+            for name, tree in trees.items():
+                for with_table in (False, True):
+                    took, n = start(url, tree, with_table, cwd)
+                    seconds.setdefault((name, with_table), []).append(took)
+                    sent[(name, with_table)] = n
+    print(
+        f"bench_step_start: register + startup reap in a fresh process (PostgreSQL, nothing "
+        f"stale), median of {args.runs} interleaved runs"
+    )
+    for (name, with_table), values in seconds.items():
+        label = "user table" if with_table else "defaults"
+        print(
+            f"  {name:<5} {label:<10} {median(values) * 1000:7.1f} ms   "
+            f"{sent[(name, with_table)]} statements + BEGIN/COMMIT/ROLLBACK"
+        )
+    for name in trees:
+        extra = median(seconds[(name, True)]) - median(seconds[(name, False)])
+        print(f"  {name}: a user table adds {extra * 1000:+.1f} ms")
+    if args.baseline:
+        for with_table in (False, True):
+            label = "user table" if with_table else "defaults"
+            diff = median(seconds[("this", with_table)]) - median(seconds[("base", with_table)])
+            print(f"  {label}: this - base = {diff * 1000:+.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

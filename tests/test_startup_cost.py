@@ -1,0 +1,48 @@
+"""What a worker's startup reap sends to the database when nothing is stale (DESIGN §8: the
+step's start overhead): no statement it can do without."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jobtables import create_seed
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from support import make_app
+
+from celery_jobreaper.database import Database
+from celery_jobreaper.liveness import Incarnation
+from celery_jobreaper.reaper import Reaper
+from celery_jobreaper.service import ReaperService
+from celery_jobreaper.settings import Settings
+
+
+def test_idle_startup_with_a_user_table_sends_only_what_it_needs(
+    pg_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    create_seed(engine_for(pg_url), [{"job_id": "done", "status": "completed"}])
+    app = make_app(pg_url)
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    me = Incarnation.new("cost@h")
+    reaper = Reaper(app, settings, db, me=me, ping=lambda nodes, timeout: set(), held=set)
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        ReaperService(reaper, me).startup()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+        db.dispose()
+    assert reaper.last_report is not None and reaper.last_report.error is None
+    # the schema version is read once (while the tables are checked), not again
+    assert sum("FROM jobreaper_meta" in s for s in sent) == 1, sent
+    # nothing stale: the large set-based settle statement is not built, one probe says so
+    assert not any(s.startswith("WITH jr_page") for s in sent), sent
+    assert sum(s.startswith("SELECT 1 FROM system_jobs") for s in sent) <= 1, sent
+    # late writes are checked by the periodic reaps, not on the worker's start path
+    assert not any("FROM jobreaper_events" in s for s in sent), sent
