@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping, Sequence
-from datetime import timedelta, tzinfo
-from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import urlsplit
-
-from celery.utils.time import maybe_timedelta
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigurationError
-from .timezones import zone_named
+from .sourcespec import COLUMN_ROLES, REQUIRED_ROLES, SourceSpec, parse_sources
+from .values import (
+    choice,
+    count,
+    flag,
+    globs,
+    headers,
+    optional_seconds,
+    positive_int,
+    seconds,
+    urls,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
+
+__all__ = ["COLUMN_ROLES", "REQUIRED_ROLES", "Settings", "SourceSpec"]
 
 #: Seconds between two heartbeats of a worker's incarnation row.
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
@@ -54,38 +62,6 @@ DEFAULT_ENGINE_OPTIONS: Mapping[str, Any] = {"pool_pre_ping": True, "pool_recycl
 
 Action = Literal["fail", "ignore"]
 ACTIONS: tuple[str, ...] = ("fail", "ignore")
-COLUMN_ROLES: tuple[str, ...] = (
-    "id",
-    "status",
-    "kind",
-    "started_at",
-    "completed_at",
-    "error",
-    "owner",
-    "task_id",
-)
-REQUIRED_ROLES: tuple[str, ...] = ("id", "status")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """One user job table, mapped onto the roles jobreaper understands."""
-
-    key: str  #: the settings key this came from, e.g. ``jobreaper_sources[0]``, for errors
-    table: Any  #: table name, :class:`~sqlalchemy.Table`, declarative model or ``"pkg.mod:attr"``
-    name: str  #: label used in logs and the ledger
-    columns: Mapping[str, str | None]  #: role -> column name (``None`` when the table lacks it)
-    stale_statuses: tuple[str, ...]
-    failed_status: str
-    schema: str | None = None
-    #: IANA name of the zone naive ``started_at`` values are written in (default ``"UTC"``)
-    timezone: str = "UTC"
-    #: that zone, or ``None`` for UTC (naive values are then taken as UTC, as they are)
-    zone: tzinfo | None = None
-    #: seconds after ``completed_at`` a row in one of ``prune_statuses`` is deleted by a prune
-    #: (``None``: rows of this table are never deleted)
-    prune_after: float | None = None
-    prune_statuses: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +124,13 @@ class Settings:
             engine_options = dict(DEFAULT_ENGINE_OPTIONS)
         elif not isinstance(engine_options, Mapping):
             raise ConfigurationError("jobreaper_engine_options", "expected a mapping")
-        heartbeat_interval = _seconds(
+        heartbeat_interval = seconds(
             "jobreaper_heartbeat_interval",
             get("heartbeat_interval"),
             DEFAULT_HEARTBEAT_INTERVAL,
             positive=True,
         )
-        heartbeat_timeout = _seconds(
+        heartbeat_timeout = seconds(
             "jobreaper_heartbeat_timeout",
             get("heartbeat_timeout"),
             DEFAULT_HEARTBEAT_TIMEOUT,
@@ -168,72 +144,72 @@ class Settings:
             )
         max_age_raw = get("max_age")
         settings = cls(
-            enabled=_flag("jobreaper_enabled", get("enabled", True)),
+            enabled=flag("jobreaper_enabled", get("enabled", True)),
             database_url=database_url,
             engine=engine,
             engine_options=dict(engine_options),
-            sources=tuple(_sources(get("sources", ()))),
-            track_tasks=_flag("jobreaper_track_tasks", get("track_tasks", True)),
-            track_task_names=_globs("jobreaper_track_task_names", get("track_task_names", ("*",))),
+            sources=tuple(parse_sources(get("sources", ()))),
+            track_tasks=flag("jobreaper_track_tasks", get("track_tasks", True)),
+            track_task_names=globs("jobreaper_track_task_names", get("track_task_names", ("*",))),
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
-            interval=_seconds(
+            interval=seconds(
                 "jobreaper_interval", get("interval"), DEFAULT_INTERVAL, positive=True
             ),
-            grace=_seconds("jobreaper_grace", get("grace"), DEFAULT_GRACE),
+            grace=seconds("jobreaper_grace", get("grace"), DEFAULT_GRACE),
             max_age=None
             if max_age_raw is None
-            else _seconds("jobreaper_max_age", max_age_raw, 0.0, positive=True),
-            ping_timeout=_seconds(
+            else seconds("jobreaper_max_age", max_age_raw, 0.0, positive=True),
+            ping_timeout=seconds(
                 "jobreaper_ping_timeout", get("ping_timeout"), DEFAULT_PING_TIMEOUT, positive=True
             ),
-            connect_timeout=_seconds(
+            connect_timeout=seconds(
                 "jobreaper_connect_timeout",
                 get("connect_timeout"),
                 DEFAULT_CONNECT_TIMEOUT,
                 positive=True,
             ),
-            batch_size=_positive_int("jobreaper_batch_size", get("batch_size", DEFAULT_BATCH_SIZE)),
-            dry_run=_flag("jobreaper_dry_run", get("dry_run", False)),
-            strict=_flag("jobreaper_strict", get("strict", False)),
-            create_tables=_flag("jobreaper_create_tables", get("create_tables", True)),
+            batch_size=positive_int("jobreaper_batch_size", get("batch_size", DEFAULT_BATCH_SIZE)),
+            dry_run=flag("jobreaper_dry_run", get("dry_run", False)),
+            strict=flag("jobreaper_strict", get("strict", False)),
+            create_tables=flag("jobreaper_create_tables", get("create_tables", True)),
             policies=_policies(get("policies", {})),
-            queue_cleanup=_choice(
+            queue_cleanup=choice(
                 "jobreaper_queue_cleanup",
                 get("queue_cleanup", "selective"),
                 ("selective", "purge", "off"),
             ),  # type: ignore[arg-type]
-            revoked_expires=_seconds(
+            revoked_expires=seconds(
                 "jobreaper_revoked_expires",
                 get("revoked_expires"),
                 DEFAULT_REVOKED_EXPIRES,
                 positive=True,
             ),
-            late_write_window=_seconds(
+            late_write_window=seconds(
                 "jobreaper_late_write_window",
                 get("late_write_window"),
                 DEFAULT_LATE_WRITE_WINDOW,
             ),
-            unacked_grace=_seconds(
+            unacked_grace=seconds(
                 "jobreaper_unacked_grace", get("unacked_grace"), DEFAULT_UNACKED_GRACE
             ),
-            amqp_max_deliveries=_positive_int(
+            amqp_max_deliveries=positive_int(
                 "jobreaper_amqp_max_deliveries",
                 get("amqp_max_deliveries", DEFAULT_AMQP_MAX_DELIVERIES),
             ),
-            webhooks=_urls("jobreaper_webhooks", get("webhooks", ())),
-            webhook_timeout=_seconds(
+            webhooks=urls("jobreaper_webhooks", get("webhooks", ())),
+            webhook_timeout=seconds(
                 "jobreaper_webhook_timeout",
                 get("webhook_timeout"),
                 DEFAULT_WEBHOOK_TIMEOUT,
                 positive=True,
             ),
-            webhook_retries=_count(
+            webhook_retries=count(
                 "jobreaper_webhook_retries", get("webhook_retries", DEFAULT_WEBHOOK_RETRIES)
             ),
-            webhook_headers=_headers("jobreaper_webhook_headers", get("webhook_headers", {})),
-            retention=_optional_seconds("jobreaper_retention", get("retention", DEFAULT_RETENTION)),
-            prune_max_rows=_positive_int(
+            webhook_headers=headers("jobreaper_webhook_headers", get("webhook_headers", {})),
+            retention=optional_seconds("jobreaper_retention", get("retention", DEFAULT_RETENTION)),
+            prune_max_rows=positive_int(
                 "jobreaper_prune_max_rows", get("prune_max_rows", DEFAULT_PRUNE_MAX_ROWS)
             ),
         )
@@ -262,85 +238,6 @@ class Settings:
         return self.track_tasks and any(fnmatchcase(task_name, p) for p in self.track_task_names)
 
 
-def _flag(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
-        return True
-    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigurationError(key, f"expected true or false, got {value!r}")
-
-
-def _seconds(key: str, value: Any, default: float, *, positive: bool = False) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise ConfigurationError(key, f"expected a number of seconds, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigurationError(key, f"expected a number of seconds, got {value!r}") from None
-    if not isinstance(value, (int, float, timedelta)):
-        raise ConfigurationError(key, f"expected a number of seconds, got {value!r}")
-    seconds = float(cast(Any, maybe_timedelta)(value).total_seconds())
-    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0 or (positive and seconds == 0):
-        need = "a positive" if positive else "a non-negative"
-        raise ConfigurationError(key, f"expected {need} number of seconds, got {value!r}")
-    return seconds
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigurationError(key, f"expected a positive integer, got {value!r}")
-    return value
-
-
-def _optional_seconds(key: str, value: Any) -> float | None:
-    return None if value is None else _seconds(key, value, 0.0, positive=True)
-
-
-def _count(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(key, f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _urls(key: str, value: Any) -> tuple[str, ...]:
-    urls = (value,) if isinstance(value, str) else value
-    if not isinstance(urls, (list, tuple)):
-        raise ConfigurationError(key, f"expected a URL or a list of URLs, got {value!r}")
-    for url in urls:
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigurationError(key, f"expected http:// or https:// URLs, got {url!r}")
-    return tuple(urls)
-
-
-def _headers(key: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ConfigurationError(
-            key, f"expected a mapping of header names to strings, got {value!r}"
-        )
-    return dict(value)
-
-
-def _choice(key: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigurationError(key, f"expected one of {', '.join(choices)}; got {value!r}")
-    return str(value)
-
-
-def _globs(key: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise ConfigurationError(key, "expected a list of task-name globs")
-    return tuple(value)
-
-
 def _policies(value: Any) -> tuple[tuple[str, Action], ...]:
     key = "jobreaper_policies"
     if not isinstance(value, Mapping):
@@ -355,110 +252,3 @@ def _policies(value: Any) -> tuple[tuple[str, Action], ...]:
             )
         out.append((pattern, action))
     return tuple(out)
-
-
-def _sources(value: Any) -> list[SourceSpec]:
-    if isinstance(value, Mapping):
-        value = [value]
-    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise ConfigurationError("jobreaper_sources", "expected a list of table mappings")
-    return [_source(f"jobreaper_sources[{i}]", raw) for i, raw in enumerate(value)]
-
-
-def _source(key: str, raw: Any) -> SourceSpec:
-    if not isinstance(raw, Mapping):
-        raise ConfigurationError(key, "expected a mapping with at least 'table', 'id', 'status'")
-    known = {
-        "table",
-        "name",
-        "schema",
-        "stale_statuses",
-        "failed_status",
-        "timezone",
-        "prune_after",
-        "prune_statuses",
-        *COLUMN_ROLES,
-    }
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigurationError(f"{key}.{unknown[0]}", f"unknown key; known: {sorted(known)}")
-    table = raw.get("table")
-    if table is None or (isinstance(table, str) and not table.strip()):
-        raise ConfigurationError(f"{key}.table", "missing: name the job table")
-    columns: dict[str, str | None] = {}
-    for role in COLUMN_ROLES:
-        column = raw.get(role, role if role in REQUIRED_ROLES else None)
-        if column is not None and (not isinstance(column, str) or not column):
-            raise ConfigurationError(f"{key}.{role}", f"expected a column name, got {column!r}")
-        columns[role] = column
-    stale = raw.get("stale_statuses", ("running", "scheduled"))
-    if isinstance(stale, str) or not isinstance(stale, Sequence) or not stale:
-        raise ConfigurationError(f"{key}.stale_statuses", "expected a non-empty list of statuses")
-    if not all(isinstance(s, str) and s for s in stale):
-        raise ConfigurationError(f"{key}.stale_statuses", f"expected strings, got {stale!r}")
-    failed = raw.get("failed_status", "failed")
-    if not isinstance(failed, str) or not failed:
-        raise ConfigurationError(f"{key}.failed_status", f"expected a status, got {failed!r}")
-    if failed in stale:
-        raise ConfigurationError(
-            f"{key}.failed_status",
-            f"{failed!r} is also listed in stale_statuses; settled jobs would be settled again",
-        )
-    schema = raw.get("schema")
-    if schema is not None and not isinstance(schema, str):
-        raise ConfigurationError(f"{key}.schema", f"expected a schema name, got {schema!r}")
-    timezone = raw.get("timezone", "UTC")
-    zone = zone_named(f"{key}.timezone", timezone)
-    name = raw.get("name") or _table_label(table)
-    prune_after, prune_statuses = _prune_of(key, raw, columns, tuple(stale))
-    return SourceSpec(
-        key=key,
-        table=table,
-        name=str(name),
-        columns=columns,
-        stale_statuses=tuple(stale),
-        failed_status=failed,
-        schema=schema,
-        timezone=timezone,
-        zone=zone,
-        prune_after=prune_after,
-        prune_statuses=prune_statuses,
-    )
-
-
-def _prune_of(
-    key: str, raw: Mapping[str, Any], columns: Mapping[str, str | None], stale: tuple[str, ...]
-) -> tuple[float | None, tuple[str, ...]]:
-    """A source's opt-in to pruning: ``prune_after`` seconds, for ``prune_statuses`` rows."""
-    after = _optional_seconds(f"{key}.prune_after", raw.get("prune_after"))
-    statuses = raw.get("prune_statuses")
-    if after is None:
-        if statuses is not None:
-            raise ConfigurationError(f"{key}.prune_statuses", "set prune_after (seconds) too")
-        return None, ()
-    if columns.get("completed_at") is None:
-        raise ConfigurationError(
-            f"{key}.prune_after", "needs the completed_at column mapped (rows age from it)"
-        )
-    if isinstance(statuses, str) or not isinstance(statuses, Sequence) or not statuses:
-        raise ConfigurationError(
-            f"{key}.prune_statuses", "expected the finished statuses to delete, e.g. ['completed']"
-        )
-    if not all(isinstance(s, str) and s for s in statuses):
-        raise ConfigurationError(f"{key}.prune_statuses", f"expected strings, got {statuses!r}")
-    live = sorted(set(statuses) & set(stale))
-    if live:
-        raise ConfigurationError(
-            f"{key}.prune_statuses", f"{live[0]!r} is a stale (running) status; never deleted"
-        )
-    return after, tuple(statuses)
-
-
-def _table_label(table: Any) -> str:
-    if isinstance(table, str):
-        return table.rsplit(":", 1)[-1]
-    for attr in ("__tablename__", "name"):
-        label = getattr(table, attr, None)
-        if isinstance(label, str):
-            return label
-    return repr(table)
