@@ -168,11 +168,24 @@ class Reaper:
             self._sources = sources
         return sources
 
-    def run(self, trigger: str = MANUAL, *, dry_run: bool | None = None) -> Report:
+    def assess(self) -> LivenessView:
+        """The first stage of a run on its own: who is alive, judged now (see :meth:`run`)."""
+        sources = self.prepare()
+        with self.db.connect() as conn:
+            return self._assess(conn, sources)
+
+    def run(
+        self,
+        trigger: str = MANUAL,
+        *,
+        dry_run: bool | None = None,
+        view: LivenessView | None = None,
+    ) -> Report:
         """Reap once. Errors are recorded in the report (and the runs table), then re-raised.
 
         The database phase returns what it settled; the sweep receives that and returns what
-        it did; the report is assembled from both.
+        it did; the report is assembled from both. *view*: the liveness judged earlier by
+        :meth:`assess` (default: judged now, at the start of the run).
         """
         dry = self.settings.dry_run if dry_run is None else dry_run
         with self._lock:
@@ -186,7 +199,7 @@ class Reaper:
             error: str | None = None
             began = time.perf_counter()
             try:
-                settled = self._settle(tally)
+                settled = self._settle(tally, view)
                 if self.sweep is not None:
                     swept = self.sweep.sweep(settled)
             except Exception as exc:
@@ -199,11 +212,13 @@ class Reaper:
                 self._finish(report)
             return report
 
-    def _settle(self, tally: Tally) -> Settled:
-        """The database phase: judge, plan and settle every source; counted in *tally*."""
+    def _settle(self, tally: Tally, view: LivenessView | None) -> Settled:
+        """The database phase: judge (unless *view* was), plan and settle every source;
+        counted in *tally*."""
         sources = self.prepare()
         with self.db.connect() as conn:
-            view = self._assess(conn, sources)
+            if view is None:
+                view = self._assess(conn, sources)
             if view.recheck_in is not None and tally.trigger == STARTUP:
                 # An earlier start of this node name heartbeated moments ago: it crashed just
                 # now (a quick restart) or it is a live duplicate. Before consuming, wait
