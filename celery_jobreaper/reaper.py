@@ -18,7 +18,16 @@ from .broker.result import SweepResult
 from .clock import db_utcnow, utcnow
 from .database import Database
 from .errors import MissingTableError
-from .liveness import ALL_REPLIES, Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
+from .liveness import (
+    ALL_REPLIES,
+    Incarnation,
+    Liveness,
+    LivenessView,
+    Pinger,
+    mark_dead,
+    newcomers,
+    ping_with,
+)
 from .planner import Decision, TaskFacts, plan
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
@@ -277,7 +286,7 @@ class Reaper:
             run_id=tally.run_id,
         )
         if settler is not None:
-            self._reap_in_bulk(conn, source, settler, tally)
+            self._reap_in_bulk(conn, source, settler, tally, view)
             return
         after: Any = None
         while True:
@@ -309,6 +318,7 @@ class Reaper:
                         tally.task_ids.add(d.candidate.task_id)
             elif fails:
                 with conn.begin() as tx:
+                    fails = self._still_alone(conn, view, fails, tally)
                     done = settle_batch(
                         conn,
                         self.db,
@@ -332,6 +342,7 @@ class Reaper:
         source: JobSource,
         settler: bulk.BulkSettler,
         tally: Tally,
+        view: LivenessView,
     ) -> None:
         """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`)."""
         after: Any = None
@@ -347,6 +358,20 @@ class Reaper:
                         "owner are judged again next time"
                     )
                     return
+                # Rows locked and changed, not committed: did a worker register (or come
+                # back) since liveness was judged? Then "no live worker" no longer holds.
+                came = (
+                    newcomers(conn, self.tables, view)
+                    if settler.where == NO_LIVE_WORKER_LEFT and got.settled
+                    else []
+                )
+                if came:
+                    tx.rollback()
+                    _log_newcomers(came)
+                    tally.candidates += got.seen
+                    tally.left_alone.update(got.left_alone)
+                    tally.left_alone[WORKER_APPEARED] += got.settled
+                    return
             # counted only once the batch is committed
             tally.candidates += got.seen
             tally.left_alone.update(got.left_alone)
@@ -361,15 +386,19 @@ class Reaper:
 
     def _assess(self, conn: Any, sources: list[JobSource]) -> LivenessView:
         """Judge the owners of every source's stale jobs (one transaction, the database's
-        clock read in it)."""
+        clock read in it). When a table without owner column has stale jobs, whether any
+        other worker at all is live is asked too (see ``confirm_alone``)."""
         with conn.begin():
             now = db_utcnow(conn)
             inc_ids: set[str] = set()
             nodes: set[str] = set()
+            ownerless = False
             for source in sources:
                 ids, names = source.owners(conn)
                 inc_ids |= ids
                 nodes |= names
+                if not source.has_owner and not ownerless:
+                    ownerless = bool(source.batch(conn, None, 1))
             return self.liveness.assess(
                 conn,
                 me=None if self.me is None else self.me.as_of_now(),
@@ -378,6 +407,7 @@ class Reaper:
                 ping=self.ping,
                 ping_timeout=self.settings.ping_timeout,
                 now=now,
+                confirm_alone=ownerless,
             )
 
     def _held(self) -> set[str]:
@@ -396,6 +426,25 @@ class Reaper:
                 safe(error),
             )
             return None
+
+    def _still_alone(
+        self, conn: Any, view: LivenessView, fails: list[Decision], tally: Tally
+    ) -> list[Decision]:
+        """*fails*, less those that rest on "no live worker" if a worker appeared since *view*.
+
+        Read in the apply transaction, after the batch was read: a worker registers before it
+        consumes, so one that ran a job of the batch had registered before the batch was read
+        and is seen here (SQLite's ``BEGIN IMMEDIATE`` holds every writer off meanwhile).
+        """
+        relying = [d for d in fails if d.reason == NO_LIVE_WORKER_LEFT]
+        if not relying:
+            return fails
+        came = newcomers(conn, self.tables, view)
+        if not came:
+            return fails
+        _log_newcomers(came)
+        tally.left_alone[WORKER_APPEARED] += len(relying)
+        return [d for d in fails if d.reason != NO_LIVE_WORKER_LEFT]
 
     def _took_task_since(self, fails: list[Decision]) -> bool:
         """Whether this worker took, since the plan, a task that may run one of *fails*.
@@ -530,6 +579,21 @@ class Reaper:
         for reason, count in report.left_alone.items():
             level = logging.DEBUG if report.trigger == PERIODIC else logging.INFO
             logger.log(level, "jobreaper: left %d job(s) alone: %s", count, safe(reason))
+
+
+#: Left alone: a job without owner while a worker registered (or came back) during the reap.
+WORKER_APPEARED = (
+    "a worker registered or came back during the reap; judged again next time (it may be "
+    "running it)"
+)
+
+
+def _log_newcomers(came: list[str]) -> None:
+    logger.info(
+        "jobreaper: %s registered or heartbeated during the reap; jobs without owner are "
+        "judged again next time",
+        ", ".join(safe(c) for c in came),
+    )
 
 
 #: Left alone: a job with a task id while the queues could not be read (its message, e.g. a

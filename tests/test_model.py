@@ -177,12 +177,13 @@ def test_host_clock_stepped_back_past_the_uptime_keeps_the_own_owner_only_job(
     )
 
 
-@pytest.mark.xfail(strict=True, reason="open: a worker marked dead is not pinged again (§2.1)")
 def test_worker_marked_dead_during_a_pause_keeps_its_new_ownerless_job(model_url: str) -> None:
     """Paused past the timeout, it is marked dead by a reap from outside (its job then failed:
     allowed). It wakes and answers pings, takes a job of the seed's table before its next
-    heartbeat: a reap from outside must not fail it, but a 'dead' incarnation that owns no
-    candidate is not selected, so not pinged, and no live worker is counted (§2.1)."""
+    heartbeat: a reap from outside must not fail it. A 'dead' incarnation that owns no
+    candidate is not selected as a suspect, so it was not pinged and no live worker was
+    counted (§2.1); now a reap that finds no other live worker in the table asks every worker
+    (one broadcast ping) before it concludes that nobody runs jobs without owner."""
     replay(
         model_url,
         [
