@@ -449,9 +449,10 @@ class Reaper:
     def _took_task_since(self, fails: list[Decision]) -> bool:
         """Whether this worker took, since the plan, a task that may run one of *fails*.
 
-        Checked with the rows locked, before the commit: a job failed because no worker at
-        all could run it (no task id) while this worker now holds some task, or a job whose
-        task this worker now holds.
+        Checked with the rows locked, before the commit: a job without task id failed because
+        no worker at all could run it, or owned by this node name while this worker held no
+        task, while this worker now holds some task; or a job whose task this worker now
+        holds.
         """
         if self.held is None:
             return False
@@ -459,7 +460,7 @@ class Reaper:
         if not held:
             return False
         took = any(d.candidate.task_id in held for d in fails if d.candidate.task_id) or any(
-            d.reason == NO_LIVE_WORKER_LEFT and not d.candidate.task_id for d in fails
+            d.while_idle for d in fails
         )
         if took:
             logger.info(
