@@ -329,7 +329,7 @@ class Reaper:
                         run_id=tally.run_id,
                         revoked_expires=self.settings.revoked_expires,
                     )
-                    if self._took_task_since(fails):
+                    if self._took_task_since(fails) or self._appeared_since(conn, view, done):
                         tx.rollback()
                         done = []
                 self._settled(source, done, tally)
@@ -434,7 +434,8 @@ class Reaper:
 
         Read in the apply transaction, after the batch was read: a worker registers before it
         consumes, so one that ran a job of the batch had registered before the batch was read
-        and is seen here (SQLite's ``BEGIN IMMEDIATE`` holds every writer off meanwhile).
+        and is seen here (SQLite's ``BEGIN IMMEDIATE`` holds every writer off meanwhile). Read
+        again once the rows are locked (:meth:`_appeared_since`).
         """
         relying = [d for d in fails if d.reason == NO_LIVE_WORKER_LEFT]
         if not relying:
@@ -445,6 +446,17 @@ class Reaper:
         _log_newcomers(came)
         tally.left_alone[WORKER_APPEARED] += len(relying)
         return [d for d in fails if d.reason != NO_LIVE_WORKER_LEFT]
+
+    def _appeared_since(self, conn: Any, view: LivenessView, done: list[Decision]) -> bool:
+        """Whether, with the rows of *done* locked and changed, a worker is seen now that was
+        not when :meth:`_still_alone` looked (then the whole batch is undone, and judged again
+        next run): nothing a worker did after that look can be missed."""
+        if not any(d.reason == NO_LIVE_WORKER_LEFT for d in done):
+            return False
+        came = newcomers(conn, self.tables, view)
+        if came:
+            _log_newcomers(came)
+        return bool(came)
 
     def _took_task_since(self, fails: list[Decision]) -> bool:
         """Whether this worker took, since the plan, a task that may run one of *fails*.
