@@ -274,9 +274,14 @@ class BulkSettler:
         """The planner's decisions for the settled *rows* of a batch."""
         name, where, zone = self.source.name, self.where, self.target.zone
         assert where is not None
+        idle = where == NO_LIVE_WORKER_LEFT  # rows without task id: as the planner marks them
         return [
             Decision(
-                Candidate(name, job_id, status, kind, localize(started, zone)), "fail", where, error
+                Candidate(name, job_id, status, kind, localize(started, zone)),
+                "fail",
+                where,
+                error,
+                idle,
             )
             for job_id, status, kind, started, error in rows
         ]

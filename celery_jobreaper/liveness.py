@@ -35,8 +35,8 @@ def _empty_times() -> Mapping[str, datetime]:
 PING_COMMAND = "jobreaper_ping"
 
 #: ``ping(nodes, timeout)`` -> the node names that replied (never counting a reply of this very
-#: process); raises if the broker is unreachable.
-Pinger = Callable[[Collection[str], float], set[str]]
+#: process); ``nodes=None`` asks every worker on the broker; raises if the broker is unreachable.
+Pinger = Callable[[Collection[str] | None, float], set[str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +90,14 @@ class LivenessView:
     undecided_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)
     #: incarnation id -> the heartbeat it was judged dead on (``mark_dead`` compares it)
     dead_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
+    #: incarnation id -> its heartbeat, of every incarnation read (:func:`newcomers`)
+    seen_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
     #: owner node names with no incarnation ever recorded that did not answer one ping
     unregistered_silent: frozenset[str] = frozenset()
     #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
     recheck_in: float | None = None
-    #: live incarnations other than this one
+    #: live incarnations other than this one (with ``confirm_alone``: or, if none, the other
+    #: workers that answered a ping of every worker, at least 1 if that ping failed)
     other_live_workers: int = 0
     ping_failed: str | None = None
 
@@ -118,10 +121,11 @@ def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
     kombu otherwise stops at as many replies as there are destinations, and two processes
     answering to one name (or any extra reply) would take a place and drop the reply of a
     live suspect. Suspects are pinged only when a heartbeat went quiet, so this wait is rare.
+    ``nodes=None`` asks every worker on the broker (one broadcast, same wait).
     """
 
-    def ping(nodes: Collection[str], timeout: float) -> set[str]:
-        if not nodes:
+    def ping(nodes: Collection[str] | None, timeout: float) -> set[str]:
+        if nodes is not None and not nodes:
             return set()
         replies = broadcast(
             app,
@@ -224,12 +228,21 @@ class Liveness:
         ping: Pinger | None,
         ping_timeout: float,
         now: datetime | None = None,
+        confirm_alone: bool = False,
     ) -> LivenessView:
         """Judge the incarnations and node names that own candidate jobs.
 
         A worker is dead on two signals only: a heartbeat older than the timeout (or a clean
         stop) **and** no reply to one ping of exactly the suspects. This worker's own earlier
         incarnations are dead at once, unless another live process answers for the node name.
+
+        *confirm_alone* (jobs without owner are to be judged): when the table shows no other
+        live incarnation, that is not enough to conclude that no other worker runs — one marked
+        dead during a pause may have woken up and taken a job before its next heartbeat (a
+        ``dead`` row is not pinged as a suspect), and a worker not registered yet may answer.
+        The one ping of the run then goes to every worker (its replies also answer for the
+        suspects): any reply but this process's own counts as another live worker, and a ping
+        that fails leaves the question open (at least one other worker is assumed).
         """
         now = now or db_utcnow(conn)  # the database's clock: heartbeats are written with it
         view = _Draft(me=me, now=now)
@@ -252,12 +265,15 @@ class Liveness:
         own_earlier: list[Any] = []
         for row in rows:
             view.incarnation_nodes[row.id] = row.node
+            view.seen_heartbeats[row.id] = row.heartbeat_at
             if me is not None and row.id == me.id:
                 view.live_incarnations.add(row.id)
                 continue
             if me is not None and row.node == me.node:
-                if row.id in wanted_ids or row.node in wanted_nodes:
-                    own_earlier.append(row)  # judged only when it owns candidate jobs
+                if confirm_alone or row.id in wanted_ids or row.node in wanted_nodes:
+                    # judged when it owns candidate jobs, or when jobs without owner are:
+                    # a live duplicate of my name may be running them
+                    own_earlier.append(row)
                 continue
             # A verdict of death is not forever: a worker found dead during a pause or a
             # partition may come back, so a "dead" row is judged again like any other.
@@ -306,18 +322,21 @@ class Liveness:
             to_ping.add(me.node)  # does another process answer to my node name?
         known_nodes = {row.node for row in rows}
         to_ping |= {n for n in wanted_nodes if n not in known_nodes and not view.node_is_me(n)}
+        # Alone by the table: whether any other worker answers decides (one broadcast, which
+        # answers for the suspects too).
+        everyone = confirm_alone and not (view.live_incarnations - {me.id if me else ""})
         replied: set[str] = set()
-        if to_ping and ping is not None:
+        if (to_ping or everyone) and ping is not None:
             try:
-                replied = ping(sorted(to_ping), ping_timeout)
+                replied = ping(None if everyone else sorted(to_ping), ping_timeout)
             except Exception as error:  # broker down: silence proves nothing
                 view.ping_failed = f"{type(error).__name__}: {error}"
                 logger.warning(
-                    "jobreaper: could not ping suspects %s (%s); leaving their jobs alone",
-                    sorted(to_ping),
+                    "jobreaper: could not ping %s (%s); leaving their jobs alone",
+                    "the workers" if everyone else f"suspects {sorted(to_ping)}",
                     view.ping_failed,
                 )
-        elif to_ping:
+        elif to_ping or everyone:
             view.ping_failed = "no broker to ping through"
         view.live_nodes |= replied - ({me.node} if me is not None else set())
 
@@ -354,6 +373,10 @@ class Liveness:
         # Every incarnation not proven dead may be running jobs without owner: a live
         # duplicate of my node name, an undecided earlier start, a suspect that answered.
         view.other_live_workers = len(view.live_incarnations - ({me.id} if me else set()))
+        if everyone and not view.other_live_workers:
+            # Any reply is another process (this one's own is never counted); no answer to
+            # ask for is no verdict: a worker marked dead may be back and running a job.
+            view.other_live_workers = len(replied) if view.ping_failed is None else 1
         self._judge_nodes(view, rows, wanted_nodes, replied)
         return view.freeze()
 
@@ -394,6 +417,7 @@ class _Draft:
     refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
     undecided: dict[str, str] = dataclasses.field(default_factory=dict)
     dead_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
+    seen_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
     unregistered_silent: set[str] = dataclasses.field(default_factory=set)
     recheck_in: float | None = None
     other_live_workers: int = 0
@@ -414,11 +438,35 @@ class _Draft:
             refused_nodes=MappingProxyType(dict(self.refused_nodes)),
             undecided_nodes=MappingProxyType(dict(self.undecided)),
             dead_heartbeats=MappingProxyType(dict(self.dead_heartbeats)),
+            seen_heartbeats=MappingProxyType(dict(self.seen_heartbeats)),
             unregistered_silent=frozenset(self.unregistered_silent),
             recheck_in=self.recheck_in,
             other_live_workers=self.other_live_workers,
             ping_failed=self.ping_failed,
         )
+
+
+def newcomers(conn: Connection, tables: JobReaperTables, view: LivenessView) -> list[str]:
+    """Incarnations running now that *view* did not see, or saw with another heartbeat.
+
+    Read in the apply transaction, for verdicts that rest on "no other live worker" (made from
+    a view that counted none): a worker that registered since the view was made (a new
+    incarnation id), or one that heartbeated since (back from a pause, its ``dead`` mark
+    undone), would make the verdict wrong. Compared by incarnation id and the stored
+    heartbeat value, not by time. Returns ``node (host pid)`` of each.
+    """
+    t = tables.incarnations
+    mine = view.me.id if view.me is not None else None
+    rows = conn.execute(
+        select(t.c.id, t.c.node, t.c.host, t.c.pid, t.c.heartbeat_at).where(
+            t.c.state.in_((RUNNING, DRAINING))
+        )
+    )
+    return [
+        f"{r.node} ({r.host} pid {r.pid})"
+        for r in rows
+        if r.id != mine and view.seen_heartbeats.get(r.id) != r.heartbeat_at
+    ]
 
 
 def _earlier(row: Any, why: str) -> str:

@@ -47,6 +47,17 @@ POOL_PROCESS_LOST = (
     "its task is no longer held by this worker (the pool process running it died: "
     "out of memory, hard time limit, killed)"
 )
+#: Failed: a row of this node name without task id, of this worker's current start (by the
+#: clocks), while this worker holds no task at all.
+HOLDS_NO_TASK = (
+    "this worker holds no task, so none of its tasks is running it (the pool process running "
+    "it died: out of memory, hard time limit, killed)"
+)
+#: Left alone: a row of this node name without task id while this worker holds tasks.
+MAYBE_MINE = (
+    "owned by this node name and this worker holds tasks: one of them may be running it "
+    "(judged when it holds none; or set jobreaper_max_age)"
+)
 
 
 def policy_ignored(kind: str | None) -> str:
@@ -92,6 +103,9 @@ class Decision:
     verdict: Verdict
     reason: str  #: short, groupable reason (for "left alone" counts and the ledger)
     error: str | None = None  #: the error text to store on a failed job
+    #: a failure that holds only while this worker holds no task (a job without task id that
+    #: no task of this worker runs): checked again before the commit
+    while_idle: bool = False
 
 
 def plan(
@@ -125,7 +139,7 @@ def decide(
         return Decision(c, "leave", "owner worker is alive")
     if c.owner is not None:
         if view.node_is_me(c.owner):
-            return _own_node(c, view, settings)
+            return _own_node(c, view, facts, settings)
         if c.owner in view.dead_nodes:
             return _fail(c, view, f"on {view.dead_nodes[c.owner]}")
         if c.owner in view.live_nodes:
@@ -145,31 +159,39 @@ def decide(
         rule = rule.for_task_not_held_here()
     verdict, why = rule.judge(_age(c, view.now))
     if verdict == "fail":
-        return _fail(c, view, why)
+        return _fail(c, view, why, while_idle=c.task_id is None and why == NO_LIVE_WORKER_LEFT)
     return Decision(c, "leave", why)
 
 
-def _own_node(c: Candidate, view: LivenessView, settings: Settings) -> Decision:
-    """A row whose owner column names this worker's node."""
+def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Settings) -> Decision:
+    """A row whose owner column names this worker's node.
+
+    Whether a task of this worker runs it is known exactly, in process, not from clocks: by
+    its task id (checked above: not held here), or, without a task id, when this worker holds
+    no task at all (at its startup reap, before it consumes, or idle). ``started_at`` is
+    stamped by the writer's clock, which may have stepped since this worker started: it only
+    tells an earlier start's row (settled at once) from one of this start, which is given a
+    heartbeat interval (its task may be taking its message, or writing its end, right now).
+    """
     assert view.me is not None
     if c.started_at is None:
         return Decision(c, "leave", "owned by this node name, start time unknown")
-    started = as_naive_utc(c.started_at)
-    if started < view.me.started_at:
-        undecided = view.undecided_nodes.get(view.me.node)
-        if undecided is not None:
-            return Decision(c, "leave", undecided)
-        return _fail(c, view, f"on {c.owner} (an earlier start of this worker)")
-    # This worker's current start. Its task was checked above: not held here or by a live
-    # peer, not queued. A row younger than one heartbeat interval may belong to a task whose
-    # message this worker is only now taking (or that is writing its end right now).
+    if c.task_id is None and facts.held_here:
+        old = _older_than_max_age(c, view.now, settings)
+        if old:
+            return _fail(c, view, f"on {c.owner}; {old}")
+        return Decision(c, "leave", MAYBE_MINE)
+    undecided = view.undecided_nodes.get(view.me.node)
+    if undecided is not None:  # an earlier start of this name may still be running it
+        return Decision(c, "leave", undecided)
+    if as_naive_utc(c.started_at) < view.me.started_at:
+        return _fail(
+            c, view, f"on {c.owner} (an earlier start of this worker)", while_idle=not c.task_id
+        )
     age = _age(c, view.now)
-    if (
-        c.task_id is not None
-        and age is not None
-        and age > timedelta(seconds=settings.heartbeat_interval)
-    ):
-        return _fail(c, view, f"on {c.owner}; {POOL_PROCESS_LOST}")
+    if age is not None and age > timedelta(seconds=settings.heartbeat_interval):
+        why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
+        return _fail(c, view, f"on {c.owner}; {why}", while_idle=not c.task_id)
     return Decision(c, "leave", "owned by this worker's current start")
 
 
@@ -184,7 +206,7 @@ def _older_than_max_age(c: Candidate, now: datetime, settings: Settings) -> str 
     return older_than_max_age(settings.max_age)
 
 
-def _fail(c: Candidate, view: LivenessView, where: str) -> Decision:
+def _fail(c: Candidate, view: LivenessView, where: str, *, while_idle: bool = False) -> Decision:
     age = _age(c, view.now)
     error = failure_error(c.status, None if age is None else format_age(age), where)
-    return Decision(c, "fail", where, error)
+    return Decision(c, "fail", where, error, while_idle)

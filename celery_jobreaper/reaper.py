@@ -19,7 +19,16 @@ from .broker.result import SweepResult
 from .clock import db_utcnow, utcnow
 from .database import Database
 from .errors import MissingTableError
-from .liveness import ALL_REPLIES, Incarnation, Liveness, LivenessView, Pinger, mark_dead, ping_with
+from .liveness import (
+    ALL_REPLIES,
+    Incarnation,
+    Liveness,
+    LivenessView,
+    Pinger,
+    mark_dead,
+    newcomers,
+    ping_with,
+)
 from .planner import Decision, TaskFacts, plan
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
@@ -213,11 +222,24 @@ class Reaper:
             self._sources = sources
         return sources
 
-    def run(self, trigger: str = MANUAL, *, dry_run: bool | None = None) -> Report:
+    def assess(self) -> LivenessView:
+        """The first stage of a run on its own: who is alive, judged now (see :meth:`run`)."""
+        sources = self.prepare()
+        with self.db.connect() as conn:
+            return self._assess(conn, sources)
+
+    def run(
+        self,
+        trigger: str = MANUAL,
+        *,
+        dry_run: bool | None = None,
+        view: LivenessView | None = None,
+    ) -> Report:
         """Reap once. Errors are recorded in the report (and the runs table), then re-raised.
 
         The database phase returns what it settled; the sweep receives that and returns what
-        it did; the report is assembled from both.
+        it did; the report is assembled from both. *view*: the liveness judged earlier by
+        :meth:`assess` (default: judged now, at the start of the run).
         """
         dry = self.settings.dry_run if dry_run is None else dry_run
         with self._lock:
@@ -231,7 +253,7 @@ class Reaper:
             error: str | None = None
             began = time.perf_counter()
             try:
-                settled = self._settle(tally)
+                settled = self._settle(tally, view)
                 if self.sweep is not None:
                     swept = self.sweep.sweep(settled)
             except Exception as exc:
@@ -244,11 +266,13 @@ class Reaper:
                 self._finish(report)
             return report
 
-    def _settle(self, tally: Tally) -> Settled:
-        """The database phase: judge, plan and settle every source; counted in *tally*."""
+    def _settle(self, tally: Tally, view: LivenessView | None) -> Settled:
+        """The database phase: judge (unless *view* was), plan and settle every source;
+        counted in *tally*."""
         sources = self.prepare()
         with self.db.connect() as conn:
-            view = self._assess(conn, sources)
+            if view is None:
+                view = self._assess(conn, sources)
             if view.recheck_in is not None and tally.trigger == STARTUP:
                 # An earlier start of this node name heartbeated moments ago: it crashed just
                 # now (a quick restart) or it is a live duplicate. Before consuming, wait
@@ -310,7 +334,7 @@ class Reaper:
             run_id=tally.run_id,
         )
         if settler is not None:
-            self._reap_in_bulk(conn, source, settler, tally)
+            self._reap_in_bulk(conn, source, settler, tally, view)
             return
         after: Any = None
         while True:
@@ -342,6 +366,7 @@ class Reaper:
                         tally.task_ids.add(d.candidate.task_id)
             elif fails:
                 with conn.begin() as tx:
+                    fails = self._still_alone(conn, view, fails, tally)
                     done = settle_batch(
                         conn,
                         self.db,
@@ -352,7 +377,7 @@ class Reaper:
                         run_id=tally.run_id,
                         revoked_expires=self.settings.revoked_expires,
                     )
-                    if self._took_task_since(fails):
+                    if self._took_task_since(fails) or self._appeared_since(conn, view, done):
                         tx.rollback()
                         done = []
                 self._settled(source, done, tally)
@@ -395,6 +420,7 @@ class Reaper:
         source: JobSource,
         settler: bulk.BulkSettler,
         tally: Tally,
+        view: LivenessView,
     ) -> None:
         """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`)."""
         after: Any = None
@@ -414,6 +440,20 @@ class Reaper:
                         "owner are judged again next time"
                     )
                     return
+                # Rows locked and changed, not committed: did a worker register (or come
+                # back) since liveness was judged? Then "no live worker" no longer holds.
+                came = (
+                    newcomers(conn, self.tables, view)
+                    if settler.where == NO_LIVE_WORKER_LEFT and got.settled
+                    else []
+                )
+                if came:
+                    tx.rollback()
+                    _log_newcomers(came)
+                    tally.candidates += got.seen
+                    tally.left_alone.update(got.left_alone)
+                    tally.left_alone[WORKER_APPEARED] += got.settled
+                    return
             # counted only once the batch is committed
             tally.candidates += got.seen
             tally.left_alone.update(got.left_alone)
@@ -428,15 +468,19 @@ class Reaper:
 
     def _assess(self, conn: Any, sources: list[JobSource]) -> LivenessView:
         """Judge the owners of every source's stale jobs (one transaction, the database's
-        clock read in it)."""
+        clock read in it). When a table without owner column has stale jobs, whether any
+        other worker at all is live is asked too (see ``confirm_alone``)."""
         with conn.begin():
             now = db_utcnow(conn)
             inc_ids: set[str] = set()
             nodes: set[str] = set()
+            ownerless = False
             for source in sources:
                 ids, names = source.owners(conn)
                 inc_ids |= ids
                 nodes |= names
+                if not source.has_owner and not ownerless:
+                    ownerless = bool(source.batch(conn, None, 1))
             return self.liveness.assess(
                 conn,
                 me=None if self.me is None else self.me.as_of_now(),
@@ -445,6 +489,7 @@ class Reaper:
                 ping=self.ping,
                 ping_timeout=self.settings.ping_timeout,
                 now=now,
+                confirm_alone=ownerless,
             )
 
     def _held(self) -> set[str]:
@@ -464,12 +509,44 @@ class Reaper:
             )
             return None
 
+    def _still_alone(
+        self, conn: Any, view: LivenessView, fails: list[Decision], tally: Tally
+    ) -> list[Decision]:
+        """*fails*, less those that rest on "no live worker" if a worker appeared since *view*.
+
+        Read in the apply transaction, after the batch was read: a worker registers before it
+        consumes, so one that ran a job of the batch had registered before the batch was read
+        and is seen here (SQLite's ``BEGIN IMMEDIATE`` holds every writer off meanwhile). Read
+        again once the rows are locked (:meth:`_appeared_since`).
+        """
+        relying = [d for d in fails if d.reason == NO_LIVE_WORKER_LEFT]
+        if not relying:
+            return fails
+        came = newcomers(conn, self.tables, view)
+        if not came:
+            return fails
+        _log_newcomers(came)
+        tally.left_alone[WORKER_APPEARED] += len(relying)
+        return [d for d in fails if d.reason != NO_LIVE_WORKER_LEFT]
+
+    def _appeared_since(self, conn: Any, view: LivenessView, done: list[Decision]) -> bool:
+        """Whether, with the rows of *done* locked and changed, a worker is seen now that was
+        not when :meth:`_still_alone` looked (then the whole batch is undone, and judged again
+        next run): nothing a worker did after that look can be missed."""
+        if not any(d.reason == NO_LIVE_WORKER_LEFT for d in done):
+            return False
+        came = newcomers(conn, self.tables, view)
+        if came:
+            _log_newcomers(came)
+        return bool(came)
+
     def _took_task_since(self, fails: list[Decision]) -> bool:
         """Whether this worker took, since the plan, a task that may run one of *fails*.
 
-        Checked with the rows locked, before the commit: a job failed because no worker at
-        all could run it (no task id) while this worker now holds some task, or a job whose
-        task this worker now holds.
+        Checked with the rows locked, before the commit: a job without task id failed because
+        no worker at all could run it, or owned by this node name while this worker held no
+        task, while this worker now holds some task; or a job whose task this worker now
+        holds.
         """
         if self.held is None:
             return False
@@ -477,7 +554,7 @@ class Reaper:
         if not held:
             return False
         took = any(d.candidate.task_id in held for d in fails if d.candidate.task_id) or any(
-            d.reason == NO_LIVE_WORKER_LEFT and not d.candidate.task_id for d in fails
+            d.while_idle for d in fails
         )
         if took:
             logger.info(
@@ -599,6 +676,21 @@ class Reaper:
         for reason, count in report.left_alone.items():
             level = logging.DEBUG if report.trigger == PERIODIC else logging.INFO
             logger.log(level, "jobreaper: left %d job(s) alone: %s", count, safe(reason))
+
+
+#: Left alone: a job without owner while a worker registered (or came back) during the reap.
+WORKER_APPEARED = (
+    "a worker registered or came back during the reap; judged again next time (it may be "
+    "running it)"
+)
+
+
+def _log_newcomers(came: list[str]) -> None:
+    logger.info(
+        "jobreaper: %s registered or heartbeated during the reap; jobs without owner are "
+        "judged again next time",
+        ", ".join(safe(c) for c in came),
+    )
 
 
 #: Left alone: a job with a task id while the queues could not be read (its message, e.g. a

@@ -80,12 +80,16 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
 
     # --- simulated collaborators of the Reaper ---------------------------------------------
 
-    def ping(self, nodes: Collection[str], timeout: float, me: Worker | None = None) -> set[str]:
+    def ping(
+        self, nodes: Collection[str] | None, timeout: float, me: Worker | None = None
+    ) -> set[str]:
         """Nodes whose awake worker's control consumer replies (lost replies are dropped), as
-        ``ping_with(app, me)`` gives them: never the reply of the pinging worker *me* itself."""
+        ``ping_with(app, me)`` gives them: never the reply of the pinging worker *me* itself.
+        ``nodes=None`` pings every worker (a broadcast)."""
         replied = set()
         with self.lock:
-            for node in nodes:
+            every = sorted({w.node for w in self.awake()}) if nodes is None else nodes
+            for node in every:
                 if any(w.node == node and w.answering and w is not me for w in self.awake()):
                     if self.lost[node] > 0:
                         self.lost[node] -= 1

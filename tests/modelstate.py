@@ -82,7 +82,9 @@ class ClusterState:
           start of the reaper's own node (DESIGN §2.1, §2.2);
         * tracked job whose pool process died: its worker's failure signal settled it (§4);
         * user row with an owner column: of an earlier start of the reaper's node (started
-          before this start) (§2.2); of a node all of whose incarnations are dead (§2.1);
+          before this start, or older than ``heartbeat_interval``), when its task id shows that
+          no task of the reaper's worker runs it or, without task-id column, when that worker
+          holds no task at all (§2.2); of a node all of whose incarnations are dead (§2.1);
           with a task-id column too, owned by the reaper's own worker, whose pool process died:
           its periodic reap, as the worker no longer holds the task, once the row is older
           than ``heartbeat_interval`` (§4 and the margin README promises: a task just taken,
@@ -111,8 +113,18 @@ class ClusterState:
                             "the row is older than heartbeat_interval (§4)"
                         )
                     return None
-                if j.started_at < me.me.started_at:
-                    return "owned by the reaper's node and started before this start (§2.2)"
+                if _has_task or not r.held:
+                    # not run by a task of the reaper's worker: known exactly, by its task id,
+                    # or because that worker holds no task at all (no clocks involved)
+                    if j.started_at < me.me.started_at:
+                        return "owned by the reaper's node and started before this start (§2.2)"
+                    if self.row_age(j, r) > MARGIN:
+                        return (
+                            "owned by the reaper's node, no task of its worker runs it, and the "
+                            "row is older than heartbeat_interval (§2.2, §4)"
+                        )
+                # while the reaper's worker holds tasks, a row without task id may be one of
+                # them, however old its start looks (clocks step): only max_age may settle it
                 return None
             if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
                 return "every incarnation of its owner node is dead (§2.1)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
@@ -207,3 +207,53 @@ def test_start_is_read_on_the_host_clock_as_it_is_now(monkeypatch: pytest.Monkey
         monkeypatch.setattr(liveness, "utcnow", lambda now=now: now)
         moved = me.as_of_now()
         assert moved.started_at == start and (moved.id, moved.node) == (me.id, me.node)
+
+
+def test_alone_by_the_table_is_confirmed_by_a_ping_of_every_worker(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Finding B: an incarnation marked dead (paused past the timeout) is not a suspect any
+    more; woken, it runs jobs before its next heartbeat. With ``confirm_alone`` (jobs without
+    owner to judge) a table showing no other live worker is checked with one ping of every
+    worker: a reply counts as a live worker, this process's own never does (the pinger leaves
+    it out), and a ping that fails is no verdict."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from celery_jobreaper.clock import utcnow
+    from celery_jobreaper.liveness import Incarnation, Liveness, LivenessView, Pinger
+    from celery_jobreaper.schema import create_all
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    t = tables.incarnations
+    liveness = Liveness(tables, heartbeat_timeout=3, heartbeat_interval=1)
+    woken = Incarnation("w" * 32, "woken@h", "h", 1, utcnow() - timedelta(minutes=5))
+    me = Incarnation.new("me@h")
+    with engine.begin() as conn:
+        liveness.register(conn, woken)
+        liveness.register(conn, me)
+        old = utcnow() - timedelta(minutes=5)
+        conn.execute(update(t).where(t.c.id == woken.id).values(heartbeat_at=old, state="dead"))
+    asked: list[Collection[str] | None] = []
+
+    def answers(nodes: Collection[str] | None, timeout: float) -> set[str]:
+        asked.append(nodes)
+        return {"woken@h"}
+
+    def down(nodes: Collection[str] | None, timeout: float) -> set[str]:
+        raise ConnectionError("broker unreachable")
+
+    def assess(ping: Pinger, confirm: bool) -> LivenessView:
+        with engine.begin() as conn:
+            return liveness.assess(conn, me=me, ping=ping, ping_timeout=0.1, confirm_alone=confirm)
+
+    view = assess(answers, False)
+    assert view.other_live_workers == 0 and asked == []
+    view = assess(answers, True)
+    assert view.other_live_workers == 1 and asked == [None]
+    view = assess(lambda nodes, timeout: set(), True)
+    assert view.other_live_workers == 0
+    view = assess(down, True)
+    assert view.other_live_workers == 1 and view.ping_failed

@@ -35,6 +35,22 @@ def test_ping_of_suspects_counts_every_reply_of_every_node(
     assert all(y in a for a in answers), answers
 
 
+def test_ping_of_every_worker_hears_a_worker_nobody_named(
+    pg_url: str, unique: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """``ping(None)`` asks every worker on the broker (one broadcast): a worker the table
+    does not show as live (marked dead during a pause, not registered yet) answers too."""
+    prefix, queue = f"jrb-{unique}:", f"q-{unique}"
+    env = {**worker_env(pg_url, queue), "JR_KEYPREFIX": prefix}
+    z = f"z-{unique}@h"
+    start_worker(z, env=env).wait_for(r" ready\.", timeout=60)
+    app = Celery("pinger", broker=REDIS_URL, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": prefix}
+    answers = ping_with(app)(None, 1.0)
+    app.close()
+    assert z in answers, answers
+
+
 def test_ask_counts_the_held_reply_of_either_process_with_one_name(
     pg_url: str, unique: str, tmp_path: Path, start_worker: Callable[..., WorkerProcess]
 ) -> None:

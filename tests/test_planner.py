@@ -144,3 +144,31 @@ def test_job_with_task_id_not_held_here_is_not_protected_by_other_held_tasks() -
     assert decide(job(task_id="t-x"), view(other_live_workers=1), busy, settings()).verdict == (
         "leave"
     )
+
+
+def test_own_node_row_without_task_id_is_an_earlier_start_only_while_this_worker_holds_none() -> (
+    None
+):
+    """Finding A: ``started_at`` of a table with an owner but no task-id column is stamped by
+    the writer's clock; a host clock stepped back (or a writer behind) makes a job this very
+    worker runs look older than its start. While this worker holds any task, such a row may
+    be one of them, whatever the clocks say: only ``max_age`` settles it. Holding none (before
+    consuming, or idle) no task of this worker can be running it: an earlier start's job is
+    settled at once; one of this start (a pool process died) once older than a heartbeat
+    interval."""
+    v = view(other_live_workers=0)
+    busy = TaskFacts(held_here=frozenset({"some-task"}))
+    long_before = job(owner=ME.node, started_at=ME.started_at - timedelta(days=1))
+    d = decide(long_before, v, busy, settings())
+    assert d.verdict == "leave" and "holds tasks" in d.reason
+    assert decide(long_before, v, busy, settings(max_age=3600)).verdict == "fail"
+    d = decide(long_before, v, NO_TASKS, settings())
+    assert d.verdict == "fail" and "an earlier start of this worker" in d.reason
+    after = job(owner=ME.node, started_at=ME.started_at + timedelta(seconds=1))
+    assert decide(after, v, busy, settings()).verdict == "leave"
+    d = decide(after, view(), NO_TASKS, settings(heartbeat_interval=2))
+    assert d.verdict == "fail" and "holds no task" in d.reason
+    assert decide(after, view(), NO_TASKS, settings(heartbeat_interval=10)).verdict == "leave"
+    undecided = view(undecided_nodes={ME.node: "an earlier start heartbeated moments ago"})
+    assert decide(long_before, undecided, NO_TASKS, settings()).verdict == "leave"
+    assert decide(after, undecided, NO_TASKS, settings(heartbeat_interval=2)).verdict == "leave"

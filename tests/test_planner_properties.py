@@ -146,8 +146,18 @@ _MARGIN = {
 }
 
 
+# Finding A: a row of this node name without task id that looks a day older than this start
+# (the host clock stepped back), while this worker holds a task.
+_CLOCK_STEP = {
+    **_MARGIN,
+    "facts": TaskFacts(held_here=frozenset({"t2"})),
+    "cands": [Candidate("system_jobs", 1, "running", "a", NOW - timedelta(days=1), ME.node)],
+}
+
+
 @settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @example(**_MARGIN)
+@example(**_CLOCK_STEP)
 @given(view_kw=views(), facts=task_facts, cands=st.lists(candidates, max_size=6), key=setting_keys)
 def test_a_job_proved_alive_is_never_failed(
     view_kw: dict[str, Any], facts: TaskFacts, cands: list[Candidate], key: tuple[Any, ...]
@@ -186,12 +196,21 @@ def test_a_job_proved_alive_is_never_failed(
         elif (
             c.incarnation_id is None
             and view.node_is_me(c.owner)
+            and c.task_id is None
+            and facts.held_here
+            and conf.max_age is None
+        ):
+            # whatever the clocks say: the host's may have stepped back since this start
+            why = "owned by this node name, no task id, and this worker holds tasks"
+        elif (
+            c.incarnation_id is None
+            and view.node_is_me(c.owner)
             and view.me is not None
             and c.started_at is not None
             and c.started_at >= view.me.started_at
-            and (c.task_id is None or _young(c, conf.heartbeat_interval))
+            and _young(c, conf.heartbeat_interval)
         ):
-            why = "this worker's current start, no task id to check or younger than a heartbeat"
+            why = "this worker's current start, younger than a heartbeat interval"
         elif (
             c.incarnation_id is None
             and view.node_is_me(c.owner)
