@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from support import WorkerProcess, make_app, wait_until, worker_env
 
 import celery_jobreaper
-from celery_jobreaper.reaper import PeersUnsure, ask_with
+from celery_jobreaper.peers import PeersUnsure, ask_with
 from celery_jobreaper.schema import tables
 
 pytestmark = pytest.mark.slow
