@@ -13,19 +13,54 @@ from .vocabulary import DRAINING, PERIODIC, STARTUP, STOPPED
 
 logger = logging.getLogger(__name__)
 
+#: Seconds after ``heartbeat_interval`` that the follow-up reap of a pool process death runs.
+FOLLOW_UP_MARGIN = 0.5
+
 
 class _Loop(threading.Thread):
-    """A daemon thread calling *fn* every *every* seconds until stopped; it survives errors."""
+    """A daemon thread calling *fn* every *every* seconds until stopped; it survives errors.
+
+    :meth:`kick` makes it call *fn* now (once, however often it is kicked meanwhile),
+    :meth:`kick_later` after a delay (the last delay asked for wins).
+    """
 
     def __init__(self, name: str, every: float, fn: Callable[[], None]) -> None:
         super().__init__(name=name, daemon=True)
         self.every = every
         self.fn = fn
         self.stopping = threading.Event()
+        self._kicked = threading.Event()
+        self._later: threading.Timer | None = None
+        self._later_lock = threading.Lock()
+
+    def kick(self) -> None:
+        """Call *fn* as soon as the thread is free (any thread; never blocks)."""
+        self._kicked.set()
+
+    def kick_later(self, delay: float) -> None:
+        """Call *fn* in *delay* seconds (replacing a delayed kick still pending)."""
+        with self._later_lock:
+            if self._later is not None:
+                self._later.cancel()
+            self._later = threading.Timer(delay, self.kick)
+            self._later.daemon = True
+            self._later.start()
+
+    def stop(self) -> None:
+        """Stop after the current call, if any."""
+        self.stopping.set()
+        self._kicked.set()
+        with self._later_lock:
+            if self._later is not None:
+                self._later.cancel()
 
     def run(self) -> None:
         last_error: str | None = None
-        while not self.stopping.wait(self.every):
+        while True:
+            self._kicked.wait(self.every)
+            self._kicked.clear()
+            if self.stopping.is_set():
+                return
             try:
                 self.fn()
             except Exception as error:
@@ -123,15 +158,27 @@ class ReaperService:
         self.reaper.run(PERIODIC if self.startup_done else STARTUP)
         self.startup_done = True
 
+    def reap_soon(self) -> None:
+        """A pool process died and the worker settled its task: reap now; never blocks.
+
+        The planner leaves a row of this worker's current start younger than
+        ``heartbeat_interval`` (its task may be taken right now), so a second reap follows
+        once such a row of the dead process's task is older than that
+        (:data:`FOLLOW_UP_MARGIN` seconds later still).
+        """
+        if self.reaps and self._timer.is_alive():
+            self._timer.kick()
+            self._timer.kick_later(self.settings.heartbeat_interval + FOLLOW_UP_MARGIN)
+
     def drain(self) -> None:
         """Warm shutdown began: stop reaping, keep heartbeating, say we are draining."""
-        self._timer.stopping.set()
+        self._timer.stop()
         self._mark(DRAINING)
 
     def stop(self) -> None:
         """Stop both threads and mark the incarnation stopped."""
-        self._timer.stopping.set()
-        self._heart.stopping.set()
+        self._timer.stop()
+        self._heart.stop()
         for loop in (self._timer, self._heart):
             if loop.is_alive() and loop is not threading.current_thread():
                 loop.join(timeout=max(5.0, self.settings.connect_timeout + 1))

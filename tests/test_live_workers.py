@@ -301,8 +301,11 @@ def test_pool_process_death_settled_before_celery_notices(fleet: Fleet, death: s
     assert fleet.status("sibling") == "running"
     sibling_tracked = _tracked(fleet, sibling)
     assert sibling_tracked is not None and sibling_tracked.status == "running"
-    assert [e.job_id for e in fleet.events()] == ["victim"]
-    assert [e.job_id for e in fleet.events("jobreaper_jobs")] == [victim]
+    assert [(e.job_id, e.action) for e in fleet.events()] == [("victim", "settled")]
+    # One settle of the tracked job. A hard time limit's SIGTERM may let the task's own
+    # process still report its end: that is recorded as a late result, not a second settle.
+    settled = [e.job_id for e in fleet.events("jobreaper_jobs") if e.action == "settled"]
+    assert settled == [victim]
     assert worker.proc.poll() is None
 
 
