@@ -240,15 +240,6 @@ def test_pool_process_dies_its_jobs_settled_sibling_untouched(fleet: Fleet, deat
     assert worker.proc.poll() is None
 
 
-def _zombie(pid: int) -> bool:
-    """Whether process *pid* has died and waits to be reaped by its parent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def _periodic_reaps(fleet: Fleet, worker: WorkerProcess) -> int:
     r = tables.runs
     inc = fleet.incarnation_id(worker)
@@ -311,24 +302,32 @@ def test_pool_process_death_settled_before_celery_notices(fleet: Fleet, death: s
 
 def test_pool_process_dies_after_sending_its_result_is_not_failed(fleet: Fleet) -> None:
     """The race the pool watch must not lose: a task finished and its result is in the pipe,
-    unread (the main process is stopped), when its pool process dies. The worker, woken by the
-    watch, reads the result: the task succeeded, nothing is settled."""
+    unread (the worker's event loop is blocked; its other threads run), when its pool process
+    dies. The pool watch sees the death at once but decides nothing; the event loop, once free,
+    reads the result: the task succeeded, nothing is settled."""
     fleet.seed(owner=True, task_id=True)
-    worker = fleet.worker("a", concurrency=2, settings={"interval": 3600}, env=SLOW_DETECTION)
+    worker = fleet.worker(
+        "a",
+        concurrency=2,
+        settings={"interval": 3600},
+        env={**SLOW_DETECTION, "JR_HUB_BLOCKER": "1"},
+    )
     task_id = str(
         fleet.producer.send_task("jr.finish_then_die", args=("done",), queue=fleet.queue).id
     )
     pid = fleet.started("done")
     wait_until(lambda: _tracked(fleet, task_id), 10, "the tracked row")
-    os.kill(worker.pid, signal.SIGSTOP)
+    block = fleet.tmp / "block-hub"
+    block.write_text("")
     try:
+        wait_until((fleet.tmp / "hub-blocked").exists, 30, "the event loop to be blocked")
         (fleet.tmp / "go-done").write_text("")
         wait_until((fleet.tmp / "result-sent").exists, 30, "the result written to the pipe")
-        wait_until(lambda: _zombie(pid), 30, "the pool process to die")
+        # the pool watch (its own thread) has seen the death while the event loop is blocked
+        worker.wait_for(rf"jobreaper: pool process {pid} exited", 30)
     finally:
-        os.kill(worker.pid, signal.SIGCONT)
+        block.unlink()
     worker.wait_for(rf"pid:{pid} exited with 'signal 9 \(SIGKILL\)'", 30)
-    worker.wait_for(rf"Task jr\.finish_then_die\[{task_id}\] succeeded", 30)
     wait_until(lambda: _periodic_reaps(fleet, worker) >= 1, 30, "the reap the death triggered")
     assert "WorkerLostError" not in worker.output()
     assert fleet.status("done") == "completed"

@@ -3,7 +3,8 @@
 JR_BROKER_URL, JR_DATABASE_URL, JR_SETTINGS (JSON of extra ``jobreaper_*`` keys without the
 prefix), JR_QUEUE (queue name), JR_SIGNAL_DIR (tasks touch files there to show progress),
 JR_SLOW_POOL_DETECTION ("1": Celery's prefork pool notices a dead pool process only when told,
-see :func:`_slow_pool_detection`).
+see :func:`_slow_pool_detection`), JR_HUB_BLOCKER ("1": the file ``block-hub`` in JR_SIGNAL_DIR
+blocks the worker's event loop while it exists, see :class:`HubBlocker`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 import celery_jobreaper
 
@@ -236,3 +237,27 @@ def finish_then_die(self: Any, job_id: str) -> str:
         time.sleep(0.02)
     _die_once_result_sent()
     return job_id
+
+
+class HubBlocker(bootsteps.StartStopStep):
+    """Blocks the worker's event loop (its thread only) while ``block-hub`` exists (tests only).
+
+    Every 20 ms, on the loop, look for the file; while it exists write ``hub-blocked`` and
+    sleep: the main process's other threads (jobreaper's) run on, its event loop does not.
+    """
+
+    def register_with_event_loop(self, worker: Any, hub: Any) -> None:
+        """Look for the file every 20 ms, on the event loop."""
+        folder = Path(os.environ["JR_SIGNAL_DIR"])
+
+        def check() -> None:
+            if (folder / "block-hub").exists():
+                (folder / "hub-blocked").write_text("")
+                while (folder / "block-hub").exists():
+                    time.sleep(0.01)
+
+        hub.call_repeatedly(0.02, check)
+
+
+if os.environ.get("JR_HUB_BLOCKER") == "1":
+    app.steps["worker"].add(HubBlocker)
