@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:Deprecati
 def _live_until_sigusr1() -> None:
     """A pool process stand-in: lives until SIGUSR1 (then exits with 0) or killed."""
     signal.signal(signal.SIGUSR1, lambda *_: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked until now: see start
     while True:
         signal.pause()
 
@@ -35,7 +36,12 @@ class Children:
 
     def start(self) -> Any:
         proc = billiard.Process(target=_live_until_sigusr1, daemon=True)
-        proc.start()
+        # forked with SIGUSR1 blocked: one sent before the child's handler is set waits for it
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.procs.append(proc)
         return proc
 
