@@ -13,8 +13,14 @@ every run beside the bound the design promises:
   interval`` (+ ``ping_timeout``) seconds. Measured with short settings (R runs) and with the
   defaults (D runs; each takes up to two minutes).
 * one pool process dies (SIGKILL of one prefork child, as the OOM killer does) while the worker
-  and a sibling task in its other child live on: the worker's own failure signal settles the
-  job at once — within 2 s (DESIGN §8); the sibling's job must still be ``running``.
+  and a sibling task in its other child live on: within 2 s (DESIGN §8) the job's tracked row
+  (the worker's own failure signal, sent once jobreaper's pool watch made Celery look at its
+  pool at once) and its user row (``system_jobs`` with owner and task-id columns, by the reap
+  the death triggers) must be ``failed``; the sibling's must still be ``running``. The user
+  row is measured twice: for a job that ran longer than ``heartbeat_interval`` before the kill,
+  and for one killed at once (a row younger than ``heartbeat_interval`` is left by the reap
+  right after the death, as its task may only now be taken, and settled by a second reap
+  ``heartbeat_interval`` + 0.5 s after the death).
 
 Machines differ and this one is shared: the figures are medians of real runs, not a test.
 """
@@ -52,6 +58,7 @@ class Worker:
     def __init__(self, url: str, name: str, queue: str, settings: dict[str, Any], **kw: Any):
         self.key = f"jrbench-tts-{uuid.uuid4().hex[:8]}"
         env = {
+            **({"JR_BENCH_SOURCE": "owned"} if kw.get("user_table") else {}),
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
             "JR_BENCH_BROKER": REDIS_URL,
@@ -95,20 +102,30 @@ def _poll(predicate: Callable[[], Any], timeout: float, what: str, proc: Any = N
         time.sleep(0.02)
 
 
-def _status(engine: Engine, task_id: str) -> str | None:
+def _status(engine: Engine, task_id: str, table: str = "jobreaper_jobs") -> str | None:
     with engine.connect() as conn:
         row = conn.execute(
-            text("SELECT status FROM jobreaper_jobs WHERE task_id = :t"), {"t": task_id}
+            text(f"SELECT status FROM {table} WHERE task_id = :t"),  # our two table names
+            {"t": task_id},
         ).first()
     return None if row is None else str(row[0])
 
 
-def _send(queue: str, seconds: float) -> str:
+def _send(queue: str, seconds: float, task: str = "bench.sleep") -> str:
     os.environ["JR_BENCH_QUEUE"] = queue
     os.environ["JR_BENCH_BROKER"] = REDIS_URL  # the workers' broker (JR_BENCH_REDIS)
     from benchapp import app
 
-    return str(app.send_task("bench.sleep", args=(seconds,), queue=queue).id)
+    return str(app.send_task(task, args=(seconds,), queue=queue).id)
+
+
+USER_TABLE = """
+CREATE TABLE IF NOT EXISTS system_jobs (
+    job_id VARCHAR(64) PRIMARY KEY, job_type VARCHAR(64), status VARCHAR(16) NOT NULL,
+    started_at TIMESTAMP, completed_at TIMESTAMP, error TEXT,
+    owner VARCHAR(191), task_id VARCHAR(191)
+)
+"""
 
 
 def _settle_time(engine: Engine, task_id: str, limit: float) -> float | None:
@@ -143,23 +160,32 @@ def worker_death(url: str, settings: dict[str, Any], client: redis.Redis[Any]) -
 
 
 def pool_death(
-    url: str, settings: dict[str, Any], client: redis.Redis[Any]
-) -> tuple[float | None, bool]:
-    """SIGKILL one prefork child mid-task; seconds until failed, and whether the sibling lives."""
+    url: str, settings: dict[str, Any], client: redis.Redis[Any], ran: float = 0.0
+) -> tuple[float | None, float | None, bool]:
+    """SIGKILL one prefork child once its job ran *ran* seconds; seconds until its tracked job
+    and its user row are failed, and whether the sibling's are still running."""
     tag = uuid.uuid4().hex[:6]
     engine = create_engine(url)
     queue = f"jrbench-p-{tag}"
-    worker = Worker(url, f"pool-{tag}@bench", queue, settings, concurrency=2)
+    worker = Worker(url, f"pool-{tag}@bench", queue, settings, concurrency=2, user_table=True)
     try:
         worker.wait_ready(client)
-        victim, sibling = _send(queue, 600), _send(queue, 600)
+        victim, sibling = _send(queue, 600, "bench.job"), _send(queue, 600, "bench.job")
         pid = worker.pid_of(client, victim)
         worker.pid_of(client, sibling)
         for task_id in (victim, sibling):
             _poll(lambda t=task_id: _status(engine, t) == "running", 30, "jobs tracked")
+        time.sleep(ran)
         os.kill(pid, signal.SIGKILL)
-        took = _settle_time(engine, victim, 30)
-        return took, _status(engine, sibling) == "running"
+        began = time.monotonic()
+        took: dict[str, float | None] = {"jobreaper_jobs": None, "system_jobs": None}
+        while time.monotonic() - began < 30 and None in took.values():
+            for table in [t for t, v in took.items() if v is None]:
+                if _status(engine, victim, table) == "failed":
+                    took[table] = time.monotonic() - began
+            time.sleep(0.02)
+        alive = all(_status(engine, sibling, t) == "running" for t in took)
+        return took["jobreaper_jobs"], took["system_jobs"], alive
     finally:
         stop(worker.proc, timeout=5)
         engine.dispose()
@@ -201,14 +227,26 @@ def main() -> None:
     )
     args = parser.parse_args()
     client: redis.Redis[Any] = redis.Redis.from_url(REDIS_URL)
-    results: dict[str, list[float | None]] = {"short": [], "defaults": [], "pool": []}
+    results: dict[str, list[float | None]] = {
+        k: [] for k in ("short", "defaults", "tracked", "row_old", "row_young")
+    }
     siblings_alive = 0
+    ran = _settings(SHORT).heartbeat_interval + 0.5
     try:
         with throwaway_database("jrbench_tts") as url:
+            setup = create_engine(url)
+            with setup.begin() as conn:
+                conn.execute(text(USER_TABLE))
+            setup.dispose()
             for _ in range(args.repeat):
                 results["short"].append(worker_death(url, SHORT, client))
-                took, alive = pool_death(url, SHORT, client)
-                results["pool"].append(took)
+                tracked, row, alive = pool_death(url, SHORT, client, ran=ran)
+                results["tracked"].append(tracked)
+                results["row_old"].append(row)
+                siblings_alive += alive
+                tracked, row, alive = pool_death(url, SHORT, client)
+                results["tracked"].append(tracked)
+                results["row_young"].append(row)
                 siblings_alive += alive
             for _ in range(args.repeat_defaults):
                 results["defaults"].append(worker_death(url, {}, client))
@@ -228,8 +266,17 @@ def main() -> None:
     print(_line("worker killed, short settings", results["short"], _bound(SHORT)))
     if results["defaults"]:
         print(_line("worker killed, default settings", results["defaults"], _bound({})))
-    print(_line("one pool process killed", results["pool"], POOL_BOUND))
-    print(f"  sibling task's job still running after the pool kill: {siblings_alive}/{args.repeat}")
+    print(_line("pool process killed: tracked job", results["tracked"], POOL_BOUND))
+    print(_line(f"  user row, job ran {ran:g} s", results["row_old"], POOL_BOUND))
+    print(_line("  user row, job killed at once", results["row_young"], POOL_BOUND))
+    print(
+        "  (a user row younger than heartbeat_interval is settled by the reap "
+        "heartbeat_interval + 0.5 s after the death)"
+    )
+    print(
+        "  sibling task's tracked job and user row still running after the pool kill: "
+        f"{siblings_alive}/{2 * args.repeat}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ JR_BENCH_BROKER        broker URL (default redis://127.0.0.1:6379/14)
 JR_BENCH_DATABASE_URL  jobreaper_database_url (and the app's own engine)
 JR_BENCH_QUEUE         default queue name (default ``jrbench``)
 JR_BENCH_TRACK         "1" / "0": jobreaper_track_tasks (default "1")
-JR_BENCH_SOURCE        "1": add the seed-shaped ``system_jobs`` table as a source
+JR_BENCH_SOURCE        "1": add the seed-shaped ``system_jobs`` table as a source; "owned": the
+                       same with its ``owner`` and ``task_id`` columns (``bench.job`` writes them)
 JR_BENCH_INSTALL       "0": do not install celery_jobreaper at all
 JR_BENCH_COUNTER       Redis key the ``bench.noop`` task increments (default ``jrbench:done``)
 JR_BENCH_READY_KEY     Redis key set when the worker is ready (so it can log at WARNING)
@@ -39,7 +40,8 @@ app.conf.update(
 )
 for key, value in json.loads(os.environ.get("JR_BENCH_SETTINGS", "{}")).items():
     app.conf[f"jobreaper_{key}"] = value
-if os.environ.get("JR_BENCH_SOURCE") == "1":
+if os.environ.get("JR_BENCH_SOURCE") in ("1", "owned"):
+    owned = os.environ["JR_BENCH_SOURCE"] == "owned"
     app.conf.jobreaper_sources = [
         {
             "table": "system_jobs",
@@ -49,6 +51,7 @@ if os.environ.get("JR_BENCH_SOURCE") == "1":
             "started_at": "started_at",
             "completed_at": "completed_at",
             "error": "error",
+            **({"owner": "owner", "task_id": "task_id"} if owned else {}),
         }
     ]
 if os.environ.get("JR_BENCH_INSTALL", "1") != "0":
@@ -81,6 +84,29 @@ def noop() -> None:
 @app.task(name="bench.sleep", bind=True)
 def sleep(self: Any, seconds: float) -> None:
     """Publish this pool process's pid under the task id, then sleep (a long job to kill)."""
+    _counter().set(f"{COUNTER}:pid:{self.request.id}", os.getpid())
+    time.sleep(seconds)
+
+
+@app.task(name="bench.job", bind=True)
+def job(self: Any, seconds: float) -> None:
+    """A user job: its ``system_jobs`` row (id = task id, owner = this worker) written running,
+    then this process's pid published under the task id, then a sleep (a long job to kill)."""
+    from datetime import datetime, timezone
+
+    assert engine is not None
+    with engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text(
+                "INSERT INTO system_jobs (job_id, job_type, status, started_at, owner, task_id)"
+                " VALUES (:id, 'bench', 'running', :now, :owner, :id)"
+            ),
+            {
+                "id": self.request.id,
+                "now": datetime.now(timezone.utc).replace(tzinfo=None),
+                "owner": self.request.hostname,
+            },
+        )
     _counter().set(f"{COUNTER}:pid:{self.request.id}", os.getpid())
     time.sleep(seconds)
 

@@ -86,20 +86,42 @@ class StopFlag:
 class Loop:
     """A real thread calling *fn* every *every* seconds until stopped; it survives errors.
 
-    Like a daemon thread, it does not keep the interpreter alive.
+    :meth:`kick` makes it call *fn* now (once, however often it is kicked meanwhile),
+    :meth:`kick_later` after a delay (the last delay asked for wins). Like a daemon thread,
+    it does not keep the interpreter alive.
     """
 
     def __init__(self, name: str, every: float, fn: Callable[[], None]) -> None:
         self.name = name
         self.every = every
         self.fn = fn
-        self.stopping = StopFlag()
+        self._wake = Wakeup()
+        self.stopping = _LoopStop(self._wake)
+        self._guard = _original("allocate_lock")()
+        self._kicked = False
+        self._kick_at: float | None = None  # monotonic time of a delayed kick
         self._running: Any = None  # from start_thread: held while the thread runs
         self._ident: int | None = None
 
     def start(self) -> None:
         """Start the thread (once)."""
         self._running = start_thread(self.name, self._main)
+
+    def kick(self) -> None:
+        """Call *fn* as soon as the thread is free (any thread or greenlet; never blocks)."""
+        with self._guard:
+            self._kicked = True
+        self._wake.ring()
+
+    def kick_later(self, delay: float) -> None:
+        """Call *fn* in *delay* seconds (replacing a delayed kick still pending)."""
+        with self._guard:
+            self._kick_at = time.monotonic() + delay
+        self._wake.ring()
+
+    def stop(self) -> None:
+        """Stop after the current call, if any."""
+        self.stopping.set()
 
     def is_alive(self) -> bool:
         """Whether the thread was started and has not ended."""
@@ -117,10 +139,35 @@ class Loop:
         self._ident = thread_ident()
         self.run()
 
+    def _due(self, next_due: float) -> bool:
+        """Whether *fn* is due now (a kick, a delayed kick that came, or the period over)."""
+        now = time.monotonic()
+        with self._guard:
+            later = self._kick_at is not None and now >= self._kick_at
+            fire = self._kicked or later or now >= next_due
+            if fire:
+                self._kicked = False
+                if later:
+                    self._kick_at = None
+            return fire
+
+    def _wait(self, next_due: float) -> None:
+        with self._guard:
+            due = next_due if self._kick_at is None else min(next_due, self._kick_at)
+        if not self._kicked:
+            self._wake.wait(max(0.0, due - time.monotonic()))
+
     def run(self) -> None:
         """Call *fn* every *every* seconds until :attr:`stopping` is set."""
         last_error: str | None = None
-        while not self.stopping.wait(self.every):
+        next_due = time.monotonic() + self.every
+        while True:
+            self._wait(next_due)
+            if self.stopping.is_set():
+                return
+            if not self._due(next_due):
+                continue
+            next_due = time.monotonic() + self.every
             try:
                 self.fn()
             except Exception as error:
@@ -196,6 +243,19 @@ def wait_released(lock: Any, timeout: float) -> bool:
     while lock.locked() and time.monotonic() < deadline:
         time.sleep(JOIN_POLL)  # gevent's sleep under gevent: the hub goes on meanwhile
     return not lock.locked()
+
+
+class _LoopStop(StopFlag):
+    """A loop's stop flag: setting it also wakes the loop's thread."""
+
+    def __init__(self, wake: Wakeup) -> None:
+        super().__init__()
+        self._wake_loop = wake
+
+    def set(self) -> None:
+        """Stop the loop (its thread wakes now)."""
+        super().set()
+        self._wake_loop.ring()
 
 
 def real_lock() -> Any:

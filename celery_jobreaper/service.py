@@ -13,6 +13,9 @@ from .vocabulary import DRAINING, PERIODIC, STARTUP, STOPPED
 
 logger = logging.getLogger(__name__)
 
+#: Seconds after ``heartbeat_interval`` that the follow-up reap of a pool process death runs.
+FOLLOW_UP_MARGIN = 0.5
+
 
 class ReaperService:
     """Registers this worker's incarnation, heartbeats it, and reaps on a timer."""
@@ -89,15 +92,27 @@ class ReaperService:
         self.reaper.run(PERIODIC if self.startup_done else STARTUP)
         self.startup_done = True
 
+    def reap_soon(self) -> None:
+        """A pool process died and the worker settled its task: reap now; never blocks.
+
+        The planner leaves a row of this worker's current start younger than
+        ``heartbeat_interval`` (its task may be taken right now), so a second reap follows
+        once such a row of the dead process's task is older than that
+        (:data:`FOLLOW_UP_MARGIN` seconds later still).
+        """
+        if self.reaps and self._timer.is_alive():
+            self._timer.kick()
+            self._timer.kick_later(self.settings.heartbeat_interval + FOLLOW_UP_MARGIN)
+
     def drain(self) -> None:
         """Warm shutdown began: stop reaping, keep heartbeating, say we are draining."""
-        self._timer.stopping.set()
+        self._timer.stop()
         self._mark(DRAINING)
 
     def stop(self) -> None:
         """Stop both threads and mark the incarnation stopped."""
-        self._timer.stopping.set()
-        self._heart.stopping.set()
+        self._timer.stop()
+        self._heart.stop()
         for loop in (self._timer, self._heart):
             if not loop.is_current():
                 loop.join(timeout=max(5.0, self.settings.connect_timeout + 1))

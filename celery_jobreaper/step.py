@@ -14,6 +14,7 @@ from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .extras import check_broker_transport
 from .liveness import Incarnation
+from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
 from .reaper import Reaper
 from .revoked import RevokedSync
 from .schema import tables
@@ -48,6 +49,8 @@ class JobReaperStep(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.service: ReaperService | None = None
         self.tracker: Tracker | None = None
+        self._nudge: HubNudge | None = None
+        self._watch: PoolWatch | None = None
         overrides = {"dry_run": True} if jobreaper_dry_run else {}
         try:
             self.settings = Settings.from_app(parent.app, **overrides)
@@ -136,7 +139,41 @@ class JobReaperStep(bootsteps.StartStopStep):
         service.start_threads()
         celery_signals.worker_shutdown.connect(self._on_shutdown, sender=parent, weak=False)
 
+    def register_with_event_loop(self, parent: Any, hub: Any) -> None:
+        """On the worker's event loop, at each consumer start: watch the prefork pool's
+        processes, so that the worker notices a dead one at once (:mod:`.poolwatch`)."""
+        service = self.service
+        if service is None or not (self.reaps or self.tracker is not None):
+            return
+        if self._nudge is None:
+            processes = pool_processes(parent)
+            if processes is None:  # solo, threads, gevent, eventlet: no pool processes
+                return
+            self._nudge = HubNudge(parent.pool.maintain_pool, service.reap_soon)
+            self._watch = PoolWatch(processes, self._pool_process_exited)
+            self._watch.start()
+        self._nudge.register(hub)
+
+    def _pool_process_exited(self, pid: int, code: int | None) -> None:
+        """(The pool watch's thread.) Have the event loop run Celery's ``maintain_pool`` now."""
+        nudge = self._nudge
+        if nudge is None:
+            return
+        lost = abnormal(code)
+        if lost:
+            logger.info(
+                "jobreaper: pool process %d exited (%s); the worker looks at its tasks now",
+                pid,
+                "exit code unknown" if code is None else f"exit code {code}",
+            )
+        nudge.nudge(lost)
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+
     def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
+        self._stop_watch()
         self._flush_tracking()
         if self.service is not None:
             self.service.stop()
@@ -148,12 +185,14 @@ class JobReaperStep(bootsteps.StartStopStep):
 
     def stop(self, parent: Any) -> None:
         """Warm shutdown: stop reaping, mark the incarnation draining while tasks finish."""
+        self._stop_watch()
         self._flush_tracking()
         if self.service is not None:
             self.service.drain()
 
     def terminate(self, parent: Any) -> None:
         """Cold shutdown: stop the threads and mark the incarnation stopped now."""
+        self._stop_watch()
         self._flush_tracking()
         if self.service is not None:
             self.service.stop()

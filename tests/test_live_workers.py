@@ -283,6 +283,103 @@ def test_pool_process_dies_its_jobs_settled_sibling_untouched(fleet: Fleet, deat
     assert worker.proc.poll() is None
 
 
+def _periodic_reaps(fleet: Fleet, worker: WorkerProcess) -> int:
+    r = tables.runs
+    inc = fleet.incarnation_id(worker)
+    with fleet.db.connect() as conn:
+        rows = conn.execute(
+            select(r.c.error).where(
+                r.c.incarnation_id == inc,
+                r.c.trigger == "periodic",
+                r.c.finished_at.is_not(None),
+            )
+        ).all()
+    assert all(row.error is None for row in rows), rows
+    return len(rows)
+
+
+SLOW_DETECTION = {"JR_SLOW_POOL_DETECTION": "1"}  # Celery itself never notices in time
+
+
+@pytest.mark.parametrize("death", ["sigkill", "time_limit"])
+def test_pool_process_death_settled_before_celery_notices(fleet: Fleet, death: str) -> None:
+    """Celery's own notice of a dead pool process made as late as it can be, and no periodic
+    reap for an hour: jobreaper's pool watch makes the worker notice at once, so the victim's
+    tracked job and user row are settled, one ledger event each; the sibling is untouched."""
+    fleet.seed(owner=True, task_id=True)
+    worker = fleet.worker("a", concurrency=2, settings={"interval": 3600}, env=SLOW_DETECTION)
+    sibling = fleet.job("sibling", 120)
+    sibling_pid = fleet.started("sibling")
+    options = {"time_limit": 4} if death == "time_limit" else {}
+    victim = fleet.job("victim", 120, **options)
+    victim_pid = fleet.started("victim")
+    assert victim_pid != sibling_pid
+    wait_until(lambda: _tracked(fleet, victim), 10, "the victim's tracked row")
+    if death == "sigkill":
+        os.kill(victim_pid, signal.SIGKILL)
+
+    def tracked_failed() -> bool:
+        row = _tracked(fleet, victim)
+        return row is not None and row.status == "failed"
+
+    wait_until(tracked_failed, 30, "the victim's tracked job to be settled")
+    tracked = _tracked(fleet, victim)
+    assert tracked is not None
+    lost = "TimeLimitExceeded" if death == "time_limit" else "WorkerLostError"
+    assert tracked.error.startswith(lost), tracked.error
+    wait_until(lambda: fleet.status("victim") == "failed", 30, "the victim's row to be settled")
+    assert "no longer held by this worker" in fleet.row("victim").error
+    # The pool replaced the dead process (only maintain_pool does that, and Celery's own
+    # calls of it are switched off here).
+    worker.wait_for(rf"pid:{victim_pid} exited with", 30)
+    assert fleet.status("sibling") == "running"
+    sibling_tracked = _tracked(fleet, sibling)
+    assert sibling_tracked is not None and sibling_tracked.status == "running"
+    assert [(e.job_id, e.action) for e in fleet.events()] == [("victim", "settled")]
+    # One settle of the tracked job. A hard time limit's SIGTERM may let the task's own
+    # process still report its end: that is recorded as a late result, not a second settle.
+    settled = [e.job_id for e in fleet.events("jobreaper_jobs") if e.action == "settled"]
+    assert settled == [victim]
+    assert worker.proc.poll() is None
+
+
+def test_pool_process_dies_after_sending_its_result_is_not_failed(fleet: Fleet) -> None:
+    """The race the pool watch must not lose: a task finished and its result is in the pipe,
+    unread (the worker's event loop is blocked; its other threads run), when its pool process
+    dies. The pool watch sees the death at once but decides nothing; the event loop, once free,
+    reads the result: the task succeeded, nothing is settled."""
+    fleet.seed(owner=True, task_id=True)
+    worker = fleet.worker(
+        "a",
+        concurrency=2,
+        settings={"interval": 3600},
+        env={**SLOW_DETECTION, "JR_HUB_BLOCKER": "1"},
+    )
+    task_id = str(
+        fleet.producer.send_task("jr.finish_then_die", args=("done",), queue=fleet.queue).id
+    )
+    pid = fleet.started("done")
+    wait_until(lambda: _tracked(fleet, task_id), 10, "the tracked row")
+    block = fleet.tmp / "block-hub"
+    block.write_text("")
+    try:
+        wait_until((fleet.tmp / "hub-blocked").exists, 30, "the event loop to be blocked")
+        (fleet.tmp / "go-done").write_text("")
+        wait_until((fleet.tmp / "result-sent").exists, 30, "the result written to the pipe")
+        # the pool watch (its own thread) has seen the death while the event loop is blocked
+        worker.wait_for(rf"jobreaper: pool process {pid} exited", 30)
+    finally:
+        block.unlink()
+    worker.wait_for(rf"pid:{pid} exited with 'signal 9 \(SIGKILL\)'", 30)
+    wait_until(lambda: _periodic_reaps(fleet, worker) >= 1, 30, "the reap the death triggered")
+    assert "WorkerLostError" not in worker.output()
+    assert fleet.status("done") == "completed"
+    tracked = _tracked(fleet, task_id)
+    assert tracked is not None and tracked.status != "failed", tracked
+    assert fleet.events() == []
+    assert fleet.events("jobreaper_jobs") == []
+
+
 # --- 4: same node name ----------------------------------------------------------------------
 
 

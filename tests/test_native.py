@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -66,3 +67,26 @@ def test_without_gevent_every_thread_uses_the_one_engine(sqlite_url: str) -> Non
     other.join()
     assert seen == [db.engine]
     db.dispose()
+
+
+def test_loop_kick_and_kick_later_call_now_and_after_the_delay_then_stop_at_once() -> None:
+    calls: list[float] = []
+    called = threading.Event()
+
+    def fn() -> None:
+        calls.append(time.monotonic())
+        called.set()
+
+    loop = native.Loop("kicked", 3600.0, fn)  # its period never comes in this test
+    loop.start()
+    try:
+        loop.kick()
+        assert called.wait(10) and len(calls) == 1
+        called.clear()
+        asked = time.monotonic()
+        loop.kick_later(0.3)
+        assert called.wait(10) and len(calls) == 2
+        assert calls[1] >= asked + 0.3  # not before the delay
+    finally:
+        loop.stop()
+    assert loop.join(10)  # stop wakes the thread: no wait for the hour-long period

@@ -1,7 +1,10 @@
 """A Celery app for tests that start real ``celery worker`` subprocesses; configured by env vars.
 
 JR_BROKER_URL, JR_DATABASE_URL, JR_SETTINGS (JSON of extra ``jobreaper_*`` keys without the
-prefix), JR_QUEUE (queue name), JR_SIGNAL_DIR (tasks touch files there to show progress).
+prefix), JR_QUEUE (queue name), JR_SIGNAL_DIR (tasks touch files there to show progress),
+JR_SLOW_POOL_DETECTION ("1": Celery's prefork pool notices a dead pool process only when told,
+see :func:`_slow_pool_detection`), JR_HUB_BLOCKER ("1": the file ``block-hub`` in JR_SIGNAL_DIR
+blocks the worker's event loop while it exists, see :class:`HubBlocker`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 import celery_jobreaper
 
@@ -138,6 +141,10 @@ def job(self: Any, job_id: str, seconds: float, fenced: bool = True) -> str:
     node name, as ``task.request.hostname``), and announces its pool process's pid in
     ``started-<job_id>`` under JR_SIGNAL_DIR.
     """
+    return _run_job(self.request, job_id, seconds, fenced)
+
+
+def _run_job(request: Any, job_id: str, seconds: float, fenced: bool = True) -> str:
     from datetime import datetime, timezone
 
     from sqlalchemy import insert, update
@@ -151,9 +158,9 @@ def job(self: Any, job_id: str, seconds: float, fenced: bool = True) -> str:
         "started_at": now,
     }
     if "owner" in table.c:
-        values["owner"] = self.request.hostname
+        values["owner"] = request.hostname
     if "task_id" in table.c:
-        values["task_id"] = self.request.id
+        values["task_id"] = request.id
     with engine.begin() as conn:
         conn.execute(insert(table).values(**values))
     _mark(f"started-{job_id}")
@@ -204,3 +211,98 @@ if os.environ.get("JR_CLOCK_SKEW"):
 def limited(tag: str) -> None:
     """A rate-limited task (one a minute): a second one waits in the worker's token bucket."""
     _mark(f"finished-{tag}")
+
+
+def _slow_pool_detection() -> None:
+    """Make Celery's own notice of a dead pool process as late as it can be (tests only).
+
+    Celery's prefork pool learns of a dead child in two ways: the child's sentinel pipe becomes
+    readable (``AsynPool._event_process_exit``, which calls ``maintain_pool``), and a
+    ``maintain_pool`` timer every 5 s. The pipe is closed while the kernel tears the child
+    down, often before the child can be waited for; ``maintain_pool`` then finds nothing, the
+    sentinel is no longer watched, and only the timer notices (celery/celery#9588). Here the
+    sentinel handler always loses that race and the timer runs once an hour, so a pool process
+    death is noticed only when something else calls ``maintain_pool``.
+    """
+    from celery.concurrency import asynpool
+
+    def exit_seen_too_early(self: Any, hub: Any, proc: Any) -> None:
+        self._untrack_child_process(proc, hub)  # what a lost race amounts to
+
+    asynpool.AsynPool._event_process_exit = exit_seen_too_early
+    asynpool.AsynPool.timers = property(lambda self: {self.maintain_pool: 3600.0})
+
+
+if os.environ.get("JR_SLOW_POOL_DETECTION") == "1":
+    _slow_pool_detection()
+
+
+def _die_once_result_sent() -> None:
+    """In a pool process: SIGKILL this process once its current task's result was sent.
+
+    Billiard's work loop (``billiard.pool.Worker.workloop``) counts ``completed`` right after it
+    wrote a task's result to the main process's pipe; a thread waits for that count to grow,
+    so the result is in the pipe, unread if the main process is stopped, when the child dies.
+    """
+    import signal
+    import sys
+    import threading
+
+    main = threading.main_thread().ident
+
+    def workloop_completed() -> int | None:
+        frame = sys._current_frames().get(main) if main is not None else None
+        while frame is not None:
+            if frame.f_code.co_name == "workloop" and "billiard" in frame.f_code.co_filename:
+                return int(frame.f_locals["completed"])
+            frame = frame.f_back
+        return None
+
+    before = workloop_completed()
+    assert before is not None, "not in a billiard pool process"
+
+    def watch() -> None:
+        while (workloop_completed() or 0) <= before:
+            time.sleep(0.001)
+        _mark("result-sent")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@app.task(name="jr.finish_then_die", bind=True)
+def finish_then_die(self: Any, job_id: str) -> str:
+    """A user job that completes once the file ``go-<job_id>`` exists; its pool process then
+    dies right after sending the result (:func:`_die_once_result_sent`)."""
+    folder = os.environ["JR_SIGNAL_DIR"]
+    _run_job(
+        self.request, job_id, 0
+    )  # writes the row running, then completed, and the started-/finished- marks
+    while not Path(folder, f"go-{job_id}").exists():
+        time.sleep(0.02)
+    _die_once_result_sent()
+    return job_id
+
+
+class HubBlocker(bootsteps.StartStopStep):
+    """Blocks the worker's event loop (its thread only) while ``block-hub`` exists (tests only).
+
+    Every 20 ms, on the loop, look for the file; while it exists write ``hub-blocked`` and
+    sleep: the main process's other threads (jobreaper's) run on, its event loop does not.
+    """
+
+    def register_with_event_loop(self, worker: Any, hub: Any) -> None:
+        """Look for the file every 20 ms, on the event loop."""
+        folder = Path(os.environ["JR_SIGNAL_DIR"])
+
+        def check() -> None:
+            if (folder / "block-hub").exists():
+                (folder / "hub-blocked").write_text("")
+                while (folder / "block-hub").exists():
+                    time.sleep(0.01)
+
+        hub.call_repeatedly(0.02, check)
+
+
+if os.environ.get("JR_HUB_BLOCKER") == "1":
+    app.steps["worker"].add(HubBlocker)
