@@ -49,7 +49,11 @@ def prune(app: Any, *, dry_run: bool = False, older_than: float | None = None) -
     db = Database.from_settings(settings)
     try:
         keep = settings.retention if older_than is None else older_than
-        targets = [] if keep is None else own_targets(tables, keep)
+        targets = (
+            []
+            if keep is None
+            else own_targets(tables, keep, keep_settled_for=settings.late_write_window)
+        )
         with db.connect() as conn:
             for spec in settings.sources:
                 if spec.prune_after is not None:

@@ -21,10 +21,15 @@ logger = logging.getLogger(__name__)
 QUEUES_UNREAD = "could not read the queues; its message may still be waiting"
 
 
-def leave_task_jobs(decisions: list[Decision], reason: str) -> list[Decision]:
-    """Turn every would-fail decision about a job with a task id into "leave" (*reason*)."""
+def leave_task_jobs(
+    decisions: list[Decision], reason: str, *, only_unqueued: bool = False
+) -> list[Decision]:
+    """Turn every would-fail decision about a job with a task id into "leave" (*reason*);
+    with *only_unqueued*, only those that rest on its message not waiting in a queue."""
     return [
-        Decision(d.candidate, "leave", reason) if d.verdict == "fail" and d.candidate.task_id else d
+        Decision(d.candidate, "leave", reason)
+        if d.verdict == "fail" and d.candidate.task_id and (d.unqueued or not only_unqueued)
+        else d
         for d in decisions
     ]
 
@@ -45,12 +50,15 @@ class Once:
         return self._value
 
 
-def read_queues(queued_task_ids: Callable[[], set[str]] | None) -> frozenset[str] | None:
+def read_queues(
+    queued_task_ids: Callable[[], set[str] | None] | None,
+) -> frozenset[str] | None:
     """Task ids waiting in the queues; ``None`` when they could not be read (unknown)."""
     if queued_task_ids is None:
         return frozenset()
     try:
-        return frozenset(queued_task_ids())
+        found = queued_task_ids()
+        return None if found is None else frozenset(found)
     except Exception as error:
         logger.warning(
             "jobreaper: could not read the queues (%s); jobs with a task id are left alone "
@@ -75,8 +83,11 @@ def decide(
     waiting = queued() if with_task else frozenset()
     facts = TaskFacts(queued=waiting or frozenset(), held_here=held_here)
     decisions = plan(batch, view, facts, settings)
-    if waiting is None:  # unknown is not "nothing queued": a retry may wait there
-        return leave_task_jobs(decisions, QUEUES_UNREAD)
+    if waiting is None:
+        # Unknown is not "nothing queued": a job whose failure rests on its message not
+        # waiting anywhere (no owner known, or this worker's own job it no longer holds) is
+        # left alone; a dead owner's job is still settled (its message is its dead run's).
+        decisions = leave_task_jobs(decisions, QUEUES_UNREAD, only_unqueued=True)
     task_ids = [
         d.candidate.task_id for d in decisions if d.verdict == "fail" and d.candidate.task_id
     ]
@@ -103,4 +114,7 @@ def decide(
     if not peers:
         return decisions
     facts = dataclasses.replace(facts, held_by_peers=frozenset(peers))
-    return plan(batch, view, facts, settings)
+    decisions = plan(batch, view, facts, settings)
+    if waiting is None:
+        return leave_task_jobs(decisions, QUEUES_UNREAD, only_unqueued=True)
+    return decisions

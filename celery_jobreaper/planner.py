@@ -106,6 +106,10 @@ class Decision:
     #: a failure that holds only while this worker holds no task (a job without task id that
     #: no task of this worker runs): checked again before the commit
     while_idle: bool = False
+    #: a failure of a job with a task id that holds only if its message waits in no queue
+    #: (no owner known, or this worker's own job it no longer holds): left alone when the
+    #: queues cannot be read (RabbitMQ)
+    unqueued: bool = False
 
 
 def plan(
@@ -159,7 +163,13 @@ def decide(
         rule = rule.for_task_not_held_here()
     verdict, why = rule.judge(_age(c, view.now))
     if verdict == "fail":
-        return _fail(c, view, why, while_idle=c.task_id is None and why == NO_LIVE_WORKER_LEFT)
+        return _fail(
+            c,
+            view,
+            why,
+            while_idle=c.task_id is None and why == NO_LIVE_WORKER_LEFT,
+            unqueued=c.task_id is not None,
+        )
     return Decision(c, "leave", why)
 
 
@@ -191,7 +201,9 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
     age = _age(c, view.now)
     if age is not None and age > timedelta(seconds=settings.heartbeat_interval):
         why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
-        return _fail(c, view, f"on {c.owner}; {why}", while_idle=not c.task_id)
+        return _fail(
+            c, view, f"on {c.owner}; {why}", while_idle=not c.task_id, unqueued=bool(c.task_id)
+        )
     return Decision(c, "leave", "owned by this worker's current start")
 
 
@@ -206,7 +218,14 @@ def _older_than_max_age(c: Candidate, now: datetime, settings: Settings) -> str 
     return older_than_max_age(settings.max_age)
 
 
-def _fail(c: Candidate, view: LivenessView, where: str, *, while_idle: bool = False) -> Decision:
+def _fail(
+    c: Candidate,
+    view: LivenessView,
+    where: str,
+    *,
+    while_idle: bool = False,
+    unqueued: bool = False,
+) -> Decision:
     age = _age(c, view.now)
     error = failure_error(c.status, None if age is None else format_age(age), where)
-    return Decision(c, "fail", where, error, while_idle)
+    return Decision(c, "fail", where, error, while_idle, unqueued)

@@ -25,7 +25,7 @@ from .database import Database
 from .schema import JobReaperTables
 from .sources.user_table import UserTableSource
 from .textsafe import safe
-from .vocabulary import FAILED, REVOKED, SUCCEEDED
+from .vocabulary import FAILED, REVOKED, SETTLED, SUCCEEDED
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,20 @@ class PruneResult:
         }
 
 
-def own_targets(tbls: JobReaperTables, keep_for: float) -> list[PruneTarget]:
-    """jobreaper's own tables: finished tracked jobs, runs, ledger events."""
-    jobs, runs, events = tbls.jobs, tbls.runs, tbls.events
+def own_targets(
+    tbls: JobReaperTables, keep_for: float, *, keep_settled_for: float = 0.0
+) -> list[PruneTarget]:
+    """jobreaper's own tables: finished tracked jobs, runs, ledger events, late-write marks.
+
+    A ``settled`` event is kept at least *keep_settled_for* seconds
+    (``jobreaper_late_write_window``): late writes to its row are found through it.
+    """
+    jobs, runs, events, marks = tbls.jobs, tbls.runs, tbls.events, tbls.late_writes
+    longer = timedelta(seconds=max(0.0, keep_settled_for - keep_for))
+
+    def old_event(cut: datetime) -> ColumnElement[bool]:
+        return (events.c.at < cut) & ((events.c.action != SETTLED) | (events.c.at < cut - longer))
+
     return [
         PruneTarget(
             jobs.name,
@@ -83,7 +94,15 @@ def own_targets(tbls: JobReaperTables, keep_for: float) -> list[PruneTarget]:
         ),
         # A run that never finished (its worker died mid-run) goes by its start.
         PruneTarget(runs.name, runs, runs.c.id, lambda cut: runs.c.started_at < cut, keep_for),
-        PruneTarget(events.name, events, events.c.id, lambda cut: events.c.at < cut, keep_for),
+        PruneTarget(events.name, events, events.c.id, old_event, keep_for),
+        # A late write's mark is kept as long as a settled event (no second recording).
+        PruneTarget(
+            marks.name,
+            marks,
+            marks.c.event_id,
+            lambda cut: marks.c.detected_at < cut - longer,
+            keep_for,
+        ),
     ]
 
 

@@ -50,8 +50,8 @@ MAX_PLANNED_IN_REPORT = 1000
 class Sweep(Protocol):
     """The broker side of a run (:class:`celery_jobreaper.sweep.BrokerSweep`)."""
 
-    def queued_task_ids(self) -> set[str]:
-        """Task ids whose messages wait in this worker's queues (for reconciliation)."""
+    def queued_task_ids(self) -> set[str] | None:
+        """Task ids whose messages wait in the queues (``None``: they cannot be read)."""
         ...
 
     def sweep(self, run: Settled) -> SweepResult | None:
@@ -375,8 +375,8 @@ class Reaper:
                 ids, names = source.owners(conn)
                 inc_ids |= ids
                 nodes |= names
-                if not source.has_owner and not ownerless:
-                    ownerless = bool(source.batch(conn, None, 1))
+                if not ownerless:  # a stale row no owner is known for (a NULL owner too)
+                    ownerless = source.has_ownerless_stale(conn)
             return self.liveness.assess(
                 conn,
                 me=None if self.me is None else self.me.as_of_now(),

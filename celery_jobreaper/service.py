@@ -86,10 +86,12 @@ class ReaperService:
                 )
 
     def periodic(self) -> None:
-        """One timer tick: the startup reap if it never succeeded, else a periodic reap."""
+        """One timer tick: a periodic reap. If the startup reap never succeeded (the database
+        was down at start), this one judges the same jobs, but as what it is: a reap of a
+        worker already consuming (no purge of its queues, which now hold live jobs)."""
         if not self.registered:
             self.register()
-        self.reaper.run(PERIODIC if self.startup_done else STARTUP)
+        self.reaper.run(PERIODIC)
         self.startup_done = True
 
     def reap_soon(self) -> None:

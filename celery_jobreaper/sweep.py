@@ -241,10 +241,12 @@ class BrokerSweep:
 
     # -- reconciliation ---------------------------------------------------------------------
 
-    def queued_task_ids(self) -> set[str]:
-        """Task ids of messages waiting in this worker's queues (Redis lists, filesystem).
+    def queued_task_ids(self) -> set[str] | None:
+        """Task ids of messages waiting in the queues: on Redis every bound queue (this
+        worker's and any other), on the filesystem transport this worker's queue folders.
 
-        RabbitMQ cannot be read without taking the messages, so it reports nothing here.
+        ``None`` (unknown) on RabbitMQ and other transports: a queue cannot be read there
+        without taking its messages, and a message waiting in one is not "nothing queued".
         """
         queues = list(self.queues())
         with self.app.connection_for_write() as conn:
@@ -256,7 +258,7 @@ class BrokerSweep:
 
                 found = fs_sweep.sweep_queues(conn, queues, lambda _id: True, dry_run=True)
                 return {task_id for task_id, _queue in found.removed}
-        return set()
+        return None
 
     # -- purge --------------------------------------------------------------------------------
 

@@ -220,7 +220,12 @@ def _ids_in_lists(client: Any, options: dict[str, Any], queues: Iterable[str]) -
 
 
 def queued_ids(conn: Any, queues: Iterable[str]) -> set[str]:
-    """Task ids of the messages waiting in the lists of *queues*."""
+    """Task ids of the messages waiting in the lists of *queues* and of every queue bound on
+    this Redis (a job's message may wait in a queue this worker does not consume)."""
     redis_sweep = module()
     options = redis_sweep.settings_from_connection(conn)
-    return _ids_in_lists(plain_client(conn), options, queues)
+    client = plain_client(conn)
+    everywhere = set(queues) | redis_sweep.bound_queues(
+        client, sep=options["sep"], global_keyprefix=options["global_keyprefix"]
+    )
+    return _ids_in_lists(client, options, everywhere)

@@ -20,7 +20,13 @@ from sqlalchemy.engine import Engine
 from support import AMQP_URL, REDIS_URL, TESTS, WorkerProcess, wait_until, worker_env
 
 import celery_jobreaper
+from celery_jobreaper import Settings
+from celery_jobreaper.database import Database
+from celery_jobreaper.liveness import Incarnation
+from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.schema import tables
+from celery_jobreaper.service import ReaperService
+from celery_jobreaper.sweep import BrokerSweep
 
 
 @pytest.fixture
@@ -362,3 +368,29 @@ def test_broker_unreachable_at_start_worker_starts_and_sweep_retries(
         worker.kill()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_purge_happens_only_before_consuming_not_when_a_failed_startup_reap_is_retried(
+    pg_url: str, prefix: str, unique: str, rclient: redis.Redis[bytes]
+) -> None:
+    """The startup reap failed (database down at start), so the worker consumed without it:
+    the reap its timer runs later must not purge queues that now hold live jobs (§2.6)."""
+    queue = f"q-{unique}"
+    app = _sender(REDIS_URL, pg_url, queue, prefix)
+    app.conf.task_default_queue = queue
+    app.conf.jobreaper_queue_cleanup = "purge"
+    _publish(app, queue, 7, priorities=False)
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    me = Incarnation.new(f"purge-{unique}@h")
+    reaper = Reaper(
+        app, settings, db, me=me, sweep=BrokerSweep(app, settings, db, tables, lambda: [queue])
+    )
+    service = ReaperService(reaper, me)
+    try:
+        service.periodic()  # the timer's first reap, the startup reap never having run
+        assert rclient.llen(f"{prefix}{queue}") == 7
+        service.startup()  # the step's start, before the consumer: the purge happens here
+        assert rclient.llen(f"{prefix}{queue}") == 0
+    finally:
+        db.dispose()

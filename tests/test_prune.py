@@ -90,6 +90,7 @@ def test_only_finished_rows_past_their_retention_are_pruned(
         "jobreaper_jobs": 3,
         "jobreaper_runs": 2,
         "jobreaper_events": 2,
+        "jobreaper_late_writes": 0,
         "system_jobs": 2,
     }
     with engine.connect() as conn:
@@ -117,6 +118,7 @@ def test_retention_none_keeps_own_tables_and_older_than_overrides_it(
         "jobreaper_jobs": 3,
         "jobreaper_runs": 1,
         "jobreaper_events": 1,
+        "jobreaper_late_writes": 0,
     }
 
 
@@ -262,3 +264,44 @@ def test_cli_prune_dry_run_then_for_real(
     assert json.loads(again.stdout)["total"] == 0
     missing = jobreaper(sqlite_url, "prune", settings={"sources": [{**OPTED_IN, "table": "nope"}]})
     assert missing.returncode == 1 and "nope" in missing.stderr
+
+
+def test_settled_events_and_late_write_marks_outlive_a_short_retention(
+    sqlite_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """Late writes are found through settled events (and recorded once through their
+    marks) for jobreaper_late_write_window seconds: a shorter retention keeps both."""
+    engine = engine_for(sqlite_url)
+    create_all(engine)
+    with engine.begin() as conn:
+        for action, hours in (("settled", 2), ("removed", 2), ("settled", 4)):
+            conn.execute(
+                insert(tables.events).values(
+                    at=ago(hours=hours), source="s", job_id=f"{action}-{hours}", action=action
+                )
+            )
+        conn.execute(insert(tables.late_writes).values(event_id=1, detected_at=ago(hours=2)))
+        conn.execute(insert(tables.late_writes).values(event_id=3, detected_at=ago(hours=4)))
+    app = make_app(sqlite_url, late_write_window=3 * 3600)
+    result = celery_jobreaper.prune(app, older_than=3600)
+    assert result.deleted["jobreaper_events"] == 2  # removed-2 and settled-4
+    assert result.deleted["jobreaper_late_writes"] == 1
+    with engine.connect() as conn:
+        assert _names(conn, tables.events.c.job_id) == {"settled-2"}
+        assert _names(conn, tables.late_writes.c.event_id) == {1}
+
+
+def test_a_late_write_is_found_after_a_prune_shorter_than_its_window(
+    sqlite_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    engine = engine_for(sqlite_url)
+    table = create_seed(engine, [{"job_id": "j1"}])
+    app = make_app(sqlite_url)
+    assert celery_jobreaper.reap(app).settled == 1
+    assert celery_jobreaper.prune(app, older_than=0.001).deleted["jobreaper_events"] == 0
+    with engine.begin() as conn:  # the old owner wakes up and writes its result
+        conn.execute(update(table).values(status="completed"))
+    celery_jobreaper.reap(app)
+    with engine.connect() as conn:
+        actions = sorted(conn.execute(select(tables.events.c.action)).scalars())
+    assert actions == ["late_write", "settled"]

@@ -60,6 +60,10 @@ class JobSource(Protocol):
         """Up to *limit* jobs in a stale status with id greater than *after*, in id order."""
         ...
 
+    def has_ownerless_stale(self, conn: Connection) -> bool:
+        """Whether a job in a stale status has no owner known (one ``LIMIT 1`` probe)."""
+        ...
+
     def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
         """How many jobs are in a stale status, and the oldest start among them (naive UTC)."""
         ...

@@ -42,6 +42,16 @@ class TrackedJobsSource:
         rows = conn.execute(select(t.c.incarnation_id).where(t.c.status == RUNNING).distinct())
         return {r[0] for r in rows if r[0]}, set()
 
+    def has_ownerless_stale(self, conn: Connection) -> bool:
+        """Whether a running tracked job has neither incarnation nor node (not written so)."""
+        t = self.table
+        probe = (
+            select(t.c.task_id)
+            .where(t.c.status == RUNNING, t.c.incarnation_id.is_(None), t.c.node.is_(None))
+            .limit(1)
+        )
+        return conn.execute(probe).first() is not None
+
     def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
         """How many tracked jobs are running, and the oldest start among them."""
         t = self.table

@@ -360,6 +360,13 @@ class UserTableSource:
         rows = conn.execute(select(owner).where(self._stale()).distinct())
         return set(), {r[0] for r in rows if r[0]}
 
+    def has_ownerless_stale(self, conn: Connection) -> bool:
+        """Whether a stale-status row has no owner (no owner column, or a NULL in it)."""
+        probe = select(self.cols["id"]).where(self._stale())
+        if self.has_owner:
+            probe = probe.where(self.cols["owner"].is_(None))
+        return conn.execute(probe.limit(1)).first() is not None
+
     def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
         """How many rows are in a stale status, and the oldest start among them (naive UTC)."""
         started = self.cols.get("started_at")
