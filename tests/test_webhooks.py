@@ -7,6 +7,7 @@ through retries, timeouts and refusals.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -69,6 +70,12 @@ class Receiver:
         self.hold.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _jobreaper_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """jobreaper's warnings are captured whatever level an earlier test left its logger at."""
+    caplog.set_level(logging.INFO, logger="celery_jobreaper")
 
 
 @pytest.fixture
