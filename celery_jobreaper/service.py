@@ -35,7 +35,6 @@ class ReaperService:
         self.settings = reaper.settings
         self.liveness: Liveness = reaper.liveness
         self.registered = False
-        self.startup_done = False
         self._warned_duplicates: set[str] = set()
         #: copies this worker's in-memory revoked ids to the table on every heartbeat
         self.revoked_sync = revoked_sync
@@ -56,7 +55,6 @@ class ReaperService:
         self.register()
         if self.reaps:
             self.reaper.run(STARTUP)
-        self.startup_done = True
 
     def start_threads(self) -> None:
         """Start heartbeating and periodic reaping."""
@@ -92,7 +90,6 @@ class ReaperService:
         if not self.registered:
             self.register()
         self.reaper.run(PERIODIC)
-        self.startup_done = True
 
     def reap_soon(self) -> None:
         """A pool process died and the worker settled its task: reap now; never blocks.
