@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from support import REDIS_URL, make_app
 
 import celery_jobreaper
+from celery_jobreaper import signals
 from celery_jobreaper.revoked import SETTLED_NODE
 from celery_jobreaper.schema import tables
 
@@ -69,19 +70,27 @@ def _revoked(engine: Engine, task_id: str) -> list[str | None]:
 def test_settled_message_in_a_queue_the_reaper_does_not_read_stays_revoked(
     pg_url: str, prefix: str, unique: str, engine_for: Callable[[str], Engine]
 ) -> None:
-    """The settled job's message waits in queue B; the reaper reads only queue A. The id
-    stays revoked (else the message would run later); a reaper that reads B removes the
-    message, and then the id is forgotten."""
+    """A settled job's message turns up in queue B while the reap runs (published after its
+    queues were read, before its sweep: a message in flight); the reaper reads only queue A.
+    The id stays revoked (else the message would run later); a reaper that reads B removes
+    the message, and then the id is forgotten. (A message already waiting in a bound queue
+    keeps its job from being settled at all: see test_waiting_messages.py.)"""
     engine = engine_for(pg_url)
     task_id = f"hbrk-t-{unique}"
     queue_a, queue_b = f"hbrk-a-{unique}", f"hbrk-b-{unique}"
     source = _dead_owner_row(engine, task_id)
     sender = _app(pg_url, prefix, queue_b)
-    sender.send_task("jr.sleep", args=(0,), queue=queue_b, task_id=task_id)
     client = redis.Redis.from_url(REDIS_URL)
 
+    def in_flight(**_: Any) -> None:  # after the batch commits, before the sweep
+        sender.send_task("jr.sleep", args=(0,), queue=queue_b, task_id=task_id)
+
     reaper_a = _app(pg_url, prefix, queue_a, sources=[source])
-    report = celery_jobreaper.reap(reaper_a)
+    signals.jobs_settled.connect(in_flight)
+    try:
+        report = celery_jobreaper.reap(reaper_a)
+    finally:
+        signals.jobs_settled.disconnect(in_flight)
 
     assert report.settled == 1
     assert client.llen(f"{prefix}{queue_b}") == 1  # not this reaper's queue: left there
