@@ -73,7 +73,13 @@ def detect(
         return []
     recent = conn.execute(
         _recent(tables),
-        {"jr_since": now - timedelta(seconds=window), "jr_sources": list(by_name)},
+        {
+            "jr_since": now - timedelta(seconds=window),
+            "jr_sources": list(by_name),
+            # this run's own settlements (stamped with its time) are checked by the next run,
+            # not read back now; an earlier one stamped the same second waits for it too
+            "jr_until": now,
+        },
     ).all()
     if not recent:
         return []
@@ -109,6 +115,7 @@ def _recent(tables: JobReaperTables) -> Select[Any]:
         .where(
             ev.c.action == SETTLED,
             ev.c.at >= bindparam("jr_since", type_=ev.c.at.type),
+            ev.c.at < bindparam("jr_until", type_=ev.c.at.type),
             ev.c.source.in_(bindparam("jr_sources", expanding=True)),
             ~exists().where(marks.c.event_id == ev.c.id),
             # only a job's latest settlement: an earlier one's row was written again since
