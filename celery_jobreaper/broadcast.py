@@ -43,6 +43,15 @@ def broadcast(
     return list(replies or [])
 
 
+def reply(app: Any, reply_to: dict[str, str], ticket: str, body: dict[str, Any]) -> None:
+    """Publish *body* as a remote-control reply to *reply_to* under *ticket* (as a worker
+    answers a command), on a connection the calling thread may use."""
+    with _connection(app) as conn:
+        mailbox = app.control.mailbox(conn)
+        mailbox._producer_pool = None  # on *conn*: see :func:`broadcast`
+        mailbox._publish_reply(body, reply_to["exchange"], reply_to["routing_key"], ticket)
+
+
 def _connection(app: Any) -> Any:
     """A pooled broker connection the calling thread may use (a context manager): from the
     app's own pool (shared by threads, as Celery uses it), or under gevent from a pool of this

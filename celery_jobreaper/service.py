@@ -8,6 +8,7 @@ import logging
 from .liveness import Incarnation, Liveness
 from .native import Loop
 from .reaper import Reaper
+from .remote import RemoteReaps
 from .revoked import RevokedSync
 from .vocabulary import DRAINING, PERIODIC, STARTUP, STOPPED
 
@@ -27,6 +28,7 @@ class ReaperService:
         *,
         reaps: bool = True,
         revoked_sync: RevokedSync | None = None,
+        remote: RemoteReaps | None = None,
     ) -> None:
         self.reaper = reaper
         #: False: register and heartbeat only (``--without-jobreaper``, ``jobreaper_enabled``)
@@ -38,6 +40,8 @@ class ReaperService:
         self._warned_duplicates: set[str] = set()
         #: copies this worker's in-memory revoked ids to the table on every heartbeat
         self.revoked_sync = revoked_sync
+        #: reaps asked for by remote control (``control jobreaper_reap``), in their own thread
+        self.remote = remote
         self._heart = Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
         self._timer = Loop("jobreaper-reaper", self.settings.interval, self.periodic)
 
@@ -61,6 +65,8 @@ class ReaperService:
         self._heart.start()
         if self.reaps:
             self._timer.start()
+            if self.remote is not None:
+                self.remote.start()
 
     def beat(self, state: str | None = None) -> None:
         """One heartbeat (registering first if the database was down at start)."""
@@ -106,15 +112,22 @@ class ReaperService:
     def drain(self) -> None:
         """Warm shutdown began: stop reaping, keep heartbeating, say we are draining."""
         self._timer.stop()
+        if self.remote is not None:
+            self.remote.stop()
         self._mark(DRAINING)
 
     def stop(self) -> None:
         """Stop both threads and mark the incarnation stopped."""
         self._timer.stop()
         self._heart.stop()
+        if self.remote is not None:
+            self.remote.stop()
+        wait = max(5.0, self.settings.connect_timeout + 1)
         for loop in (self._timer, self._heart):
             if not loop.is_current():
-                loop.join(timeout=max(5.0, self.settings.connect_timeout + 1))
+                loop.join(timeout=wait)
+        if self.remote is not None:
+            self.remote.join(timeout=wait)
         self._mark(STOPPED)
         self.reaper.db.dispose()
         if self.reaper.webhooks is not None:

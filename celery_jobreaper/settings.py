@@ -101,6 +101,23 @@ class Settings:
     retention: float | None = DEFAULT_RETENTION
     prune_max_rows: int = DEFAULT_PRUNE_MAX_ROWS
 
+    def summary(self) -> dict[str, Any]:
+        """What ``inspect jobreaper`` shows of these settings (durations in seconds; no URL,
+        engine or webhook address, which may hold secrets)."""
+        return {
+            "sources": [spec.name for spec in self.sources],
+            "track_tasks": self.track_tasks,
+            "heartbeat_interval": self.heartbeat_interval,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "interval": self.interval,
+            "max_age": self.max_age,
+            "queue_cleanup": self.queue_cleanup,
+            "dry_run": self.dry_run,
+            "strict": self.strict,
+            "webhooks": len(self.webhooks),
+            "retention": self.retention,
+        }
+
     @classmethod
     def from_app(cls, app: Celery, **overrides: Any) -> Settings:
         """Read every ``jobreaper_*`` key of ``app.conf``; *overrides* win over configuration."""

@@ -16,6 +16,7 @@ from .extras import check_broker_transport
 from .liveness import Incarnation
 from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
 from .reaper import Reaper
+from .remote import ReapRequest, RemoteReaps
 from .revoked import RevokedSync
 from .schema import tables
 from .service import ReaperService
@@ -106,12 +107,21 @@ class JobReaperStep(bootsteps.StartStopStep):
             me,
             reaps=self.reaps,
             revoked_sync=RevokedSync(db, tables, self.settings, me.node),
+            remote=RemoteReaps(app, reaper, me.node) if self.reaps else None,
         )
 
     @property
     def incarnation_id(self) -> str | None:
         """This worker's incarnation id (``None`` when it has none)."""
         return None if self.service is None else self.service.me.id
+
+    def request_reap(self, request: ReapRequest) -> dict[str, Any]:
+        """A reap asked for by remote control: queued, never run here (the caller is the
+        consumer's event loop). Returns the control command's reply."""
+        service = self.service
+        if service is None or service.remote is None:
+            return {"error": "jobreaper does not reap on this worker"}
+        return service.remote.request(request)
 
     def create(self, parent: Any) -> JobReaperStep:  # type: ignore[override]
         """Nothing to create: the service was built in ``__init__``."""
@@ -208,6 +218,7 @@ class JobReaperStep(bootsteps.StartStopStep):
                 "enabled": self.reaps,
                 "incarnation": service.me.id,
                 "dry_run": self.settings.dry_run,
+                "settings": self.settings.summary(),
                 "last_run": report.as_dict() if report else None,
                 "missing_tables": dict(service.reaper.missing_sources),
             }

@@ -60,4 +60,6 @@ STARTUP: Final = "startup"
 PERIODIC: Final = "periodic"
 #: A reap from any other process (``celery_jobreaper.reap``, the CLI).
 MANUAL: Final = "manual"
-TRIGGERS: Final = (STARTUP, PERIODIC, MANUAL)
+#: A reap a worker ran when asked by remote control (``control jobreaper_reap``).
+REMOTE: Final = "remote"
+TRIGGERS: Final = (STARTUP, PERIODIC, MANUAL, REMOTE)

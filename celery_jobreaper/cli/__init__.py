@@ -6,11 +6,12 @@ Exit codes (the same for every command): see :mod:`celery_jobreaper.cli.group`.
 from __future__ import annotations
 
 from . import history, prune, run, status
-from .group import EXIT_DECLINED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, jobreaper
+from .group import EXIT_DECLINED, EXIT_FAILED, EXIT_NO_REPORT, EXIT_OK, EXIT_USAGE, jobreaper
 
 __all__ = [
     "EXIT_DECLINED",
     "EXIT_FAILED",
+    "EXIT_NO_REPORT",
     "EXIT_OK",
     "EXIT_USAGE",
     "history",

@@ -22,6 +22,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: ``reap`` was declined at its confirmation prompt: nothing was changed.
 EXIT_DECLINED = 3
+#: ``--on``: no worker answered, or one that was asked did not report in time.
+EXIT_NO_REPORT = 4
 
 
 @click.group()
@@ -31,7 +33,8 @@ def jobreaper(ctx: click.Context) -> None:
     """Settle jobs left running by dead workers (celery_jobreaper).
 
     Exit codes: 0 done; 1 a reap failed or the database could not be read; 2 wrong usage or
-    invalid configuration; 3 reap declined at the prompt (nothing changed).
+    invalid configuration; 3 reap declined at the prompt (nothing changed); 4 (--on) no worker
+    answered, or one did not report in time.
     """
 
 
