@@ -6,6 +6,7 @@ from typing import Any
 
 from .database import Database
 from .extras import check_broker_transport
+from .metrics import metrics_for
 from .prune import Pruner, PruneResult, own_targets, user_target
 from .reaper import Reaper
 from .report import Report
@@ -30,7 +31,9 @@ def reap(app: Any, *, dry_run: bool = False, trigger: str = MANUAL, **overrides:
     webhooks = webhooks_for(settings)
     try:
         sweep = BrokerSweep(app, settings, db, tables, worker_queues(app))
-        reaper = Reaper(app, settings, db, sweep=sweep, webhooks=webhooks)
+        reaper = Reaper(
+            app, settings, db, sweep=sweep, webhooks=webhooks, metrics=metrics_for(settings)
+        )
         return reaper.run(trigger, dry_run=dry_run)
     finally:
         db.dispose()

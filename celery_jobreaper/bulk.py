@@ -87,7 +87,7 @@ from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate, JobSource
 from .timezones import localize
-from .vocabulary import SETTLED
+from .vocabulary import MAX_AGE, NO_LIVE_WORKER, SETTLED
 
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True
@@ -270,6 +270,11 @@ class BulkSettler:
                 left[_reason(tag, row[3])] += row[6]
         return BatchResult(seen, settled, left, seen >= self.batch_size, last, rows)
 
+    @property
+    def cause(self) -> str:
+        """Why this run's failures fail (the metrics' label): no worker at all, or too old."""
+        return NO_LIVE_WORKER if self.where == NO_LIVE_WORKER_LEFT else MAX_AGE
+
     def decisions(self, rows: list[Any]) -> list[Decision]:
         """The planner's decisions for the settled *rows* of a batch."""
         name, where, zone = self.source.name, self.where, self.target.zone
@@ -282,6 +287,7 @@ class BulkSettler:
                 where,
                 error,
                 idle,
+                cause=self.cause,
             )
             for job_id, status, kind, started, error in rows
         ]

@@ -18,6 +18,15 @@ from .rules import (
 )
 from .settings import Settings
 from .sources.base import Candidate
+from .vocabulary import (
+    EARLIER_START,
+    MAX_AGE,
+    NO_LIVE_WORKER,
+    OWN_JOB_NOT_RUNNING,
+    OWNER_DEAD,
+    OWNER_NEVER_REGISTERED,
+    POOL_PROCESS_LOST_CAUSE,
+)
 
 __all__ = [
     "NO_LIVE_WORKER_LEFT",
@@ -110,6 +119,9 @@ class Decision:
     #: (no owner known, or this worker's own job it no longer holds): left alone when the
     #: queues cannot be read (RabbitMQ)
     unqueued: bool = False
+    #: why a failure fails, as one of :data:`~celery_jobreaper.vocabulary.CAUSES` (``""`` for
+    #: a job left alone): the metrics' label, where *reason* names nodes
+    cause: str = ""
 
 
 def plan(
@@ -139,22 +151,24 @@ def decide(
     if c.incarnation_id is not None:
         dead = view.dead_incarnations.get(c.incarnation_id)
         if dead is not None and c.incarnation_id not in view.live_incarnations:
-            return _fail(c, view, f"on {dead}")
+            return _fail(c, view, f"on {dead}", cause=OWNER_DEAD)
         return Decision(c, "leave", "owner worker is alive")
     if c.owner is not None:
         if view.node_is_me(c.owner):
             return _own_node(c, view, facts, settings)
         if c.owner in view.dead_nodes:
-            return _fail(c, view, f"on {view.dead_nodes[c.owner]}")
+            return _fail(c, view, f"on {view.dead_nodes[c.owner]}", cause=OWNER_DEAD)
         if c.owner in view.live_nodes:
             return Decision(c, "leave", "owner worker is alive")
         if c.owner in view.unregistered_silent:
             age = _age(c, view.now)
             if age is not None and age > timedelta(seconds=settings.heartbeat_timeout):
-                return _fail(c, view, f"on {c.owner}; {NEVER_REGISTERED}")
+                return _fail(
+                    c, view, f"on {c.owner}; {NEVER_REGISTERED}", cause=OWNER_NEVER_REGISTERED
+                )
         old = _older_than_max_age(c, view.now, settings)
         if old:
-            return _fail(c, view, f"on {c.owner}; {old}")
+            return _fail(c, view, f"on {c.owner}; {old}", cause=MAX_AGE)
         return Decision(
             c, "leave", "owner unknown to jobreaper and not provably dead (set jobreaper_max_age)"
         )
@@ -169,6 +183,7 @@ def decide(
             why,
             while_idle=c.task_id is None and why == NO_LIVE_WORKER_LEFT,
             unqueued=c.task_id is not None,
+            cause=NO_LIVE_WORKER if why == NO_LIVE_WORKER_LEFT else MAX_AGE,
         )
     return Decision(c, "leave", why)
 
@@ -189,20 +204,29 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
     if c.task_id is None and facts.held_here:
         old = _older_than_max_age(c, view.now, settings)
         if old:
-            return _fail(c, view, f"on {c.owner}; {old}")
+            return _fail(c, view, f"on {c.owner}; {old}", cause=MAX_AGE)
         return Decision(c, "leave", MAYBE_MINE)
     undecided = view.undecided_nodes.get(view.me.node)
     if undecided is not None:  # an earlier start of this name may still be running it
         return Decision(c, "leave", undecided)
     if as_naive_utc(c.started_at) < view.me.started_at:
         return _fail(
-            c, view, f"on {c.owner} (an earlier start of this worker)", while_idle=not c.task_id
+            c,
+            view,
+            f"on {c.owner} (an earlier start of this worker)",
+            while_idle=not c.task_id,
+            cause=EARLIER_START,
         )
     age = _age(c, view.now)
     if age is not None and age > timedelta(seconds=settings.heartbeat_interval):
         why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
         return _fail(
-            c, view, f"on {c.owner}; {why}", while_idle=not c.task_id, unqueued=bool(c.task_id)
+            c,
+            view,
+            f"on {c.owner}; {why}",
+            while_idle=not c.task_id,
+            unqueued=bool(c.task_id),
+            cause=POOL_PROCESS_LOST_CAUSE if c.task_id else OWN_JOB_NOT_RUNNING,
         )
     return Decision(c, "leave", "owned by this worker's current start")
 
@@ -223,9 +247,10 @@ def _fail(
     view: LivenessView,
     where: str,
     *,
+    cause: str,
     while_idle: bool = False,
     unqueued: bool = False,
 ) -> Decision:
     age = _age(c, view.now)
     error = failure_error(c.status, None if age is None else format_age(age), where)
-    return Decision(c, "fail", where, error, while_idle, unqueued)
+    return Decision(c, "fail", where, error, while_idle, unqueued, cause)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import literal, select
 
@@ -39,6 +40,9 @@ from .sources import JobSource, UserTableSource
 from .textsafe import safe
 from .vocabulary import MANUAL, STARTUP
 from .webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class Reaper:
         sweep: Sweep | None = None,
         skip_missing_tables: bool = False,
         webhooks: Webhooks | None = None,
+        metrics: Metrics | None = None,
         missing_table_repeat: float = MISSING_TABLE_REPEAT,
     ) -> None:
         self.app = app
@@ -97,6 +102,8 @@ class Reaper:
         self.last_report: Report | None = None
         #: posts each report that settled something to ``jobreaper_webhooks`` (in its thread)
         self.webhooks = webhooks
+        #: Prometheus metrics fed from each report (``jobreaper_metrics``)
+        self.metrics = metrics
         #: own tables and sources (a configured table that does not exist yet is skipped by
         #: a worker and looked up again on every reap; ``reap()`` elsewhere raises)
         self.catalog = Catalog(
@@ -187,6 +194,7 @@ class Reaper:
                 view = self._assess(conn, sources)
             # One clock: the run's time (ages, completed_at, the ledger) is the database's.
             tally.started_at = view.now
+            tally.live_workers = len(view.live_incarnations)
             with conn.begin():
                 tally.run_id = open_run(conn, self.tables, tally, self.me.id if self.me else None)
             for node, why in view.refused_nodes.items():
@@ -309,6 +317,9 @@ class Reaper:
             return
         self._late_error = None
         late_writes.report(self, found)
+        if self.metrics is not None:
+            for name, n in Counter(w.source for w in found).items():
+                self.metrics.late_results(name, n)
 
     def _reap_in_bulk(
         self,
@@ -358,6 +369,7 @@ class Reaper:
             elif got.settled:
                 tally.settled += got.settled
                 tally.per_source[source.name] += got.settled
+                tally.settled_by[(source.name, "", settler.cause)] += got.settled
             if not got.more:
                 return
             after = got.last
@@ -405,6 +417,8 @@ class Reaper:
         log_run(report)
         self.last_report = report
         close_run(self.db, self.tables, report)
+        if self.metrics is not None:
+            self.metrics.observe(report)
         signals.reap_finished.send(sender=self, report=report)
         if self.webhooks is not None:
             self.webhooks.notify(report)
@@ -413,6 +427,7 @@ class Reaper:
         tally.settled += len(done)
         tally.per_source[source.name] += len(done)
         for d in done:
+            tally.settled_by[(source.name, d.candidate.kind or "", d.cause)] += 1
             logger.info(
                 "jobreaper: Clearing job: %s (%s) from %s: %s",
                 safe(d.candidate.job_id),

@@ -29,6 +29,10 @@ class Report:
     broker: dict[str, int] = dataclasses.field(default_factory=dict)
     duration: float = 0.0  #: seconds
     error: str | None = None
+    #: jobs settled per (source, kind, cause); see :attr:`Tally.settled_by`
+    settled_by: Counter[tuple[str, str, str]] = dataclasses.field(default_factory=Counter)
+    #: live workers the run saw, this one included (``None``: liveness was not judged)
+    live_workers: int | None = None
 
     @classmethod
     def assemble(
@@ -50,6 +54,8 @@ class Report:
             broker={} if swept is None else swept.counts(),
             duration=duration,
             error=error,
+            settled_by=Counter(tally.settled_by),
+            live_workers=tally.live_workers,
         )
 
     @property

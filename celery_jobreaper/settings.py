@@ -100,6 +100,9 @@ class Settings:
     webhook_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     retention: float | None = DEFAULT_RETENTION
     prune_max_rows: int = DEFAULT_PRUNE_MAX_ROWS
+    metrics: bool = False
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
 
     def summary(self) -> dict[str, Any]:
         """What ``inspect jobreaper`` shows of these settings (durations in seconds; no URL,
@@ -229,7 +232,22 @@ class Settings:
             prune_max_rows=positive_int(
                 "jobreaper_prune_max_rows", get("prune_max_rows", DEFAULT_PRUNE_MAX_ROWS)
             ),
+            metrics=flag("jobreaper_metrics", get("metrics", False)),
+            metrics_addr=get("metrics_addr", "0.0.0.0"),
+            metrics_port=(
+                None
+                if get("metrics_port") is None
+                else positive_int("jobreaper_metrics_port", get("metrics_port"))
+            ),
         )
+        if not isinstance(settings.metrics_addr, str) or not settings.metrics_addr:
+            raise ConfigurationError(
+                "jobreaper_metrics_addr", f"expected an address, got {settings.metrics_addr!r}"
+            )
+        if settings.metrics_port is not None and not settings.metrics:
+            raise ConfigurationError(
+                "jobreaper_metrics_port", "set, but jobreaper_metrics is off: set it to True"
+            )
         if settings.enabled and settings.database_url is None and settings.engine is None:
             raise ConfigurationError(
                 "jobreaper_database_url",

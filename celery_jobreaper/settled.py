@@ -27,6 +27,10 @@ class Tally:
     planned: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # dry-run plan
     #: task ids of the jobs settled as failed (in a dry run: that would have been)
     task_ids: set[str] = dataclasses.field(default_factory=set)
+    #: jobs settled, per (source, kind, cause): kind ``""`` where a batch was counted, not read
+    settled_by: Counter[tuple[str, str, str]] = dataclasses.field(default_factory=Counter)
+    #: live workers the run saw, this one included (``None`` before liveness was judged)
+    live_workers: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .extras import check_broker_transport
 from .liveness import Incarnation
+from .metrics import Metrics, metrics_for, serve
 from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
 from .reaper import Reaper
 from .remote import ReapRequest, RemoteReaps
@@ -52,6 +53,8 @@ class JobReaperStep(bootsteps.StartStopStep):
         self.tracker: Tracker | None = None
         self._nudge: HubNudge | None = None
         self._watch: PoolWatch | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_server: Any = None
         overrides = {"dry_run": True} if jobreaper_dry_run else {}
         try:
             self.settings = Settings.from_app(parent.app, **overrides)
@@ -71,10 +74,11 @@ class JobReaperStep(bootsteps.StartStopStep):
             return
         me = Incarnation.new(parent.hostname)
         db = Database.from_settings(self.settings)
+        self.metrics = metrics_for(self.settings)
         self.service = self._build(parent, me, db)
         if self.settings.track_tasks:
             # Made before the pool forks, so pool processes inherit it.
-            self.tracker = Tracker(db, tables, self.settings, me)
+            self.tracker = Tracker(db, tables, self.settings, me, metrics=self.metrics)
             set_tracker(self.tracker)
             connect_signals()
         logger.debug(
@@ -101,6 +105,7 @@ class JobReaperStep(bootsteps.StartStopStep):
             # a table not migrated yet: skipped and looked up again, unless strict
             skip_missing_tables=not self.settings.strict,
             webhooks=webhooks_for(self.settings),
+            metrics=self.metrics,
         )
         return ReaperService(
             reaper,
@@ -147,7 +152,19 @@ class JobReaperStep(bootsteps.StartStopStep):
                 min(self.settings.heartbeat_interval, self.settings.interval),
             )
         service.start_threads()
+        self._serve_metrics()
         celery_signals.worker_shutdown.connect(self._on_shutdown, sender=parent, weak=False)
+
+    def _serve_metrics(self) -> None:
+        """``jobreaper_metrics_port``: serve ``/metrics`` (a port in use is logged; the
+        worker starts anyway)."""
+        port = self.settings.metrics_port
+        if port is None or self._metrics_server is not None:
+            return
+        try:
+            self._metrics_server = serve(port, self.settings.metrics_addr)
+        except Exception:
+            logger.exception("jobreaper: could not serve metrics on port %d", port)
 
     def register_with_event_loop(self, parent: Any, hub: Any) -> None:
         """On the worker's event loop, at each consumer start: watch the prefork pool's
@@ -184,6 +201,10 @@ class JobReaperStep(bootsteps.StartStopStep):
 
     def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
         self._stop_watch()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         self._flush_tracking()
         if self.service is not None:
             self.service.stop()

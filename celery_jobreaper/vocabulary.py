@@ -63,3 +63,29 @@ MANUAL: Final = "manual"
 #: A reap a worker ran when asked by remote control (``control jobreaper_reap``).
 REMOTE: Final = "remote"
 TRIGGERS: Final = (STARTUP, PERIODIC, MANUAL, REMOTE)
+
+# -- why a job was settled (metrics' ``cause`` label; a few fixed words, never a node name) -----
+
+#: Its owner (incarnation or node name) was judged dead: stale heartbeat and no ping reply.
+OWNER_DEAD: Final = "owner_dead"
+#: Owned by an earlier start of this worker's node name (dead by definition).
+EARLIER_START: Final = "earlier_start"
+#: Its owner never registered with jobreaper, did not answer a ping, and the job is old.
+OWNER_NEVER_REGISTERED: Final = "owner_never_registered"
+#: Older than ``jobreaper_max_age``.
+MAX_AGE: Final = "max_age"
+#: A job without owner, and no worker at all could be running it.
+NO_LIVE_WORKER: Final = "no_live_worker"
+#: A job of this worker whose task it no longer holds (its pool process died).
+POOL_PROCESS_LOST_CAUSE: Final = "pool_process_lost"
+#: A job of this worker without task id while this worker holds no task.
+OWN_JOB_NOT_RUNNING: Final = "own_job_not_running"
+CAUSES: Final = (
+    OWNER_DEAD,
+    EARLIER_START,
+    OWNER_NEVER_REGISTERED,
+    MAX_AGE,
+    NO_LIVE_WORKER,
+    POOL_PROCESS_LOST_CAUSE,
+    OWN_JOB_NOT_RUNNING,
+)

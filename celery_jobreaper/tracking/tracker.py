@@ -6,7 +6,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import exc, select, update
 from sqlalchemy.engine import Connection
@@ -23,6 +23,9 @@ from .process import _keep_inherited, _one_task_at_a_time
 from .records import _STATUS, _Finish, _Record, _rounds, _Start
 from .statements import Statements, _autocommit
 from .writer import BatchWriter
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 logger = logging.getLogger("celery_jobreaper.tracking")
 
@@ -71,8 +74,16 @@ class Tracker(BatchWriter):
     """
 
     def __init__(
-        self, db: Database, tables: JobReaperTables, settings: Settings, me: Incarnation
+        self,
+        db: Database,
+        tables: JobReaperTables,
+        settings: Settings,
+        me: Incarnation,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
+        #: counts late results (in the process that ran the task: see :mod:`..metrics`)
+        self.metrics = metrics
         self.t = tables.jobs
         self.tables = tables
         self.me = me
@@ -190,6 +201,8 @@ class Tracker(BatchWriter):
 
     def _report_late(self, late: list[tuple[str, str]]) -> None:
         report_late(self, self.me.node, late, source=self.tables.jobs.name)
+        if self.metrics is not None and late:
+            self.metrics.late_results(self.tables.jobs.name, len(late))
 
     def _write_now(self, records: list[_Record]) -> None:
         """Write *records* at once in their own transaction (gevent/eventlet: no writer)."""
