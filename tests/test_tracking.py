@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from prometheus_client import CollectorRegistry
 from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine, Row
 from support import REDIS_URL, WorkerProcess, wait_until
@@ -26,6 +27,7 @@ from celery_jobreaper import signals
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.database import Database
 from celery_jobreaper.liveness import Incarnation
+from celery_jobreaper.metrics import Metrics
 from celery_jobreaper.schema import create_all, tables
 from celery_jobreaper.settings import Settings
 from celery_jobreaper.tracking import Tracker, records
@@ -41,7 +43,9 @@ class Made:
     def __init__(self) -> None:
         self.trackers: list[Tracker] = []
 
-    def __call__(self, url: str, *, create: bool = True, **conf: Any) -> Tracker:
+    def __call__(
+        self, url: str, *, create: bool = True, metrics: Metrics | None = None, **conf: Any
+    ) -> Tracker:
         app = Celery("t", set_as_current=False)
         app.conf.jobreaper_database_url = url
         app.conf.jobreaper_track_tasks = True
@@ -51,7 +55,7 @@ class Made:
         db = Database.from_settings(settings)
         if create:
             create_all(db.engine)
-        tracker = Tracker(db, tables, settings, Incarnation.new(NODE))
+        tracker = Tracker(db, tables, settings, Incarnation.new(NODE), metrics=metrics)
         self.trackers.append(tracker)
         return tracker
 
@@ -240,7 +244,8 @@ def test_redelivery_of_a_known_task_id_resets_its_row(db_url: str, make_tracker:
 def test_finish_after_the_reaper_settled_the_job_is_a_late_result(
     db_url: str, make_tracker: Made, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = make_tracker(db_url)
+    registry = CollectorRegistry()
+    tracker = make_tracker(db_url, metrics=Metrics(registry))
     tracker.started("late", "proj.job", NODE)
     tracker.started("fine", "proj.job", NODE)
     assert tracker.flush(timeout=30)
@@ -280,6 +285,10 @@ def test_finish_after_the_reaper_settled_the_job_is_a_late_result(
         ("late", "succeeded", NODE)
     ]
     assert [(r["source"], r["job_id"]) for r in received] == [("jobreaper_jobs", "late")]
+    late_total = registry.get_sample_value(
+        "jobreaper_late_results_total", {"source": "jobreaper_jobs"}
+    )
+    assert late_total == 1
 
 
 def test_flush_on_demand(db_url: str, make_tracker: Made, monkeypatch: pytest.MonkeyPatch) -> None:
