@@ -1,0 +1,101 @@
+"""The ``jobreaper_result_rows`` switch: whether Celery's database result rows are a source.
+
+Settling a result row and writing its ledger event happen in one transaction, so the rows are
+reaped only when the result backend's database is jobreaper's own (same dialect, host, port,
+database and user; for SQLite the same file). ``"auto"`` (the default) turns the source on
+when the app's result backend is Celery's ``DatabaseBackend`` (``db+…``) in that database and
+``task_track_started`` is on (without it a task never shows ``STARTED``); ``True`` turns it on
+whenever the backend is the database backend, and refuses a backend in another database;
+``False`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import URL, Connection, make_url
+
+from .errors import ConfigurationError
+from .schema import JobReaperTables
+from .settings import Settings
+from .sources.result_rows import ResultRowsSource
+from .textsafe import safe
+
+logger = logging.getLogger(__name__)
+
+KEY = "jobreaper_result_rows"
+
+
+def is_database_backend(backend: Any) -> bool:
+    """Whether *backend* is Celery's ``DatabaseBackend`` (or a subclass of it)."""
+    return any(
+        cls.__name__ == "DatabaseBackend" and cls.__module__ == "celery.backends.database"
+        for cls in type(backend).__mro__
+    )
+
+
+def same_database(a: URL, b: URL) -> bool:
+    """Whether two URLs name one database (drivers and passwords aside)."""
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        if not a.database or not b.database or ":memory:" in (a.database, b.database):
+            return False
+        return os.path.realpath(a.database) == os.path.realpath(b.database)
+    ports_agree = a.port == b.port or None in (a.port, b.port)
+    return ports_agree and (a.host, a.database, a.username) == (b.host, b.database, b.username)
+
+
+class ResultRows:
+    """Makes the result-rows source when the switch and the configuration say so."""
+
+    def __init__(self, app: Any, settings: Settings, tables: JobReaperTables) -> None:
+        self.app = app
+        self.mode = settings.result_rows
+        self.tables = tables
+        self._said: set[str] = set()
+
+    def source(self, conn: Connection) -> tuple[ResultRowsSource | None, bool]:
+        """The source (or ``None``), and whether to look again next time (its table does
+        not exist yet: Celery creates it on its first write)."""
+        if self.mode is False or self.app is None:
+            return None, False
+        backend = self.app.backend
+        if not is_database_backend(backend):
+            if self.mode is True:
+                raise ConfigurationError(
+                    KEY,
+                    "True needs Celery's database result backend (result_backend = 'db+…'); "
+                    f"this app's is {type(backend).__name__}",
+                )
+            return None, False
+        if self.mode == "auto" and not self.app.conf.task_track_started:
+            self._say("off", "task_track_started is off (no task is ever STARTED)")
+            return None, False
+        theirs, ours = make_url(backend.url), conn.engine.url
+        if not same_database(theirs, ours):
+            why = (
+                f"the result backend's database ({theirs.render_as_string()}) is not "
+                f"jobreaper's ({ours.render_as_string()}); a row and its ledger event must "
+                "change in one transaction"
+            )
+            if self.mode is True:
+                raise ConfigurationError(KEY, why)
+            self._say("off", why)
+            return None, False
+        source = ResultRowsSource(backend, self.tables)
+        table = source.table
+        if not inspect(conn).has_table(table.name, schema=table.schema):
+            self._say("missing", f"{source.name} does not exist yet (looked up again next time)")
+            return None, True
+        self._say("on", f"reaping STARTED/RETRY rows of {source.name}")
+        return source, False
+
+    def _say(self, state: str, why: str) -> None:
+        if state in self._said:
+            return
+        self._said.add(state)
+        logger.info("jobreaper: Celery's result rows (%s): %s", KEY, safe(why))
