@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from billiard.exceptions import WorkerLostError
 from celery import Celery, states
+from celery.app.task import Context
 from celery.result import AsyncResult
 from jobtables import ago
 from sqlalchemy import select
@@ -23,7 +24,6 @@ from support import REDIS_URL
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError, Settings
 from celery_jobreaper.database import Database
-from celery_jobreaper.liveness import Incarnation
 from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.report import Report
 from celery_jobreaper.schema import create_all, tables
@@ -67,7 +67,7 @@ def register(engine: Engine, node: str, heartbeat: datetime) -> None:
     with engine.begin() as conn:
         conn.execute(
             tables.incarnations.insert().values(
-                id=node.split("@")[0].ljust(32, "x")[:32],
+                id=node.split("@", maxsplit=1)[0].ljust(32, "x")[:32],
                 node=node,
                 host="h",
                 pid=1,
@@ -185,23 +185,17 @@ def test_worker_column_of_extended_results_names_the_owner(
     register(engine, "dead@h", ago(minutes=10))
     register(engine, "live@h", ago(seconds=1))
 
-    class Request:
-        hostname = "dead@h"
-        task = "proj.crunch"
-        args: tuple[Any, ...] = ()
-        kwargs: dict[str, Any] = {}
-        retries = 0
-        delivery_info = {"routing_key": "celery"}
-        ignore_result = False
-        stamped_headers = None
-
-    app.backend.store_result(
-        "t-ext", {"pid": 1, "hostname": "dead@h"}, states.STARTED, request=Request()
-    )
-    Request.hostname = "live@h"
-    app.backend.store_result(
-        "t-ext-live", {"pid": 1, "hostname": "x"}, states.STARTED, request=Request()
-    )
+    for task_id, node in (("t-ext", "dead@h"), ("t-ext-live", "live@h")):
+        request = Context(
+            hostname=node,
+            task="proj.crunch",
+            args=(),
+            kwargs={},
+            retries=0,
+            delivery_info={"routing_key": "celery"},
+        )
+        # the stored result names no worker: only the worker column does
+        app.backend.store_result(task_id, {"pid": 1}, states.STARTED, request=request)
 
     report = reap(app)
 
