@@ -63,7 +63,18 @@ class ResultRows:
         not exist yet: Celery creates it on its first write)."""
         if self.mode is False or self.app is None:
             return None, False
-        backend = self.app.backend
+        try:
+            backend = self.app.backend  # (Celery's database backend may connect here)
+        except Exception as error:
+            if self.mode is True:
+                raise
+            # "auto": the result backend's trouble must not stop the reaping of the rest
+            logger.warning(
+                "jobreaper: Celery's result backend could not be set up (%s); its rows are "
+                "not reaped this time",
+                safe(f"{type(error).__name__}: {error}".splitlines()[0]),
+            )
+            return None, True
         if not is_database_backend(backend):
             if self.mode is True:
                 raise ConfigurationError(

@@ -289,3 +289,33 @@ def test_switch_auto_and_off_leave_the_rows_alone(
     with pytest.raises(ConfigurationError, match="database result backend"):
         celery_jobreaper.reap(no_backend)
     assert reap(writer).settled == 1
+
+
+def test_a_result_backend_that_cannot_be_set_up_does_not_stop_the_reap(
+    sqlite_url: str, engine_for: Callable[[str], Engine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "auto": Celery's database backend connects when it is made; a database that cannot be
+    reached there leaves the result rows for next time, and the tracked jobs are reaped."""
+    engine = engine_for(sqlite_url)
+    create_all(engine)
+    register(engine, "dead@h", ago(minutes=10))
+    with engine.begin() as conn:
+        conn.execute(
+            tables.jobs.insert().values(
+                task_id="t-tracked",
+                task_name="proj.crunch",
+                status="running",
+                incarnation_id="deadxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                node="dead@h",
+                started_at=ago(hours=1),
+            )
+        )
+    app = result_app("postgresql+psycopg://postgres@127.0.0.1:1/x")
+    app.conf.jobreaper_database_url = sqlite_url
+    caplog.set_level("WARNING", logger="celery_jobreaper")
+    try:
+        report = reap(app)
+    finally:
+        app.close()
+    assert report.ok and report.per_source == {"jobreaper_jobs": 1}, report
+    assert "Celery's result backend could not be set up (OperationalError" in caplog.text
