@@ -1,12 +1,12 @@
-"""The ``jobreaper_result_rows`` switch: whether Celery's database result rows are a source.
+"""The ``jobreaper_result_rows`` switch: whether result backend rows are a source — Celery's
+database backend (``db+…``) or django-celery-results' (``django-db``).
 
 Settling a result row and writing its ledger event happen in one transaction, so the rows are
 reaped only when the result backend's database is jobreaper's own (same dialect, host, port,
 database and user; for SQLite the same file). ``"auto"`` (the default) turns the source on
-when the app's result backend is Celery's ``DatabaseBackend`` (``db+…``) in that database and
-``task_track_started`` is on (without it a task never shows ``STARTED``); ``True`` turns it on
-whenever the backend is the database backend, and refuses a backend in another database;
-``False`` turns it off.
+when the app's result backend is one of these in that database and ``task_track_started`` is
+on (without it a task never shows ``STARTED``); ``True`` turns it on whenever the backend is
+one of these, and refuses a backend in another database; ``False`` turns it off.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import logging
 import os
 from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import MetaData, Table, inspect
 from sqlalchemy.engine import URL, Connection, make_url
 
 from .errors import ConfigurationError
 from .schema import JobReaperTables
 from .settings import Settings
+from .sources.result_codecs import DjangoResultCodec, SQLAlchemyResultCodec
 from .sources.result_rows import ResultRowsSource
 from .textsafe import safe
 
@@ -34,6 +35,36 @@ def is_database_backend(backend: Any) -> bool:
     return any(
         cls.__name__ == "DatabaseBackend" and cls.__module__ == "celery.backends.database"
         for cls in type(backend).__mro__
+    )
+
+
+def is_django_backend(backend: Any) -> bool:
+    """Whether *backend* is django-celery-results' ``DatabaseBackend`` (or a subclass)."""
+    return any(
+        cls.__name__ == "DatabaseBackend"
+        and cls.__module__ == "django_celery_results.backends.database"
+        for cls in type(backend).__mro__
+    )
+
+
+#: Django's database ENGINE (last part) -> SQLAlchemy dialect name.
+_DJANGO_DIALECTS = {"postgresql": "postgresql", "mysql": "mysql", "sqlite3": "sqlite"}
+
+
+def django_url(backend: Any) -> URL:
+    """The URL of the database django-celery-results writes ``TaskResult`` rows to."""
+    from django.db import connections, router
+
+    alias = router.db_for_write(backend.TaskModel) or "default"
+    conf = connections[alias].settings_dict
+    dialect = _DJANGO_DIALECTS.get(str(conf.get("ENGINE", "")).rsplit(".", 1)[-1], "unknown")
+    port = conf.get("PORT")
+    return URL.create(
+        dialect,
+        username=conf.get("USER") or None,
+        host=conf.get("HOST") or None,
+        port=int(port) if port else None,
+        database=str(conf["NAME"]) if conf.get("NAME") else None,
     )
 
 
@@ -75,18 +106,21 @@ class ResultRows:
                 safe(f"{type(error).__name__}: {error}".splitlines()[0]),
             )
             return None, True
-        if not is_database_backend(backend):
+        celery_db, django_db = is_database_backend(backend), is_django_backend(backend)
+        if not (celery_db or django_db):
             if self.mode is True:
                 raise ConfigurationError(
                     KEY,
-                    "True needs Celery's database result backend (result_backend = 'db+…'); "
-                    f"this app's is {type(backend).__name__}",
+                    "True needs Celery's database result backend (result_backend = 'db+…') or "
+                    f"django-celery-results' ('django-db'); this app's is "
+                    f"{type(backend).__name__}",
                 )
             return None, False
         if self.mode == "auto" and not self.app.conf.task_track_started:
             self._say("off", "task_track_started is off (no task is ever STARTED)")
             return None, False
-        theirs, ours = make_url(backend.url), conn.engine.url
+        theirs = make_url(backend.url) if celery_db else django_url(backend)
+        ours = conn.engine.url
         if not same_database(theirs, ours):
             why = (
                 f"the result backend's database ({theirs.render_as_string()}) is not "
@@ -97,11 +131,16 @@ class ResultRows:
                 raise ConfigurationError(KEY, why)
             self._say("off", why)
             return None, False
-        source = ResultRowsSource(backend, self.tables)
-        table = source.table
-        if not inspect(conn).has_table(table.name, schema=table.schema):
-            self._say("missing", f"{source.name} does not exist yet (looked up again next time)")
+        name, schema = _table_of(backend, celery_db)
+        if not inspect(conn).has_table(name, schema=schema):
+            self._say("missing", f"{name} does not exist yet (looked up again next time)")
             return None, True
+        codec: SQLAlchemyResultCodec | DjangoResultCodec = (
+            SQLAlchemyResultCodec(backend)
+            if celery_db
+            else DjangoResultCodec(backend, Table(name, MetaData(), autoload_with=conn))
+        )
+        source = ResultRowsSource(codec, self.tables)
         self._say("on", f"reaping STARTED/RETRY rows of {source.name}")
         return source, False
 
@@ -110,3 +149,11 @@ class ResultRows:
             return
         self._said.add(state)
         logger.info("jobreaper: Celery's result rows (%s): %s", KEY, safe(why))
+
+
+def _table_of(backend: Any, celery_db: bool) -> tuple[str, str | None]:
+    """The result table's name and schema."""
+    if celery_db:
+        table = backend.task_cls.__table__
+        return str(table.name), table.schema
+    return str(backend.TaskModel._meta.db_table), None

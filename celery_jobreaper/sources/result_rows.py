@@ -1,36 +1,37 @@
-"""Celery's database result backend rows (``celery_taskmeta``) in ``STARTED`` or ``RETRY``.
+"""Result backend rows (Celery's ``celery_taskmeta``, django-celery-results' ``TaskResult``) in
+``STARTED`` or ``RETRY``.
 
-A ``STARTED`` row (``task_track_started``) holds ``result = {"pid", "hostname"}``, encoded by
-the backend, and ``date_done`` NULL; ``worker`` is set only with ``result_extended``. Its owner
-is that node name: the worker column when set, else the hostname in the stored result. A
-``RETRY`` row is not owned by the worker that ran the attempt which raised ``Retry``: the task
-lives on in its retry message, held by whichever worker takes it (or waiting in a queue), so
-it is judged like a job without owner (left alone while its message waits or a live worker
-holds it). The table has no start time: the start comes from jobreaper's tracked jobs
-(``jobreaper_jobs``) when they have the task, else the age is unknown.
+A ``STARTED`` row (``task_track_started``) holds the encoded result ``{"pid", "hostname"}``;
+``worker`` is set only with ``result_extended``. Its owner is that node name: the worker column
+when set, else the hostname in the stored result. A ``RETRY`` row is not owned by the worker
+that ran the attempt which raised ``Retry``: the task lives on in its retry message, held by
+whichever worker takes it (or waiting in a queue), so it is judged like a job without owner
+(left alone while its message waits or a live worker holds it). The start time is the row's
+own when the backend stores one (django-celery-results' ``date_started``), else jobreaper's
+tracked job's (``jobreaper_jobs``) when there is one, else unknown.
 
-Settling writes what Celery would write for a task whose worker was lost: status ``FAILURE``,
-``date_done``, and a ``WorkerLostError`` encoded by the backend itself
-(``backend.encode(backend.prepare_exception(exc))``) with its traceback text, so
-``AsyncResult(id).state == "FAILURE"`` and ``.result`` is that exception. The row is compared
-and set on its status and its stored result as read (a task run again since is a new run).
+Settling writes what the backend would write for a task whose worker was lost: status
+``FAILURE``, ``date_done``, and a ``WorkerLostError`` encoded by the backend itself (see
+:mod:`.result_codecs`), with its traceback text, so ``AsyncResult(id).state == "FAILURE"`` and
+``.result`` is that exception. The row is compared and set on its status and its stored result
+as read (a task run again since is a new run).
 """
 
 from __future__ import annotations
 
 import logging
-import traceback
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from billiard.exceptions import WorkerLostError
 from celery import states
-from kombu.utils.encoding import ensure_bytes
 from sqlalchemy import ColumnElement, Table, func, null, select
 from sqlalchemy.engine import Connection
 
+from ..clock import as_naive_utc
 from ..schema import JobReaperTables
+from ..textsafe import safe
 from .base import Candidate, SettleTarget
 
 if TYPE_CHECKING:
@@ -42,6 +43,24 @@ logger = logging.getLogger(__name__)
 STALE_STATUSES: tuple[str, ...] = (states.STARTED, states.RETRY)
 
 
+class ResultCodec(Protocol):
+    """How one result backend stores a row: its table, the owner in it, a failure's values."""
+
+    table: Table
+    #: columns read with ``result`` to decode it (e.g. ``content_encoding``)
+    decode_columns: Sequence[str]
+    #: the column holding the task's start time, if the backend writes one
+    started_column: str | None
+
+    def hostname(self, result: Any, extra: Sequence[Any]) -> str | None:
+        """The ``hostname`` stored in a ``STARTED`` row's result (may raise if unreadable)."""
+        ...
+
+    def failure_values(self, exc: BaseException, now: datetime) -> dict[str, Any]:
+        """Column -> value of the failed row (result, traceback, ``date_done`` …)."""
+        ...
+
+
 class _Unreadable:
     """An owner that cannot be read from a ``STARTED`` row (such a row is not a candidate)."""
 
@@ -50,52 +69,51 @@ UNREADABLE = _Unreadable()
 
 
 class ResultRowsSource:
-    """Rows of Celery's result table whose task is ``STARTED`` or ``RETRY``."""
+    """Rows of a result backend's table whose task is ``STARTED`` or ``RETRY``."""
 
     has_owner = True
     has_task_id = True
 
-    def __init__(self, backend: Any, tables: JobReaperTables) -> None:
-        self.backend = backend
-        t: Table = backend.task_cls.__table__
+    def __init__(self, codec: ResultCodec, tables: JobReaperTables) -> None:
+        self.codec = codec
+        t = codec.table
         self.table = t
         self.name = t.name if t.schema is None else f"{t.schema}.{t.name}"
         self.jobs = tables.jobs
         #: the node name column (filled with ``result_extended`` only)
-        self.worker: ColumnElement[Any] | None = t.c.get("worker")
-        self.task_name: ColumnElement[Any] | None = t.c.get("name")
+        self.worker: ColumnElement[Any] = t.c["worker"] if "worker" in t.c else null()
+        names = [c for c in ("name", "task_name") if c in t.c]
+        self.task_name: ColumnElement[Any] | None = t.c[names[0]] if names else None
+        self.extra = [t.c[name] for name in codec.decode_columns]
+        started = codec.started_column
+        self.started: ColumnElement[Any] = t.c[started] if started else null()
         self.target = SettleTarget(
             table=t,
             id=t.c.task_id,
             status=t.c.status,
             stale_statuses=STALE_STATUSES,
             failed_status=states.FAILURE,
-            completed_at=t.c.date_done,
+            completed_at=None,  # date_done is the codec's (aware or naive, as the column is)
             error=None,  # the exception and traceback are per row: see failure_values
             guards={"revision": t.c.result},
             row_values=self.failure_values,
         )
-        self.unreadable = 0  #: STARTED rows of the last batch whose owner could not be read
 
     # --- reading --------------------------------------------------------------------------
 
-    def owner_of(self, status: str, worker: str | None, result: Any) -> str | _Unreadable | None:
+    def owner_of(
+        self, status: str, worker: str | None, result: Any, extra: Sequence[Any] = ()
+    ) -> str | _Unreadable | None:
         """The node name owning a row: ``None`` for ``RETRY`` (its message holds the task)."""
         if status != states.STARTED:
             return None
         if worker:
             return worker
-        if result is None:
-            return UNREADABLE
         try:
-            meta = self.backend.decode(ensure_bytes(result))
+            hostname = None if result is None else self.codec.hostname(result, extra)
         except Exception:
-            return UNREADABLE
-        hostname = meta.get("hostname") if isinstance(meta, Mapping) else None
+            hostname = None
         return hostname if isinstance(hostname, str) and hostname else UNREADABLE
-
-    def _worker(self) -> ColumnElement[Any]:
-        return self.worker if self.worker is not None else null()
 
     def _stale(self) -> ColumnElement[bool]:
         t = self.table
@@ -105,11 +123,11 @@ class ResultRowsSource:
         """Node names owning ``STARTED`` rows."""
         t = self.table
         rows = conn.execute(
-            select(t.c.status, self._worker(), t.c.result).where(
+            select(t.c.status, self.worker, t.c.result, *self.extra).where(
                 t.c.status == states.STARTED, t.c.task_id.is_not(None)
             )
         )
-        names = {self.owner_of(*row) for row in rows}
+        names = {self.owner_of(r[0], r[1], r[2], tuple(r[3:])) for r in rows}
         return set(), {n for n in names if isinstance(n, str)}
 
     def has_ownerless_stale(self, conn: Connection) -> bool:
@@ -119,17 +137,18 @@ class ResultRowsSource:
         return conn.execute(probe.limit(1)).first() is not None
 
     def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
-        """How many rows are ``STARTED``/``RETRY``, and the oldest tracked start among them."""
+        """How many rows are ``STARTED``/``RETRY``, and the oldest known start among them."""
         t, j = self.table, self.jobs
-        count, oldest = conn.execute(
-            select(func.count(), func.min(j.c.started_at))
+        count, own, tracked = conn.execute(
+            select(func.count(), func.min(self.started), func.min(j.c.started_at))
             .select_from(t.outerjoin(j, j.c.task_id == t.c.task_id))
             .where(self._stale())
         ).one()
-        return int(count), oldest
+        starts = [as_naive_utc(s) for s in (own, tracked) if isinstance(s, datetime)]
+        return int(count), min(starts, default=None)
 
     def batch(self, conn: Connection, after: Any, limit: int) -> list[Candidate]:
-        """``STARTED``/``RETRY`` rows by task id, with the tracked start when there is one."""
+        """``STARTED``/``RETRY`` rows by task id, with the start time when one is known."""
         t, j = self.table, self.jobs
         kind: ColumnElement[Any] = (
             j.c.task_name
@@ -137,7 +156,16 @@ class ResultRowsSource:
             else func.coalesce(self.task_name, j.c.task_name)
         )
         query = (
-            select(t.c.task_id, t.c.status, self._worker(), t.c.result, kind, j.c.started_at)
+            select(
+                t.c.task_id,
+                t.c.status,
+                self.worker,
+                t.c.result,
+                kind,
+                self.started,
+                j.c.started_at,
+                *self.extra,
+            )
             .select_from(t.outerjoin(j, j.c.task_id == t.c.task_id))
             .where(self._stale())
             .order_by(t.c.task_id)
@@ -146,12 +174,14 @@ class ResultRowsSource:
         if after is not None:
             query = query.where(t.c.task_id > after)
         out: list[Candidate] = []
-        self.unreadable = 0
-        for task_id, status, worker, result, name, started in conn.execute(query).all():
-            owner = self.owner_of(status, worker, result)
+        unreadable = 0
+        for row in conn.execute(query).all():
+            task_id, status, worker, result, name, own_start, tracked_start = row[:7]
+            owner = self.owner_of(status, worker, result, tuple(row[7:]))
             if isinstance(owner, _Unreadable):
-                self.unreadable += 1
+                unreadable += 1
                 continue
+            started = own_start if own_start is not None else tracked_start
             out.append(
                 Candidate(
                     self.name,
@@ -165,12 +195,12 @@ class ResultRowsSource:
                     result,
                 )
             )
-        if self.unreadable:
+        if unreadable:
             logger.warning(
                 "jobreaper: %d STARTED row(s) of %s name no worker that can be read (neither "
                 "the worker column nor the stored result); left alone",
-                self.unreadable,
-                self.name,
+                unreadable,
+                safe(self.name),
             )
         return out
 
@@ -186,9 +216,5 @@ class ResultRowsSource:
         )
 
     def failure_values(self, decision: Decision, now: datetime) -> dict[str, Any]:
-        """``result`` and ``traceback`` as the backend writes them for this failure."""
-        exc = self.failure(decision, now)
-        encoded = ensure_bytes(self.backend.encode(self.backend.prepare_exception(exc)))
-        text = "".join(traceback.format_exception_only(type(exc), exc))
-        t = self.table
-        return {t.c.result.name: encoded, t.c.traceback.name: text}
+        """The failed row's values, as the backend writes them for this failure."""
+        return self.codec.failure_values(self.failure(decision, now), now)
