@@ -6,6 +6,10 @@ with ``task_track_started``); every check reads it back through ``AsyncResult``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -19,7 +23,7 @@ from celery.result import AsyncResult
 from jobtables import ago
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from support import REDIS_URL
+from support import REDIS_URL, ROOT, TESTS
 
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError, Settings
@@ -319,3 +323,50 @@ def test_a_result_backend_that_cannot_be_set_up_does_not_stop_the_reap(
         app.close()
     assert report.ok and report.per_source == {"jobreaper_jobs": 1}, report
     assert "Celery's result backend could not be set up (OperationalError" in caplog.text
+
+
+def test_django_celery_results_rows_through_its_backend(
+    db_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    """django-celery-results in a real Django project (``tests/djangoproj``, migrations run):
+    rows written by its backend, one reap, states read back through ``AsyncResult``."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    register(engine, "dead@h", ago(minutes=10))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
+        "DJANGO_SETTINGS_MODULE": "djangoproj.settings",
+        "JR_DATABASE_URL": db_url,
+        "JR_BROKER_URL": REDIS_URL,
+    }
+    env.pop("PYTHONWARNINGS", None)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", *args],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    run("django", "migrate", "--noinput")
+    found = json.loads(run("djangoproj.decide").splitlines()[-1])
+
+    assert found["per_source"] == {"django_celery_results_taskresult": 2}, found
+    rows = found["rows"]
+    for task_id in ("t-dead", "t-ext"):
+        row = rows[task_id]
+        assert row["state"] == "FAILURE", row
+        assert row["type"] == "billiard.exceptions.WorkerLostError", row
+        assert row["message"].startswith("Worker lost: dead@h (found by jobreaper at "), row
+        assert "WorkerLostError" in row["traceback"] and row["date_done"] is not None
+    assert rows["t-young"]["state"] == "STARTED"
+    assert rows["t-young"]["info"] == {"pid": 1, "hostname": "ghost@h"}
+    assert rows["t-done"]["state"] == "SUCCESS"
+    settled = sorted(e.job_id for e in events(engine))
+    assert settled == ["t-dead", "t-ext"]

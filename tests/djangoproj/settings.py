@@ -8,6 +8,10 @@ import os
 from sqlalchemy.engine import make_url
 
 _url = make_url(os.environ["JR_DATABASE_URL"])
+if _url.get_backend_name() in {"mysql", "mariadb"}:  # Django's MySQL backend on PyMySQL
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
 _ENGINES = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql", "sqlite": "sqlite3"}
 
 SECRET_KEY = "jobreaper-tests"
