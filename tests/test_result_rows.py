@@ -169,6 +169,16 @@ def test_age_comes_from_the_tracked_job(
             )
         )
 
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    try:
+        [source] = [s for s in Reaper(app, settings, db).prepare() if s.name == SOURCE]
+        with db.connect() as conn:
+            count, oldest = source.stale_summary(conn)  # what `jobreaper status` shows
+    finally:
+        db.dispose()
+    assert count == 2 and oldest is not None and oldest < ago(hours=1)
+
     report = reap(app)
 
     assert report.per_source == {SOURCE: 1}, report
