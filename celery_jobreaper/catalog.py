@@ -47,7 +47,7 @@ class Catalog:
         self._missing_said: dict[str, float] = {}  # key -> when last warned (monotonic)
         self._tables_ready = False
         self._sources: list[JobSource] | None = None
-        #: Celery's result rows (``jobreaper_result_rows``), with *app*'s result backend
+        #: result backend rows (``jobreaper_result_rows``), with *app*'s result backend
         self.result_rows = ResultRows(app, settings, tbls)
         self._result_source: JobSource | None = None
         self._result_pending = True  # not decided yet, or its table does not exist yet

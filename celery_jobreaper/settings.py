@@ -77,9 +77,9 @@ class Settings:
     )
     sources: tuple[SourceSpec, ...] = ()
     track_tasks: bool = True
-    #: Celery's database result backend rows (``STARTED``/``RETRY``) as a source: ``"auto"``
-    #: (when the app's result backend is ``db+…`` in jobreaper's database and
-    #: ``task_track_started`` is on), ``True`` or ``False``
+    #: result backend rows (``STARTED``/``RETRY``) as a source, Celery's ``db+…`` or
+    #: django-celery-results': ``"auto"`` (when the app's result backend is one of these in
+    #: jobreaper's database and ``task_track_started`` is on), ``True`` or ``False``
     result_rows: bool | Literal["auto"] = "auto"
     track_task_names: tuple[str, ...] = ("*",)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
