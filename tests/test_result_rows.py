@@ -27,7 +27,10 @@ from support import REDIS_URL, ROOT, TESTS
 
 import celery_jobreaper
 from celery_jobreaper import ConfigurationError, Settings
+from celery_jobreaper.apply import settle_batch
+from celery_jobreaper.clock import utcnow
 from celery_jobreaper.database import Database
+from celery_jobreaper.planner import Decision
 from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.report import Report
 from celery_jobreaper.schema import create_all, tables
@@ -380,3 +383,35 @@ def test_django_celery_results_rows_through_its_backend(
     assert rows["t-done"]["state"] == "SUCCESS"
     settled = sorted(e.job_id for e in events(engine))
     assert settled == ["t-dead", "t-ext"]
+
+
+def test_a_row_started_again_since_it_was_read_is_not_settled(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """The compare-and-set guards the stored result as read: a task redelivered to another
+    worker in between (a new STARTED row, its hostname) is a new run, never settled."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    started(app, "t-1", "dead@h")
+    started(app, "t-2", "dead@h")
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    try:
+        [source] = [s for s in Reaper(app, settings, db).prepare() if s.name == SOURCE]
+        with db.connect() as conn, conn.begin():
+            batch = source.batch(conn, None, 10)
+        assert [c.owner for c in batch] == ["dead@h", "dead@h"]
+        app.backend.store_result("t-1", {"pid": 7, "hostname": "other@h"}, states.STARTED)
+        decisions = [Decision(c, "fail", "on dead@h", "it was STARTED on dead@h") for c in batch]
+        with db.connect() as conn, conn.begin():
+            done = settle_batch(
+                conn, db, tables, source.target, decisions, now=utcnow(), run_id=None
+            )
+    finally:
+        db.dispose()
+    assert [d.candidate.job_id for d in done] == ["t-2"]
+    again = AsyncResult("t-1", app=app)
+    assert again.state == states.STARTED and again.result == {"pid": 7, "hostname": "other@h"}
+    assert AsyncResult("t-2", app=app).state == states.FAILURE
+    assert [e.job_id for e in events(engine)] == ["t-2"]
