@@ -176,7 +176,7 @@ def _update(
     errors = _fit_all(target, [c.decision for c in confirmed])
     guard_cols = [_stored(conn, col) for col in target.guards.values()]
     still_stale = or_(*(target.status == s for s in target.stale_statuses))
-    if _is_postgresql(conn):
+    if _is_postgresql(conn) and target.row_values is None:
         # One set-based statement: UPDATE … FROM unnest(:ids, :errors, …) AS v(id, error, …).
         arrays: dict[str, tuple[list[Any], Any]] = {
             "id": ([c.decision.candidate.job_id for c in confirmed], target.id.type),
@@ -214,6 +214,12 @@ def _update(
         return [c.decision for c in confirmed if c.decision.candidate.job_id in changed]
     if target.error is not None:
         values[target.error.name] = bindparam("jr_error")
+    per_row = [
+        {} if target.row_values is None else dict(target.row_values(c.decision, now))
+        for c in confirmed
+    ]
+    for name in per_row[0]:
+        values[name] = bindparam(f"jr_row_{name}", type_=target.table.c[name].type)
     stmt = (
         update(target.table)
         .where(
@@ -230,9 +236,10 @@ def _update(
     done: list[Decision] = []
     # One statement per row: each rowcount says whether that row was still as judged
     # (an executemany's rowcount is only a total).
-    for c, error in zip(confirmed, errors, strict=True):
+    for c, error, row in zip(confirmed, errors, per_row, strict=True):
         params = {"jr_id": c.decision.candidate.job_id, "jr_error": error, "jr_status": c.status}
         params.update({f"jr_g{i}": value for i, value in enumerate(c.guards)})
+        params.update({f"jr_row_{name}": value for name, value in row.items()})
         if conn.execute(stmt, params).rowcount == 1:
             done.append(c.decision)
     return done

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from .database import Database
 from .errors import MissingTableError
+from .result_backend import ResultRows
 from .schema import JobReaperTables, check_stored_version, check_version, create_all
 from .settings import Settings
 from .sources import JobSource, TrackedJobsSource, UserTableSource, resolve_table
@@ -30,6 +32,7 @@ class Catalog:
         *,
         skip_missing_tables: bool,
         missing_table_repeat: float = MISSING_TABLE_REPEAT,
+        app: Any = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -44,6 +47,10 @@ class Catalog:
         self._missing_said: dict[str, float] = {}  # key -> when last warned (monotonic)
         self._tables_ready = False
         self._sources: list[JobSource] | None = None
+        #: result backend rows (``jobreaper_result_rows``), with *app*'s result backend
+        self.result_rows = ResultRows(app, settings, tbls)
+        self._result_source: JobSource | None = None
+        self._result_pending = True  # not decided yet, or its table does not exist yet
 
     def prepare_tables(self) -> None:
         """Create (if configured) and check jobreaper's own tables, once."""
@@ -60,8 +67,14 @@ class Catalog:
     def prepare(self) -> list[JobSource]:
         """Own tables, then the sources (resolved once; retried while a table is missing)."""
         self.prepare_tables()
-        if self._sources is not None:
-            return self._sources
+        sources = self._sources if self._sources is not None else self._configured()
+        if self._result_pending:
+            with self.db.connect() as conn:
+                self._result_source, self._result_pending = self.result_rows.source(conn)
+        return sources if self._result_source is None else [*sources, self._result_source]
+
+    def _configured(self) -> list[JobSource]:
+        """Tracked jobs and the user tables of ``jobreaper_sources``."""
         sources: list[JobSource] = []
         missing: dict[str, str] = {}
         with self.db.connect() as conn:

@@ -112,6 +112,7 @@ class Reaper:
             tbls,
             skip_missing_tables=skip_missing_tables,
             missing_table_repeat=missing_table_repeat,
+            app=app,
         )
         self._late_error: str | None = None
         self._lock = threading.Lock()

@@ -12,6 +12,7 @@ from .values import (
     choice,
     count,
     flag,
+    flag_or_auto,
     globs,
     headers,
     optional_seconds,
@@ -76,6 +77,10 @@ class Settings:
     )
     sources: tuple[SourceSpec, ...] = ()
     track_tasks: bool = True
+    #: result backend rows (``STARTED``/``RETRY``) as a source, Celery's ``db+…`` or
+    #: django-celery-results': ``"auto"`` (when the app's result backend is one of these in
+    #: jobreaper's database and ``task_track_started`` is on), ``True`` or ``False``
+    result_rows: bool | Literal["auto"] = "auto"
     track_task_names: tuple[str, ...] = ("*",)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
@@ -170,6 +175,7 @@ class Settings:
             engine_options=dict(engine_options),
             sources=tuple(parse_sources(get("sources", ()))),
             track_tasks=flag("jobreaper_track_tasks", get("track_tasks", True)),
+            result_rows=flag_or_auto("jobreaper_result_rows", get("result_rows", "auto")),
             track_task_names=globs("jobreaper_track_task_names", get("track_task_names", ("*",))),
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,

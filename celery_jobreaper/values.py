@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from celery.utils.time import maybe_timedelta
@@ -23,6 +23,16 @@ def flag(key: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
         return False
     raise ConfigurationError(key, f"expected true or false, got {value!r}")
+
+
+def flag_or_auto(key: str, value: Any) -> bool | Literal["auto"]:
+    """A switch that may also be ``"auto"`` (on when the configuration calls for it)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return flag(key, value)
+    except ConfigurationError:
+        raise ConfigurationError(key, f"expected 'auto', true or false, got {value!r}") from None
 
 
 def seconds(key: str, value: Any, default: float, *, positive: bool = False) -> float:

@@ -4,7 +4,8 @@ JR_BROKER_URL, JR_DATABASE_URL, JR_SETTINGS (JSON of extra ``jobreaper_*`` keys 
 prefix), JR_QUEUE (queue name), JR_SIGNAL_DIR (tasks touch files there to show progress),
 JR_SLOW_POOL_DETECTION ("1": Celery's prefork pool notices a dead pool process only when told,
 see :func:`_slow_pool_detection`), JR_HUB_BLOCKER ("1": the file ``block-hub`` in JR_SIGNAL_DIR
-blocks the worker's event loop while it exists, see :class:`HubBlocker`).
+blocks the worker's event loop while it exists, see :class:`HubBlocker`), JR_RESULT_BACKEND
+(Celery's ``result_backend``, with ``task_track_started`` on).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ app.conf.update(
     jobreaper_interval=1,
     jobreaper_ping_timeout=0.5,
 )
+if os.environ.get("JR_RESULT_BACKEND"):
+    app.conf.result_backend = os.environ["JR_RESULT_BACKEND"]
+    app.conf.task_track_started = True
 if os.environ.get("JR_KEYPREFIX"):  # isolates Redis keys (queues, unacked) per test
     app.conf.broker_transport_options = {"global_keyprefix": os.environ["JR_KEYPREFIX"]}
 for key, value in json.loads(os.environ.get("JR_SETTINGS", "{}")).items():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import ColumnElement, Table, select
 from sqlalchemy.engine import Connection
+
+if TYPE_CHECKING:
+    from ..planner import Decision
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,6 +26,9 @@ class Candidate:
     owner: str | None = None  #: Celery node name of the owner, when known
     incarnation_id: str | None = None  #: owner incarnation (tracked jobs only)
     task_id: str | None = None
+    #: an opaque value of the row as read (a result row's stored result), compared again
+    #: before settling when the target guards the role ``revision``
+    revision: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,9 @@ class SettleTarget:
     extra_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: zone of naive ``started_at`` values (the candidates carry them localized), or ``None``
     zone: tzinfo | None = None
+    #: per-row SET values made from the decision and the run's time (column name -> value),
+    #: e.g. a result row's encoded exception; such a target is updated one row per statement
+    row_values: Callable[[Decision, datetime], Mapping[str, Any]] | None = None
 
 
 class JobSource(Protocol):

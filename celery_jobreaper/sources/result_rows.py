@@ -1,0 +1,220 @@
+"""Result backend rows (Celery's ``celery_taskmeta``, django-celery-results' ``TaskResult``) in
+``STARTED`` or ``RETRY``.
+
+A ``STARTED`` row (``task_track_started``) holds the encoded result ``{"pid", "hostname"}``;
+``worker`` is set only with ``result_extended``. Its owner is that node name: the worker column
+when set, else the hostname in the stored result. A ``RETRY`` row is not owned by the worker
+that ran the attempt which raised ``Retry``: the task lives on in its retry message, held by
+whichever worker takes it (or waiting in a queue), so it is judged like a job without owner
+(left alone while its message waits or a live worker holds it). The start time is the row's
+own when the backend stores one (django-celery-results' ``date_started``), else jobreaper's
+tracked job's (``jobreaper_jobs``) when there is one, else unknown.
+
+Settling writes what the backend would write for a task whose worker was lost: status
+``FAILURE``, ``date_done``, and a ``WorkerLostError`` encoded by the backend itself (see
+:mod:`.result_codecs`), with its traceback text, so ``AsyncResult(id).state == "FAILURE"`` and
+``.result`` is that exception. The row is compared and set on its status and its stored result
+as read (a task run again since is a new run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from billiard.exceptions import WorkerLostError
+from celery import states
+from sqlalchemy import ColumnElement, Table, func, null, select
+from sqlalchemy.engine import Connection
+
+from ..clock import as_naive_utc
+from ..schema import JobReaperTables
+from ..textsafe import safe
+from .base import Candidate, SettleTarget
+
+if TYPE_CHECKING:
+    from ..planner import Decision
+
+logger = logging.getLogger(__name__)
+
+#: The statuses of a task that may still be running (or about to run again).
+STALE_STATUSES: tuple[str, ...] = (states.STARTED, states.RETRY)
+
+
+class ResultCodec(Protocol):
+    """How one result backend stores a row: its table, the owner in it, a failure's values."""
+
+    table: Table
+    #: columns read with ``result`` to decode it (e.g. ``content_encoding``)
+    decode_columns: Sequence[str]
+    #: the column holding the task's start time, if the backend writes one
+    started_column: str | None
+
+    def hostname(self, result: Any, extra: Sequence[Any]) -> str | None:
+        """The ``hostname`` stored in a ``STARTED`` row's result (may raise if unreadable)."""
+        ...
+
+    def failure_values(self, exc: BaseException, now: datetime) -> dict[str, Any]:
+        """Column -> value of the failed row (result, traceback, ``date_done`` …)."""
+        ...
+
+
+class _Unreadable:
+    """An owner that cannot be read from a ``STARTED`` row (such a row is not a candidate)."""
+
+
+UNREADABLE = _Unreadable()
+
+
+class ResultRowsSource:
+    """Rows of a result backend's table whose task is ``STARTED`` or ``RETRY``."""
+
+    has_owner = True
+    has_task_id = True
+
+    def __init__(self, codec: ResultCodec, tables: JobReaperTables) -> None:
+        self.codec = codec
+        t = codec.table
+        self.table = t
+        self.name = t.name if t.schema is None else f"{t.schema}.{t.name}"
+        self.jobs = tables.jobs
+        #: the node name column (filled with ``result_extended`` only)
+        self.worker: ColumnElement[Any] = t.c["worker"] if "worker" in t.c else null()
+        names = [c for c in ("name", "task_name") if c in t.c]
+        self.task_name: ColumnElement[Any] | None = t.c[names[0]] if names else None
+        self.extra = [t.c[name] for name in codec.decode_columns]
+        started = codec.started_column
+        self.started: ColumnElement[Any] = t.c[started] if started else null()
+        self.target = SettleTarget(
+            table=t,
+            id=t.c.task_id,
+            status=t.c.status,
+            stale_statuses=STALE_STATUSES,
+            failed_status=states.FAILURE,
+            completed_at=None,  # date_done is the codec's (aware or naive, as the column is)
+            error=None,  # the exception and traceback are per row: see failure_values
+            guards={"revision": t.c.result},
+            row_values=self.failure_values,
+        )
+
+    # --- reading --------------------------------------------------------------------------
+
+    def owner_of(
+        self, status: str, worker: str | None, result: Any, extra: Sequence[Any] = ()
+    ) -> str | _Unreadable | None:
+        """The node name owning a row: ``None`` for ``RETRY`` (its message holds the task)."""
+        if status != states.STARTED:
+            return None
+        if worker:
+            return worker
+        try:
+            hostname = None if result is None else self.codec.hostname(result, extra)
+        except Exception:
+            hostname = None
+        return hostname if isinstance(hostname, str) and hostname else UNREADABLE
+
+    def _stale(self) -> ColumnElement[bool]:
+        t = self.table
+        return t.c.status.in_(STALE_STATUSES) & t.c.task_id.is_not(None)
+
+    def owners(self, conn: Connection) -> tuple[set[str], set[str]]:
+        """Node names owning ``STARTED`` rows."""
+        t = self.table
+        rows = conn.execute(
+            select(t.c.status, self.worker, t.c.result, *self.extra).where(
+                t.c.status == states.STARTED, t.c.task_id.is_not(None)
+            )
+        )
+        names = {self.owner_of(r[0], r[1], r[2], tuple(r[3:])) for r in rows}
+        return set(), {n for n in names if isinstance(n, str)}
+
+    def has_ownerless_stale(self, conn: Connection) -> bool:
+        """Whether a ``RETRY`` row exists (judged without owner)."""
+        t = self.table
+        probe = select(t.c.task_id).where(t.c.status == states.RETRY, t.c.task_id.is_not(None))
+        return conn.execute(probe.limit(1)).first() is not None
+
+    def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
+        """How many rows are ``STARTED``/``RETRY``, and the oldest known start among them."""
+        t, j = self.table, self.jobs
+        count, own, tracked = conn.execute(
+            select(func.count(), func.min(self.started), func.min(j.c.started_at))
+            .select_from(t.outerjoin(j, j.c.task_id == t.c.task_id))
+            .where(self._stale())
+        ).one()
+        starts = [as_naive_utc(s) for s in (own, tracked) if isinstance(s, datetime)]
+        return int(count), min(starts, default=None)
+
+    def batch(self, conn: Connection, after: Any, limit: int) -> list[Candidate]:
+        """``STARTED``/``RETRY`` rows by task id, with the start time when one is known."""
+        t, j = self.table, self.jobs
+        kind: ColumnElement[Any] = (
+            j.c.task_name
+            if self.task_name is None
+            else func.coalesce(self.task_name, j.c.task_name)
+        )
+        query = (
+            select(
+                t.c.task_id,
+                t.c.status,
+                self.worker,
+                t.c.result,
+                kind,
+                self.started,
+                j.c.started_at,
+                *self.extra,
+            )
+            .select_from(t.outerjoin(j, j.c.task_id == t.c.task_id))
+            .where(self._stale())
+            .order_by(t.c.task_id)
+            .limit(limit)
+        )
+        if after is not None:
+            query = query.where(t.c.task_id > after)
+        out: list[Candidate] = []
+        unreadable = 0
+        for row in conn.execute(query).all():
+            task_id, status, worker, result, name, own_start, tracked_start = row[:7]
+            owner = self.owner_of(status, worker, result, tuple(row[7:]))
+            if isinstance(owner, _Unreadable):
+                unreadable += 1
+                continue
+            started = own_start if own_start is not None else tracked_start
+            out.append(
+                Candidate(
+                    self.name,
+                    task_id,
+                    status,
+                    None if name is None else str(name),
+                    started,
+                    owner,
+                    None,
+                    task_id,
+                    result,
+                )
+            )
+        if unreadable:
+            logger.warning(
+                "jobreaper: %d STARTED row(s) of %s name no worker that can be read (neither "
+                "the worker column nor the stored result); left alone",
+                unreadable,
+                safe(self.name),
+            )
+        return out
+
+    # --- settling -------------------------------------------------------------------------
+
+    def failure(self, decision: Decision, now: datetime) -> WorkerLostError:
+        """The exception stored on a settled row: which worker was lost, when, and why."""
+        c = decision.candidate
+        worker = c.owner or "unknown (no worker recorded)"
+        return WorkerLostError(
+            f"Worker lost: {worker} (found by jobreaper at {now:%Y-%m-%d %H:%M:%S} UTC). "
+            f"{decision.error or decision.reason}"
+        )
+
+    def failure_values(self, decision: Decision, now: datetime) -> dict[str, Any]:
+        """The failed row's values, as the backend writes them for this failure."""
+        return self.codec.failure_values(self.failure(decision, now), now)
