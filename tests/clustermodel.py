@@ -63,7 +63,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
         self.liveness = Liveness(tables, heartbeat_timeout=HEARTBEAT_TIMEOUT)
-        self.fair_after_wait: set[Worker] = set()
+        self.fair_after_wait: set[Job] = set()
         self.env.waits.wait = self.wait
 
     def _reset_database(self) -> None:
@@ -90,7 +90,10 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         with self.lock:
             every = sorted({w.node for w in self.awake()}) if nodes is None else nodes
             for node in every:
-                if any(w.node == node and w.answering and w is not me for w in self.awake()):
+                if any(
+                    w.node == node and w.answering and not w.busy and w is not me
+                    for w in self.awake()
+                ):
                     if self.lost[node] > 0:
                         self.lost[node] -= 1
                     else:
@@ -102,7 +105,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         held: set[str] = set()
         with self.lock:
             for w in self.awake():
-                if w.node in nodes and w.answering:
+                if w.node in nodes and w.answering and not w.busy:
                     held |= self.held(w)
         return held & set(task_ids)
 
@@ -188,6 +191,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         """A task ends and writes its own row (fenced for tracked jobs, as tracking does)."""
         jobs = [j for j in self.jobs if j.running and not j.worker.paused]
         j = jobs[pick % len(jobs)]
+        j.worker.busy = False  # its task ended: its consumer answers again
         self._end(j, "succeeded" if j.kind == TRACKED else "done", None)
 
     def _end(self, j: Job, status: str, error: str | None) -> None:
@@ -248,11 +252,14 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.awake()[pick % len(self.awake())].paused = True
 
     @precondition(lambda self: self.paused())
-    @rule(pick=st.integers(0, 7))
-    def resume_worker(self, pick: int) -> None:
-        """A paused worker wakes up; it heartbeats at its next tick."""
+    @rule(pick=st.integers(0, 7), busy=st.booleans())
+    def resume_worker(self, pick: int, busy: bool = False) -> None:
+        """A paused worker wakes up; it heartbeats at its next tick. *busy*: it is a ``-P solo``
+        worker woken inside a task (or gevent in a CPU-bound one): its tasks run on at once,
+        but it answers no ping until one of them ends."""
         w = self.paused()[pick % len(self.paused())]
         w.paused = False
+        w.busy = busy
         w.awake_since = self.now
 
     @rule(which=st.integers(0, len(NODES)), skew=_skews)
@@ -299,7 +306,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         wait is noted: the reaper's second look may settle them."""
         for _ in range(math.ceil(seconds / TICK)):
             self._tick()
-        self.fair_after_wait |= {w for w in self.workers if self.fair_game(w)}
+        self.fair_after_wait |= {j for j in self.jobs if self.fair_game(j.worker, j)}
 
     @rule(pick=st.integers(0, 7))
     def reap(self, pick: int) -> None:
@@ -323,9 +330,9 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     # --- running reapers and checking what they did ----------------------------------------
 
     def _reap(self, reaps: list[Reap]) -> None:
-        self.fair_after_wait: set[Worker] = set()
+        self.fair_after_wait: set[Job] = set()
         protected = [
-            j for j in self.jobs if j.running and not j.settled and not self.fair_game(j.worker)
+            j for j in self.jobs if j.running and not j.settled and not self.fair_game(j.worker, j)
         ]
         owed = [
             (j, r, why) for r in reaps for j in self.pending() if (why := self.obligation(j, r))
@@ -336,11 +343,12 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
             self._run_together(reaps)
         self._observe()
         for j in protected:
-            if j.worker in self.fair_after_wait:
+            if j in self.fair_after_wait:
                 continue
             assert not j.settled, (
                 f"§2.1 violated: {j!r} was settled by {_describe(reaps)} while its task ran "
-                f"(its worker: alive, paused={j.worker.paused}, last heartbeat "
+                f"(its worker: alive, paused={j.worker.paused}, busy={j.worker.busy}, "
+                f"taken {self.now - j.taken_at:g} s ago, last heartbeat "
                 f"{self.now - j.worker.last_heartbeat:g} s ago, skew {j.worker.skew:g} s)"
             )
         for j, r, why in owed:

@@ -218,3 +218,29 @@ def test_host_clock_stepped_back_then_partly_forward_keeps_the_own_owner_only_jo
             ("reap", {"pick": 0}),
         ],
     )
+
+
+@pytest.mark.parametrize("kind", ["jobs_seed", "jobs_task"])
+def test_busy_worker_woken_from_a_pause_keeps_its_new_ownerless_job(
+    model_url: str, kind: str
+) -> None:
+    """Dead is not forever (issue 6 item 7). Paused past the timeout, the worker is marked dead
+    by a reap from outside. It wakes inside a ``-P solo`` task (it answers no ping), and its
+    task writes a new row of a table without owner column before the worker's first heartbeat.
+    A reap from outside found no live worker and no reply, and failed the row: both signals
+    were measured before the job existed. Now "no live worker" fails only rows older than
+    ``heartbeat_timeout``; by then a live worker has heartbeated."""
+    replay(
+        model_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+            ("resume_worker", {"pick": 0, "busy": True}),
+            ("take_job", {"pick": 0, "kind": kind, "slot": 1}),
+            ("reap", OUTSIDE),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+        ],
+    )

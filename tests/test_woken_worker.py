@@ -16,6 +16,7 @@ answers as the busy worker would: not at all).
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import pytest
 from jobtables import SEED_SOURCE, ago, create_seed
 from sqlalchemy import insert, select, update
