@@ -349,9 +349,7 @@ class BulkSettler:
         if self.none_live:
             if started is None:
                 return true()
-            return or_(
-                started.is_(None), started < bindparam("jr_alone_before", type_=DateTime())
-            )
+            return or_(started.is_(None), started < bindparam("jr_alone_before", type_=DateTime()))
         if started is None or not self.has_max_age:
             return false()
         return and_(started.is_not(None), started < bindparam("jr_old_before", type_=DateTime()))
