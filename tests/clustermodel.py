@@ -254,12 +254,14 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     @precondition(lambda self: self.paused())
     @rule(pick=st.integers(0, 7), busy=st.booleans())
     def resume_worker(self, pick: int, busy: bool = False) -> None:
-        """A paused worker wakes up; it heartbeats at its next tick. *busy*: it is a ``-P solo``
+        """A paused worker wakes up; it heartbeats at its next tick (after the reaps due then:
+        its heartbeat thread resumes mid-interval, see :meth:`_tick`). *busy*: a ``-P solo``
         worker woken inside a task (or gevent in a CPU-bound one): its tasks run on at once,
         but it answers no ping until one of them ends."""
         w = self.paused()[pick % len(self.paused())]
         w.paused = False
         w.busy = busy
+        w.woken = True
         w.awake_since = self.now
 
     @rule(which=st.integers(0, len(NODES)), skew=_skews)
@@ -283,15 +285,29 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         for _ in range(ticks):
             self._tick()
             self._due_reaps()
+            self._first_beats()
 
     def _tick(self) -> None:
+        """Model time passes one tick; awake workers heartbeat, except one just woken from a
+        pause: its heartbeat thread resumed mid-interval, its first heartbeat lands after the
+        reaps due at this moment (:meth:`_first_beats`)."""
         self._shift(TICK)
         self.now += TICK
         self.env.waits.elapsed += TICK
         for w in self.awake():
-            with self.env.db.engine.begin() as conn, host_clock(w.skew):
-                self.liveness.heartbeat(conn, w.me)
-            w.last_heartbeat = self.now
+            if not w.woken:
+                self._beat(w)
+
+    def _first_beats(self) -> None:
+        for w in self.awake():
+            if w.woken:
+                self._beat(w)
+                w.woken = False
+
+    def _beat(self, w: Worker) -> None:
+        with self.env.db.engine.begin() as conn, host_clock(w.skew):
+            self.liveness.heartbeat(conn, w.me)
+        w.last_heartbeat = self.now
 
     def _due_reaps(self) -> None:
         for w in self.awake():
@@ -306,6 +322,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         wait is noted: the reaper's second look may settle them."""
         for _ in range(math.ceil(seconds / TICK)):
             self._tick()
+            self._first_beats()
         self.fair_after_wait |= {j for j in self.jobs if self.fair_game(j.worker, j)}
 
     @rule(pick=st.integers(0, 7))

@@ -145,6 +145,8 @@ class Worker:
     #: busy in a task (``-P solo``, or gevent in a CPU-bound task): its consumer answers no
     #: ping until one of its tasks ends; its heartbeat thread runs
     busy: bool = False
+    #: woken from a pause, its first heartbeat not yet written
+    woken: bool = False
     pools: list[int] = dataclasses.field(default_factory=lambda: [0] * POOL)
 
     @property
