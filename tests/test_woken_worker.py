@@ -121,3 +121,40 @@ def test_ownerless_job_older_than_the_timeout_with_nobody_live_is_still_failed(
         row = conn.execute(select(table)).one()
     assert row.status == "failed", report
     assert NO_LIVE_WORKER_LEFT in (row.error or "")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 6 item 7, jobs that name their worker): the woken worker's incarnation "
+    "is judged on its own signals (heartbeat stale, no reply), measured before the new job; "
+    "telling a new job from an old one needs a start on the database's clock",
+)
+def test_new_owner_column_job_of_a_worker_woken_before_its_heartbeat_is_left_alone(
+    sqlite_url: str, engine_for: Callable[[str], Engine]
+) -> None:
+    engine = engine_for(sqlite_url)
+    table = create_seed(engine, [], owner=True)
+    app = make_app(sqlite_url, sources=[{**SEED_SOURCE, "owner": "owner"}])
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    reaper = Reaper(
+        app, settings, db, ping=lambda nodes, timeout: set(), ask=lambda n, ids, t: set()
+    )
+    reaper.prepare_tables()
+    try:
+        woken = _paused_and_marked_dead(engine, reaper)
+        with engine.begin() as conn:
+            conn.execute(
+                insert(table).values(
+                    job_id="new-job",
+                    job_type="library_scan",
+                    status="running",
+                    started_at=ago(seconds=2),
+                    owner=woken.node,
+                )
+            )
+        report = reaper.run("manual")
+    finally:
+        db.dispose()
+    with engine.connect() as conn:
+        assert conn.execute(select(table.c.status)).scalar_one() == "running", report
