@@ -154,7 +154,9 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     @rule(pick=st.integers(0, 7), kind=_kinds, slot=st.integers(0, POOL - 1))
     def take_job(self, pick: int, kind: str, slot: int) -> None:
         """An awake worker's pool process starts a task, which writes its job row."""
-        w = self.awake()[pick % len(self.awake())]
+        self._take(self.awake()[pick % len(self.awake())], kind, slot)
+
+    def _take(self, w: Worker, kind: str, slot: int) -> None:
         task_id = uuid.uuid4().hex
         with host_clock(w.skew):
             started = clock.utcnow()
@@ -252,17 +254,20 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.awake()[pick % len(self.awake())].paused = True
 
     @precondition(lambda self: self.paused())
-    @rule(pick=st.integers(0, 7), busy=st.booleans())
-    def resume_worker(self, pick: int, busy: bool = False) -> None:
+    @rule(pick=st.integers(0, 7), busy=st.booleans(), writes=st.none() | _kinds)
+    def resume_worker(self, pick: int, busy: bool = False, writes: str | None = None) -> None:
         """A paused worker wakes up; it heartbeats at its next tick (after the reaps due then:
         its heartbeat thread resumes mid-interval, see :meth:`_tick`). *busy*: a ``-P solo``
         worker woken inside a task (or gevent in a CPU-bound one): its tasks run on at once,
-        but it answers no ping until one of them ends."""
+        but it answers no ping until one of them ends. *writes*: the task it wakes in writes a
+        new job row of that kind at once (before the worker's first heartbeat)."""
         w = self.paused()[pick % len(self.paused())]
         w.paused = False
         w.busy = busy
         w.woken = True
         w.awake_since = self.now
+        if writes is not None:
+            self._take(w, writes, 0)
 
     @rule(which=st.integers(0, len(NODES)), skew=_skews)
     def skew_clock(self, which: int, skew: float) -> None:
@@ -347,7 +352,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     # --- running reapers and checking what they did ----------------------------------------
 
     def _reap(self, reaps: list[Reap]) -> None:
-        self.fair_after_wait: set[Job] = set()
+        self.fair_after_wait = set()
         protected = [
             j for j in self.jobs if j.running and not j.settled and not self.fair_game(j.worker, j)
         ]
