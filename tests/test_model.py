@@ -244,3 +244,20 @@ def test_busy_worker_woken_from_a_pause_keeps_its_new_ownerless_job(
             ("reap", OUTSIDE),
         ],
     )
+
+
+def test_idle_peer_periodic_reap_before_the_woken_worker_first_heartbeat(model_url: str) -> None:
+    """The same window through a worker's timer: n1 (idle) marks the paused n0 dead; n0 wakes
+    inside a ``-P solo`` task that writes a row of the seed's table at once; n1's periodic reap
+    is due before n0's first heartbeat lands, finds no live worker and no reply, and failed the
+    row (issue 6 item 7)."""
+    replay(
+        model_url,
+        [
+            ("a_cluster", {"nodes": [N0, N1], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 8}),
+            ("resume_worker", {"pick": 0, "busy": True, "writes": "jobs_seed"}),
+            ("advance", {"ticks": 1}),
+        ],
+    )
