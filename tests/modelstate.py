@@ -75,14 +75,15 @@ class ClusterState:
         that wakes finds its jobs settled, and fencing keeps its late results out (DESIGN §2.1,
         §2.4). Dead is not forever: a job without owner that *w* started after its last
         heartbeat (woken from a pause, before its first heartbeat) needs silence measured
-        after the job appeared: its heartbeat-silence counts from the job's start as its row
-        shows it (the writer's clock; one running behind makes the row look that much older:
-        the documented limit of ``started_at``). Jobs that name their worker (tracked, owner
-        column) are judged on their incarnation's signals alone (issue 6 item 7, open for them).
+        after the job appeared: if it started after *w*'s last heartbeat, the silence counts
+        from its start (less a writer's clock running behind, which makes the row look that
+        much older: the documented limit of ``started_at``). Jobs that name their worker
+        (tracked, owner column) are judged on their incarnation's signals alone (issue 6 item
+        7, open for them).
         """
         since = w.last_heartbeat
-        if j is not None and j.kind in OWNERLESS:
-            since = max(since, j.taken_at + j.skew)
+        if j is not None and j.kind in OWNERLESS and j.taken_at > w.last_heartbeat:
+            since = max(since, j.taken_at + min(j.skew, 0.0))
         stale = self.now - since >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
         return stale and (w.paused or w.busy or self.lost[w.node] > 0)
 
