@@ -26,6 +26,7 @@ from modelworld import (
     HEARTBEAT_TIMEOUT,
     INTERVAL,
     NODES,
+    OWNERLESS,
     POOL,
     RUNNING,
     TICK,
@@ -254,20 +255,37 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.awake()[pick % len(self.awake())].paused = True
 
     @precondition(lambda self: self.paused())
-    @rule(pick=st.integers(0, 7), busy=st.booleans(), writes=st.none() | _kinds)
-    def resume_worker(self, pick: int, busy: bool = False, writes: str | None = None) -> None:
+    @rule(pick=st.integers(0, 7), writes=st.none() | _kinds)
+    def resume_worker(self, pick: int, writes: str | None = None, busy: bool = False) -> None:
         """A paused worker wakes up; it heartbeats at its next tick (after the reaps due then:
         its heartbeat thread resumes mid-interval, see :meth:`_tick`). *busy*: a ``-P solo``
         worker woken inside a task (or gevent in a CPU-bound one): its tasks run on at once,
-        but it answers no ping until one of them ends. *writes*: the task it wakes in writes a
-        new job row of that kind at once (before the worker's first heartbeat)."""
+        but it answers no ping until one of them ends. *writes*: it wakes inside a task (so it is
+        busy) that writes a new job row of that kind at once, before the worker's first
+        heartbeat."""
         w = self.paused()[pick % len(self.paused())]
         w.paused = False
-        w.busy = busy
+        w.busy = busy or writes is not None
         w.woken = True
         w.awake_since = self.now
         if writes is not None:
             self._take(w, writes, 0)
+
+    @precondition(lambda self: self.awake())
+    @rule(
+        pick=st.integers(0, 7),
+        ticks=st.integers(1, 10),
+        writes=st.none() | st.sampled_from(sorted(OWNERLESS)) | _kinds,
+    )
+    def pause_and_wake(self, pick: int, ticks: int, writes: str | None) -> None:
+        """One pause episode in a step: a worker stops (SIGSTOP, VM freeze, partition), time
+        passes (the others heartbeat and reap, and may mark it dead), and it wakes, maybe
+        inside a task that writes a new job row at once (:meth:`resume_worker`)."""
+        w = self.awake()[pick % len(self.awake())]
+        w.paused = True
+        self.advance(ticks)
+        if w.alive and w.paused:
+            self.resume_worker(self.paused().index(w), writes)
 
     @rule(which=st.integers(0, len(NODES)), skew=_skews)
     def skew_clock(self, which: int, skew: float) -> None:
