@@ -4,17 +4,19 @@ The system under test is the real :class:`~celery_jobreaper.reaper.Reaper` (live
 planner, apply, the real schema) on a real SQLite file and a real PostgreSQL database. Only the
 cluster is simulated (:mod:`clustermodel`): workers start (a restart of a node kills its earlier
 incarnation), take jobs (tracked, and rows of user tables with and without owner / task-id
-columns), finish them, lose a pool process or die, pause and resume, run with skewed clocks,
-lose ping replies, and reap: at start, periodically, from a process that is not a worker, and
-two at once. The Reaper's collaborators that talk to the cluster (``ping``, ``ask``, ``held``)
+columns), finish them, lose a pool process or die, pause and resume (waking, maybe inside a
+``-P solo`` task that answers no ping and writes a new job row before the worker's first
+heartbeat), run with skewed clocks, lose ping replies, and reap: at start, periodically, from
+a process that is not a worker, and two at once. The Reaper's collaborators that talk to the cluster (``ping``, ``ask``, ``held``)
 answer from the simulation; the database is never mocked.
 
 After every step (see :class:`clustermodel.ClusterModel`):
 
 * §2.1 never settle a live job: a job whose task still runs (its worker incarnation and pool
   process alive) is never settled, unless the design accepts the verdict: its worker has not
-  heartbeated for about ``heartbeat_timeout`` *and* does not answer (paused, or its ping reply
-  was lost) — the two signals;
+  heartbeated for about ``heartbeat_timeout`` *and* does not answer (paused, busy, or its ping
+  reply was lost) — the two signals, for a job without owner that started after the worker's
+  last heartbeat measured from the job's start (dead is not forever);
 * §2.3 exactly once: one ``settled`` ledger event per job a reaper settled, none otherwise, and a
   job its own worker finished keeps its status;
 * the bound: a job whose runner died is settled by the first reap that can prove it (DESIGN
