@@ -7,8 +7,8 @@ incarnation), take jobs (tracked, and rows of user tables with and without owner
 columns), finish them, lose a pool process or die, pause and resume (waking, maybe inside a
 ``-P solo`` task that answers no ping and writes a new job row before the worker's first
 heartbeat), run with skewed clocks, lose ping replies, and reap: at start, periodically, from
-a process that is not a worker, and two at once. The Reaper's collaborators that talk to the cluster (``ping``, ``ask``, ``held``)
-answer from the simulation; the database is never mocked.
+a process that is not a worker, and two at once. The Reaper's collaborators that talk to the
+cluster (``ping``, ``ask``, ``held``) answer from the simulation; the database is never mocked.
 
 After every step (see :class:`clustermodel.ClusterModel`):
 
