@@ -63,6 +63,7 @@ from sqlalchemy import (
     insert,
     literal,
     null,
+    or_,
     select,
     true,
     union_all,
@@ -77,6 +78,7 @@ from .planner import (
     NO_LIVE_WORKER_LEFT,
     UNOWNED_WHILE_WORKERS_LIVE,
     YOUNGER_THAN_GRACE,
+    YOUNGER_THAN_HEARTBEAT_TIMEOUT,
     Decision,
     failure_error,
     older_than_max_age,
@@ -93,7 +95,7 @@ from .vocabulary import MAX_AGE, NO_LIVE_WORKER, SETTLED
 ENABLED = True
 
 # Verdicts computed in SQL (the order of planner.decide's rules for rows without owner).
-_FAIL, _IGNORED, _YOUNG, _UNPROVABLE = 0, 1, 2, 3
+_FAIL, _IGNORED, _YOUNG, _UNPROVABLE, _ALONE_YOUNG = 0, 1, 2, 3, 4
 # Tags of the result rows besides verdicts: a settled job, and the page summary.
 _SETTLED, _PAGE = -1, -2
 _LIKE_ESCAPE = "\\"
@@ -230,6 +232,7 @@ class BulkSettler:
         self.params: dict[str, Any] = {
             "jr_now": now,
             "jr_young_after": now - timedelta(seconds=settings.grace),
+            "jr_alone_before": now - timedelta(seconds=rule.alone_after),
             "jr_run_id": run_id,
         }
         if settings.max_age is not None:
@@ -345,10 +348,14 @@ class BulkSettler:
         return and_(started.is_not(None), started > bindparam("jr_young_after", type_=DateTime()))
 
     def _provably_stale(self) -> ColumnElement[bool]:
-        """No other live worker, or ``now - started_at > max_age``."""
+        """No other live worker and ``now - started_at`` over the heartbeat timeout (or a NULL
+        started_at), or ``now - started_at > max_age`` (:class:`~celery_jobreaper.rules.
+        OwnerlessRule`)."""
         started = self._started_utc()
         if self.none_live:
-            return true()
+            if started is None:
+                return true()
+            return or_(started.is_(None), started < bindparam("jr_alone_before", type_=DateTime()))
         if started is None or not self.has_max_age:
             return false()
         return and_(started.is_not(None), started < bindparam("jr_old_before", type_=DateTime()))
@@ -359,7 +366,7 @@ class BulkSettler:
                 (self._ignored(), literal(_IGNORED)),
                 (self._young(), literal(_YOUNG)),
                 (self._provably_stale(), literal(_FAIL)),
-                else_=literal(_UNPROVABLE),
+                else_=literal(_ALONE_YOUNG if self.none_live else _UNPROVABLE),
             ),
             Integer,
         )
@@ -561,6 +568,8 @@ def _reason(verdict: int, kind: str | None) -> str:
         return policy_ignored(kind)
     if verdict == _YOUNG:
         return YOUNGER_THAN_GRACE
+    if verdict == _ALONE_YOUNG:
+        return YOUNGER_THAN_HEARTBEAT_TIMEOUT
     return UNOWNED_WHILE_WORKERS_LIVE
 
 

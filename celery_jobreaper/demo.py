@@ -75,6 +75,9 @@ app.conf.update(
     # A restart right after a kill waits until the earlier start has missed two heartbeats
     # (to tell it from a live duplicate): keep that short for the demo.
     jobreaper_heartbeat_interval=1,
+    # A job without owner is failed on "no live worker" only once it is older than this (a
+    # worker woken from a pause may be running a younger one): short for the demo too.
+    jobreaper_heartbeat_timeout=3,
 )
 celery_jobreaper.install(app)
 
@@ -145,6 +148,16 @@ def _tracked_running(engine: Any) -> bool:
     return row is not None
 
 
+def _older_than_timeout(engine: Any) -> bool:
+    """Whether the running job's row is older than ``jobreaper_heartbeat_timeout``."""
+    with engine.connect() as conn:
+        started = conn.execute(
+            select(system_jobs.c.started_at).where(system_jobs.c.status == "running")
+        ).scalar()
+    timeout = timedelta(seconds=app.conf.jobreaper_heartbeat_timeout)
+    return started is not None and utcnow() - started > timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -163,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         # Tracking writes a task's start a few milliseconds later, from the pool process: kill
         # only once it is recorded, so the demo always shows the tracked job settled too.
         _wait(lambda: _tracked_running(engine), "the task tracked as running", first, log1)
+        # The restart's startup reap fails a job of this ownerless table only if it is older
+        # than the heartbeat timeout (README, "Dead is not forever"): kill it once it is.
+        _wait(lambda: _older_than_timeout(engine), "the job older than the timeout", first, log1)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

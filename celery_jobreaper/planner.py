@@ -13,6 +13,7 @@ from .rules import (
     NO_LIVE_WORKER_LEFT,
     UNOWNED_WHILE_WORKERS_LIVE,
     YOUNGER_THAN_GRACE,
+    YOUNGER_THAN_HEARTBEAT_TIMEOUT,
     OwnerlessRule,
     older_than_max_age,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "NO_LIVE_WORKER_LEFT",
     "UNOWNED_WHILE_WORKERS_LIVE",
     "YOUNGER_THAN_GRACE",
+    "YOUNGER_THAN_HEARTBEAT_TIMEOUT",
     "Decision",
     "TaskFacts",
     "decide",
@@ -101,6 +103,7 @@ class TaskFacts:
             held_here=bool(self.held_here),
             grace=settings.grace,
             max_age=settings.max_age,
+            heartbeat_timeout=settings.heartbeat_timeout,
         )
 
 

@@ -11,6 +11,13 @@ from typing import Literal
 YOUNGER_THAN_GRACE = "younger than jobreaper_grace"
 #: Failed: a job without owner while no worker at all could be running it.
 NO_LIVE_WORKER_LEFT = "with no live worker left that could be running it"
+#: Left alone: a job without owner, no worker live now, but the job is not older than the
+#: heartbeat timeout: a worker marked dead during a pause may have woken up and started it
+#: before its first heartbeat (a busy ``-P solo`` worker does not answer pings either).
+YOUNGER_THAN_HEARTBEAT_TIMEOUT = (
+    "no live worker seen, but younger than jobreaper_heartbeat_timeout: a worker woken from "
+    "a pause may be running it before its next heartbeat (judged again later)"
+)
 #: Left alone: a job without owner that a live worker (this one or another) may be running.
 UNOWNED_WHILE_WORKERS_LIVE = (
     "no owner recorded and a live worker (this one or another) may be running it "
@@ -31,6 +38,16 @@ class OwnerlessRule:
     task (at startup, before the consumer runs, it holds none; a process that is not a
     worker holds none) **and** no other worker is live — or when it is older than
     ``max_age``. Jobs younger than ``grace`` are always left alone.
+
+    "No other worker is live" is known only from heartbeats and pings. A worker marked dead
+    during a pause (SIGSTOP, VM freeze, partition) that wakes up runs its tasks at once, and
+    one may write a new job row before the worker's first heartbeat lands; busy in that task
+    (``-P solo``), it does not answer a ping either. Both signals were then measured before
+    the job existed. So "no live worker" fails a job only once it is older than
+    ``heartbeat_timeout`` (or ``max_age``, if shorter): a live worker heartbeats within its
+    interval, so a stale heartbeat at that age was measured after the job appeared. A job
+    whose start is unknown (``NULL``, or no ``started_at`` column) cannot be aged and is
+    judged as before.
     """
 
     #: no other live worker and this process holds no task
@@ -39,14 +56,30 @@ class OwnerlessRule:
     max_age: float | None  #: seconds
     #: no other live worker (this process may hold tasks)
     no_other_live_worker: bool = False
+    #: seconds: "no live worker" fails only jobs older than this (``jobreaper_heartbeat_timeout``)
+    heartbeat_timeout: float = 0.0
 
     @classmethod
     def of(
-        cls, *, other_live_workers: int, held_here: bool, grace: float, max_age: float | None
+        cls,
+        *,
+        other_live_workers: int,
+        held_here: bool,
+        grace: float,
+        max_age: float | None,
+        heartbeat_timeout: float,
     ) -> OwnerlessRule:
         """The rule for one batch: *held_here* says whether this process holds any task."""
         alone = other_live_workers == 0
-        return cls(alone and not held_here, grace, max_age, alone)
+        return cls(alone and not held_here, grace, max_age, alone, heartbeat_timeout)
+
+    @property
+    def alone_after(self) -> float:
+        """Seconds of age from which "no live worker" fails a job: the heartbeat timeout, or
+        ``max_age`` if that is shorter (which fails such a job whoever is live)."""
+        if self.max_age is None:
+            return self.heartbeat_timeout
+        return min(self.heartbeat_timeout, self.max_age)
 
     def for_task_not_held_here(self) -> OwnerlessRule:
         """The rule for a job whose task id this process does not hold (known exactly, in
@@ -67,7 +100,9 @@ class OwnerlessRule:
         if age is not None and age < timedelta(seconds=self.grace):
             return "leave", YOUNGER_THAN_GRACE
         if self.nobody_could_run:
-            return "fail", NO_LIVE_WORKER_LEFT
+            if age is None or age > timedelta(seconds=self.alone_after):
+                return "fail", NO_LIVE_WORKER_LEFT
+            return "leave", YOUNGER_THAN_HEARTBEAT_TIMEOUT
         if self.max_age is not None and age is not None and age > timedelta(seconds=self.max_age):
             return "fail", older_than_max_age(self.max_age)
         return "leave", UNOWNED_WHILE_WORKERS_LIVE

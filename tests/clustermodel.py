@@ -26,6 +26,7 @@ from modelworld import (
     HEARTBEAT_TIMEOUT,
     INTERVAL,
     NODES,
+    OWNERLESS,
     POOL,
     RUNNING,
     TICK,
@@ -63,7 +64,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.seq = itertools.count(1)
         self.lock = threading.Lock()
         self.liveness = Liveness(tables, heartbeat_timeout=HEARTBEAT_TIMEOUT)
-        self.fair_after_wait: set[Worker] = set()
+        self.fair_after_wait: set[Job] = set()
         self.env.waits.wait = self.wait
 
     def _reset_database(self) -> None:
@@ -90,7 +91,10 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         with self.lock:
             every = sorted({w.node for w in self.awake()}) if nodes is None else nodes
             for node in every:
-                if any(w.node == node and w.answering and w is not me for w in self.awake()):
+                if any(
+                    w.node == node and w.answering and not w.busy and w is not me
+                    for w in self.awake()
+                ):
                     if self.lost[node] > 0:
                         self.lost[node] -= 1
                     else:
@@ -102,7 +106,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         held: set[str] = set()
         with self.lock:
             for w in self.awake():
-                if w.node in nodes and w.answering:
+                if w.node in nodes and w.answering and not w.busy:
                     held |= self.held(w)
         return held & set(task_ids)
 
@@ -151,7 +155,9 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     @rule(pick=st.integers(0, 7), kind=_kinds, slot=st.integers(0, POOL - 1))
     def take_job(self, pick: int, kind: str, slot: int) -> None:
         """An awake worker's pool process starts a task, which writes its job row."""
-        w = self.awake()[pick % len(self.awake())]
+        self._take(self.awake()[pick % len(self.awake())], kind, slot)
+
+    def _take(self, w: Worker, kind: str, slot: int) -> None:
         task_id = uuid.uuid4().hex
         with host_clock(w.skew):
             started = clock.utcnow()
@@ -188,6 +194,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         """A task ends and writes its own row (fenced for tracked jobs, as tracking does)."""
         jobs = [j for j in self.jobs if j.running and not j.worker.paused]
         j = jobs[pick % len(jobs)]
+        j.worker.busy = False  # its task ended: its consumer answers again
         self._end(j, "succeeded" if j.kind == TRACKED else "done", None)
 
     def _end(self, j: Job, status: str, error: str | None) -> None:
@@ -248,12 +255,37 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.awake()[pick % len(self.awake())].paused = True
 
     @precondition(lambda self: self.paused())
-    @rule(pick=st.integers(0, 7))
-    def resume_worker(self, pick: int) -> None:
-        """A paused worker wakes up; it heartbeats at its next tick."""
+    @rule(pick=st.integers(0, 7), writes=st.none() | _kinds)
+    def resume_worker(self, pick: int, writes: str | None = None, busy: bool = False) -> None:
+        """A paused worker wakes up; it heartbeats at its next tick (after the reaps due then:
+        its heartbeat thread resumes mid-interval, see :meth:`_tick`). *busy*: a ``-P solo``
+        worker woken inside a task (or gevent in a CPU-bound one): its tasks run on at once,
+        but it answers no ping until one of them ends. *writes*: it wakes inside a task (so it is
+        busy) that writes a new job row of that kind at once, before the worker's first
+        heartbeat."""
         w = self.paused()[pick % len(self.paused())]
         w.paused = False
+        w.busy = busy or writes is not None
+        w.woken = True
         w.awake_since = self.now
+        if writes is not None:
+            self._take(w, writes, 0)
+
+    @precondition(lambda self: self.awake())
+    @rule(
+        pick=st.integers(0, 7),
+        ticks=st.integers(1, 10),
+        writes=st.none() | st.sampled_from(sorted(OWNERLESS)) | _kinds,
+    )
+    def pause_and_wake(self, pick: int, ticks: int, writes: str | None) -> None:
+        """One pause episode in a step: a worker stops (SIGSTOP, VM freeze, partition), time
+        passes (the others heartbeat and reap, and may mark it dead), and it wakes, maybe
+        inside a task that writes a new job row at once (:meth:`resume_worker`)."""
+        w = self.awake()[pick % len(self.awake())]
+        w.paused = True
+        self.advance(ticks)
+        if w.alive and w.paused:
+            self.resume_worker(self.paused().index(w), writes)
 
     @rule(which=st.integers(0, len(NODES)), skew=_skews)
     def skew_clock(self, which: int, skew: float) -> None:
@@ -276,15 +308,29 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         for _ in range(ticks):
             self._tick()
             self._due_reaps()
+            self._first_beats()
 
     def _tick(self) -> None:
+        """Model time passes one tick; awake workers heartbeat, except one just woken from a
+        pause: its heartbeat thread resumed mid-interval, its first heartbeat lands after the
+        reaps due at this moment (:meth:`_first_beats`)."""
         self._shift(TICK)
         self.now += TICK
         self.env.waits.elapsed += TICK
         for w in self.awake():
-            with self.env.db.engine.begin() as conn, host_clock(w.skew):
-                self.liveness.heartbeat(conn, w.me)
-            w.last_heartbeat = self.now
+            if not w.woken:
+                self._beat(w)
+
+    def _first_beats(self) -> None:
+        for w in self.awake():
+            if w.woken:
+                self._beat(w)
+                w.woken = False
+
+    def _beat(self, w: Worker) -> None:
+        with self.env.db.engine.begin() as conn, host_clock(w.skew):
+            self.liveness.heartbeat(conn, w.me)
+        w.last_heartbeat = self.now
 
     def _due_reaps(self) -> None:
         for w in self.awake():
@@ -299,7 +345,8 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         wait is noted: the reaper's second look may settle them."""
         for _ in range(math.ceil(seconds / TICK)):
             self._tick()
-        self.fair_after_wait |= {w for w in self.workers if self.fair_game(w)}
+            self._first_beats()
+        self.fair_after_wait |= {j for j in self.jobs if self.fair_game(j.worker, j)}
 
     @rule(pick=st.integers(0, 7))
     def reap(self, pick: int) -> None:
@@ -323,9 +370,9 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
     # --- running reapers and checking what they did ----------------------------------------
 
     def _reap(self, reaps: list[Reap]) -> None:
-        self.fair_after_wait: set[Worker] = set()
+        self.fair_after_wait = set()
         protected = [
-            j for j in self.jobs if j.running and not j.settled and not self.fair_game(j.worker)
+            j for j in self.jobs if j.running and not j.settled and not self.fair_game(j.worker, j)
         ]
         owed = [
             (j, r, why) for r in reaps for j in self.pending() if (why := self.obligation(j, r))
@@ -336,11 +383,12 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
             self._run_together(reaps)
         self._observe()
         for j in protected:
-            if j.worker in self.fair_after_wait:
+            if j in self.fair_after_wait:
                 continue
             assert not j.settled, (
                 f"§2.1 violated: {j!r} was settled by {_describe(reaps)} while its task ran "
-                f"(its worker: alive, paused={j.worker.paused}, last heartbeat "
+                f"(its worker: alive, paused={j.worker.paused}, busy={j.worker.busy}, "
+                f"taken {self.now - j.taken_at:g} s ago, last heartbeat "
                 f"{self.now - j.worker.last_heartbeat:g} s ago, skew {j.worker.skew:g} s)"
             )
         for j, r, why in owed:

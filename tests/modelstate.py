@@ -9,6 +9,7 @@ from modelworld import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     INTERVAL,
+    OWNERLESS,
     SKEWS,
     STALE_SLACK,
     TICK,
@@ -65,15 +66,26 @@ class ClusterState:
             self.now - w.last_heartbeat >= HEARTBEAT_TIMEOUT + STALE_SLACK
         )
 
-    def fair_game(self, w: Worker) -> bool:
-        """The design accepts settling the running jobs of *w*: it shows both death signals.
+    def fair_game(self, w: Worker, j: Job | None = None) -> bool:
+        """The design accepts settling the running jobs of *w* (or its job *j*): it shows both
+        death signals.
 
         Its heartbeat is about ``heartbeat_timeout`` old and it does not answer (it is paused,
-        or a ping reply of its node is to be lost); a paused worker that wakes finds its jobs
-        settled, and fencing keeps its late results out (DESIGN §2.1, §2.4).
+        busy in a ``-P solo`` task, or a ping reply of its node is to be lost); a paused worker
+        that wakes finds its jobs settled, and fencing keeps its late results out (DESIGN §2.1,
+        §2.4). Dead is not forever: a job without owner that *w* started after its last
+        heartbeat (woken from a pause, before its first heartbeat) needs silence measured
+        after the job appeared: if it started after *w*'s last heartbeat, the silence counts
+        from its start (less a writer's clock running behind, which makes the row look that
+        much older: the documented limit of ``started_at``). Jobs that name their worker
+        (tracked, owner column) are judged on their incarnation's signals alone (issue 6 item
+        7, open for them).
         """
-        stale = self.now - w.last_heartbeat >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
-        return stale and (w.paused or self.lost[w.node] > 0)
+        since = w.last_heartbeat
+        if j is not None and j.kind in OWNERLESS and j.taken_at > w.last_heartbeat:
+            since = max(since, j.taken_at + min(j.skew, 0.0))
+        stale = self.now - since >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
+        return stale and (w.paused or w.busy or self.lost[w.node] > 0)
 
     def obligation(self, j: Job, r: Reap) -> str | None:
         """Why reap *r* must settle the ghost *j* (``None``: it need not).
@@ -92,7 +104,8 @@ class ClusterState:
         * user row without owner column (task-id column or not): only when no worker could be
           running it: every other incarnation is dead, and the reaper is not a worker, or is at
           its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may),
-          and it is not younger than ``grace`` (0) on the reaper's clock.
+          and it is older than ``heartbeat_timeout`` on any clock (a worker woken from a pause
+          may have started it before its first heartbeat: §2.1).
         """
         owner, me = j.worker, r.worker
         if j.kind == TRACKED:
@@ -129,7 +142,7 @@ class ClusterState:
             if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
                 return "every incarnation of its owner node is dead (§2.1)"
             return None
-        young = self.row_age(j, r) < 0  # against ``grace`` (0)
+        young = self.row_age(j, r) <= HEARTBEAT_TIMEOUT + STALE_SLACK
         if (
             not young
             and all(self.looks_dead(w) for w in self.workers if w is not me)

@@ -56,6 +56,8 @@ USER_TABLES = {
     "jobs_task": (False, True),
     "jobs_seed": (False, False),  # the seed's shape
 }
+#: Kinds whose rows name no owner: the "no live worker" rule judges them.
+OWNERLESS = frozenset(k for k, (owner, _task) in USER_TABLES.items() if not owner)
 KINDS = (TRACKED, *USER_TABLES)
 #: The Reaper accepts ``held=`` (the task ids this worker holds), once issue 6 item 1 is fixed.
 HAS_HELD = "held" in inspect.signature(Reaper.__init__).parameters
@@ -140,6 +142,11 @@ class Worker:
     alive: bool = True
     paused: bool = False  #: SIGSTOP, a long GC pause, a partition: alive, but silent
     answering: bool = False  #: its remote-control consumer is up (after its startup reap)
+    #: busy in a task (``-P solo``, or gevent in a CPU-bound task): its consumer answers no
+    #: ping until one of its tasks ends; its heartbeat thread runs
+    busy: bool = False
+    #: woken from a pause, its first heartbeat not yet written
+    woken: bool = False
     pools: list[int] = dataclasses.field(default_factory=lambda: [0] * POOL)
 
     @property

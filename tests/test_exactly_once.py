@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -21,7 +22,9 @@ from celery_jobreaper.schema import tables
 
 def fill(engine: Engine, n: int) -> Any:
     table = create_seed(engine, [], int_ids=True)
-    started = utcnow()
+    # older than the heartbeat timeout: "no live worker" fails only such rows (a worker woken
+    # from a pause may be running a younger one before its first heartbeat)
+    started = utcnow() - timedelta(days=1)
     rows = [
         {
             "job_id": i,

@@ -4,17 +4,19 @@ The system under test is the real :class:`~celery_jobreaper.reaper.Reaper` (live
 planner, apply, the real schema) on a real SQLite file and a real PostgreSQL database. Only the
 cluster is simulated (:mod:`clustermodel`): workers start (a restart of a node kills its earlier
 incarnation), take jobs (tracked, and rows of user tables with and without owner / task-id
-columns), finish them, lose a pool process or die, pause and resume, run with skewed clocks,
-lose ping replies, and reap: at start, periodically, from a process that is not a worker, and
-two at once. The Reaper's collaborators that talk to the cluster (``ping``, ``ask``, ``held``)
-answer from the simulation; the database is never mocked.
+columns), finish them, lose a pool process or die, pause and resume (waking, maybe inside a
+``-P solo`` task that answers no ping and writes a new job row before the worker's first
+heartbeat), run with skewed clocks, lose ping replies, and reap: at start, periodically, from
+a process that is not a worker, and two at once. The Reaper's collaborators that talk to the
+cluster (``ping``, ``ask``, ``held``) answer from the simulation; the database is never mocked.
 
 After every step (see :class:`clustermodel.ClusterModel`):
 
 * §2.1 never settle a live job: a job whose task still runs (its worker incarnation and pool
   process alive) is never settled, unless the design accepts the verdict: its worker has not
-  heartbeated for about ``heartbeat_timeout`` *and* does not answer (paused, or its ping reply
-  was lost) — the two signals;
+  heartbeated for about ``heartbeat_timeout`` *and* does not answer (paused, busy, or its ping
+  reply was lost) — the two signals, for a job without owner that started after the worker's
+  last heartbeat measured from the job's start (dead is not forever);
 * §2.3 exactly once: one ``settled`` ledger event per job a reaper settled, none otherwise, and a
   job its own worker finished keeps its status;
 * the bound: a job whose runner died is settled by the first reap that can prove it (DESIGN
@@ -216,5 +218,48 @@ def test_host_clock_stepped_back_then_partly_forward_keeps_the_own_owner_only_jo
             ("take_job", {"pick": 0, "kind": "jobs_owner", "slot": 0}),
             ("skew_clock", {"which": 0, "skew": -45.0}),
             ("reap", {"pick": 0}),
+        ],
+    )
+
+
+@pytest.mark.parametrize("kind", ["jobs_seed", "jobs_task"])
+def test_busy_worker_woken_from_a_pause_keeps_its_new_ownerless_job(
+    model_url: str, kind: str
+) -> None:
+    """Dead is not forever (issue 6 item 7). Paused past the timeout, the worker is marked dead
+    by a reap from outside. It wakes inside a ``-P solo`` task (it answers no ping), and its
+    task writes a new row of a table without owner column before the worker's first heartbeat.
+    A reap from outside found no live worker and no reply, and failed the row: both signals
+    were measured before the job existed. Now "no live worker" fails only rows older than
+    ``heartbeat_timeout``; by then a live worker has heartbeated."""
+    replay(
+        model_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+            ("resume_worker", {"pick": 0, "busy": True}),
+            ("take_job", {"pick": 0, "kind": kind, "slot": 1}),
+            ("reap", OUTSIDE),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+        ],
+    )
+
+
+def test_idle_peer_periodic_reap_before_the_woken_worker_first_heartbeat(model_url: str) -> None:
+    """The same window through a worker's timer: n1 (idle) marks the paused n0 dead; n0 wakes
+    inside a ``-P solo`` task that writes a row of the seed's table at once; n1's periodic reap
+    is due before n0's first heartbeat lands, finds no live worker and no reply, and failed the
+    row (issue 6 item 7)."""
+    replay(
+        model_url,
+        [
+            ("a_cluster", {"nodes": [N0, N1], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 8}),
+            ("resume_worker", {"pick": 0, "busy": True, "writes": "jobs_seed"}),
+            ("advance", {"ticks": 1}),
         ],
     )

@@ -10,6 +10,7 @@ from celery import Celery
 from celery_jobreaper import Settings
 from celery_jobreaper.liveness import Incarnation, LivenessView
 from celery_jobreaper.planner import TaskFacts, decide
+from celery_jobreaper.rules import NO_LIVE_WORKER_LEFT, YOUNGER_THAN_HEARTBEAT_TIMEOUT
 from celery_jobreaper.sources.base import Candidate
 
 NOW = datetime(2026, 11, 28, 12, 0, 0)
@@ -172,3 +173,25 @@ def test_own_node_row_without_task_id_is_an_earlier_start_only_while_this_worker
     undecided = view(undecided_nodes={ME.node: "an earlier start heartbeated moments ago"})
     assert decide(long_before, undecided, NO_TASKS, settings()).verdict == "leave"
     assert decide(after, undecided, NO_TASKS, settings(heartbeat_interval=2)).verdict == "leave"
+
+
+def test_no_live_worker_fails_a_job_without_owner_only_past_the_heartbeat_timeout() -> None:
+    """A worker marked dead during a pause may have woken and started a job before its first
+    heartbeat (and, busy, answer no ping): "no live worker" needs the job older than
+    ``heartbeat_timeout`` (or ``max_age``, if shorter); a start unknown is judged as before."""
+    alone = view(other_live_workers=0)
+    s = settings(heartbeat_timeout=60)
+    for task_id in (None, "t1"):
+        young = job(started_at=NOW - timedelta(seconds=59), task_id=task_id)
+        d = decide(young, alone, NO_TASKS, s)
+        assert (d.verdict, d.reason) == ("leave", YOUNGER_THAN_HEARTBEAT_TIMEOUT)
+        old = job(started_at=NOW - timedelta(seconds=61), task_id=task_id)
+        d = decide(old, alone, NO_TASKS, s)
+        assert (d.verdict, d.reason) == ("fail", NO_LIVE_WORKER_LEFT)
+        unknown = job(started_at=None, task_id=task_id)
+        assert decide(unknown, alone, NO_TASKS, s).verdict == "fail"
+    shorter = settings(heartbeat_timeout=60, max_age=30)
+    d = decide(job(started_at=NOW - timedelta(seconds=31)), alone, NO_TASKS, shorter)
+    assert (d.verdict, d.reason) == ("fail", NO_LIVE_WORKER_LEFT)
+    d = decide(job(started_at=NOW - timedelta(seconds=29)), alone, NO_TASKS, shorter)
+    assert d.verdict == "leave"

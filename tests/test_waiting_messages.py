@@ -105,7 +105,7 @@ def test_a_row_whose_message_waits_is_left_alone_with_its_message(
     engine = engine_for(sqlite_url)
     task_id = str(uuid.uuid4())
     row = {"job_id": "waiting", "status": "scheduled", "task_id": task_id}
-    table = create_seed(engine, [{**row, "started_at": ago(seconds=30)}], task_id=True, owner=True)
+    table = create_seed(engine, [{**row, "started_at": ago(minutes=10)}], task_id=True, owner=True)
     app = _app(sqlite_url, AMQP_URL if broker == "amqp" else REDIS_URL, queue)
     declared(app)
     app.send_task("some.task", task_id=task_id, queue=queue)  # waits: the prefetch is full
