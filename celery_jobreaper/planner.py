@@ -51,6 +51,10 @@ TASK_HELD = "task is active, reserved, scheduled or rate-limited on a live worke
 NEVER_REGISTERED = (
     "a node never registered with jobreaper (no heartbeat) that does not answer a ping"
 )
+#: Left alone: a result row in ``RETRY`` (its retry message holds the task, wherever it waits).
+RETRY_PENDING = (
+    "a retry is pending: its message holds the task (judged only past jobreaper_max_age)"
+)
 #: Left alone: the task's message waits in a queue.
 TASK_QUEUED = "its message is still waiting in a queue"
 #: Failed: a row of this worker's current start whose task this worker no longer holds.
@@ -149,6 +153,11 @@ def decide(
         return Decision(c, "leave", TASK_HELD)
     if c.task_id is not None and c.task_id in facts.queued:
         return Decision(c, "leave", TASK_QUEUED)
+    if c.max_age_only:
+        old = _older_than_max_age(c, view.now, settings)
+        if old:
+            return _fail(c, view, old, cause=MAX_AGE)
+        return Decision(c, "leave", RETRY_PENDING)
     if c.owner is not None and c.owner in view.refused_nodes:
         return Decision(c, "leave", f"refused: {view.refused_nodes[c.owner]}")
     if c.incarnation_id is not None:

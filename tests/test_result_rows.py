@@ -193,6 +193,42 @@ def test_age_comes_from_the_tracked_job(
     assert (event.job_id, event.kind) == ("t-old", "proj.crunch")
 
 
+def test_a_retry_row_is_left_for_its_message_unless_past_max_age(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """A ``RETRY`` row's task lives on in its retry message, wherever that is (a queue, a
+    worker's timer, a dead worker's unacked entries that the sweep restores). With no worker
+    live and no message seen, failing it would revoke a retry that is still to run: it is left
+    alone, and failed only once older than ``jobreaper_max_age`` (its age from the tracked
+    job)."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "dead@h", ago(minutes=10))  # no live worker at all
+    app.backend.store_result("t-retry", ValueError("again"), states.RETRY)
+    app.backend.store_result("t-retry-old", ValueError("again"), states.RETRY)
+    with engine.begin() as conn:
+        conn.execute(
+            tables.jobs.insert().values(
+                task_id="t-retry-old",
+                task_name="proj.crunch",
+                status="retry",
+                started_at=ago(hours=3),
+            )
+        )
+
+    report = reap(app)
+    assert report.settled == 0, report
+    assert AsyncResult("t-retry", app=app).state == states.RETRY
+    assert AsyncResult("t-retry-old", app=app).state == states.RETRY
+    assert any("retry is pending" in reason for reason in report.left_alone), report.left_alone
+
+    report = reap(apps(db_url, jobreaper_max_age=3600))
+    assert report.per_source == {SOURCE: 1}, report
+    assert AsyncResult("t-retry-old", app=app).state == states.FAILURE
+    assert AsyncResult("t-retry", app=app).state == states.RETRY  # its age is unknown
+
+
 def test_worker_column_of_extended_results_names_the_owner(
     pg_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
 ) -> None:

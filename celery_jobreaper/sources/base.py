@@ -29,6 +29,9 @@ class Candidate:
     #: an opaque value of the row as read (a result row's stored result), compared again
     #: before settling when the target guards the role ``revision``
     revision: Any = None
+    #: failed only past ``jobreaper_max_age`` whoever is alive (a result row in ``RETRY``:
+    #: its task lives on in its retry message, wherever that waits)
+    max_age_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,10 +131,9 @@ class ResultRowsSource:
         return set(), {n for n in names if isinstance(n, str)}
 
     def has_ownerless_stale(self, conn: Connection) -> bool:
-        """Whether a ``RETRY`` row exists (judged without owner)."""
-        t = self.table
-        probe = select(t.c.task_id).where(t.c.status == states.RETRY, t.c.task_id.is_not(None))
-        return conn.execute(probe.limit(1)).first() is not None
+        """No row here is judged by the rule for jobs without owner (a ``RETRY`` row only
+        past ``jobreaper_max_age``): no ping of every worker is needed for this table."""
+        return False
 
     def stale_summary(self, conn: Connection) -> tuple[int, datetime | None]:
         """How many rows are ``STARTED``/``RETRY``, and the oldest known start among them."""
@@ -193,6 +192,7 @@ class ResultRowsSource:
                     None,
                     task_id,
                     result,
+                    max_age_only=status == states.RETRY,
                 )
             )
         if unreadable:
