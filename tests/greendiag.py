@@ -7,11 +7,13 @@ greenlet's stack and every gevent lock, event or semaphore with waiters (and wha
 it) to ``stall-<pid>.txt``.
 
 JR_LOCK_AUDIT=<folder> (with gevent's pure-Python mode, ``PURE_PYTHON=1``): records which OS
-threads take each gevent lock; every 2 s writes the locks taken by more than one OS thread,
-with the stack of their first taking outside the main thread, to ``audit-<pid>.txt``. This
-showed that both loop threads take ``logging``'s module lock (``isEnabledFor`` cache misses
-in SQLAlchemy), the gevent lock the hub's thread takes too (see
-``celery_jobreaper.loglocks``).
+threads take or wait for each gevent semaphore, lock, event or async result; every 2 s writes
+the ones used by more than one OS thread, with the stack of their first use outside the main
+thread, to ``audit-<pid>.txt``. In the busy-worker scenario of ``test_live_workers.py`` it
+found one blocking gevent lock that both loop threads and the hub's thread take: ``logging``'s
+module lock (``isEnabledFor`` cache misses in SQLAlchemy; see ``celery_jobreaper.loglocks``);
+besides, SQLAlchemy's compiled-cache lock (only ever tried without blocking) and the reaper's
+run lock (the hub's thread takes it for the startup reap only).
 """
 
 from __future__ import annotations
@@ -121,15 +123,14 @@ def _stall_watch(monkey: Any, folder: str) -> None:
 
 
 def _lock_audit(monkey: Any, folder: str) -> None:
-    from gevent import thread as gthread
+    from gevent import _semaphore, event
 
     sleep = monkey.get_original("time", "sleep")
     get_ident = monkey.get_original("_thread", "get_ident")
     main_ident = get_ident()
     users: dict[int, tuple[Any, set[int], list[str]]] = {}
-    original = gthread.LockType.acquire
 
-    def acquire(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def record(self: Any) -> None:
         me = get_ident()
         entry = users.get(id(self))
         if entry is None or entry[0] is not self:
@@ -139,9 +140,21 @@ def _lock_audit(monkey: Any, folder: str) -> None:
             if me != main_ident:
                 stack = "".join(traceback.format_stack(limit=14))
                 entry[2].append(f"thread {me:#x}:\n{stack}")
-        return original(self, *args, **kwargs)
 
-    gthread.LockType.acquire = acquire
+    def audited(original: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            record(self)
+            return original(self, *args, **kwargs)
+
+        return call
+
+    _semaphore.Semaphore.acquire = audited(_semaphore.Semaphore.acquire)
+    for cls, name in (
+        (event.Event, "wait"),
+        (event.AsyncResult, "get"),
+        (event.AsyncResult, "wait"),
+    ):
+        setattr(cls, name, audited(getattr(cls, name)))
 
     def report() -> None:
         while True:
