@@ -217,13 +217,6 @@ def _incarnation(fleet: Fleet, inc: str) -> Row[Any]:
         return conn.execute(select(t.c.state, t.c.heartbeat_at).where(t.c.id == inc)).one()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 6): in about half the runs of this module the busy gevent worker's "
-    "heartbeat and reaper threads both stall inside their own gevent hubs a few seconds into "
-    "the task (faulthandler: both threads in gevent/hub.py run) and the worker is judged "
-    "dead; alone it passes. Root cause not found yet.",
-)
 def test_gevent_worker_in_a_task_that_never_yields_keeps_heartbeating(fleet: Fleet) -> None:
     """``-P gevent``, a CPU-bound task that never yields: it blocks the hub, so the worker
     answers no ping (its consumer is a greenlet too). Its heartbeat goes on (a real thread),
