@@ -239,8 +239,12 @@ def test_gevent_worker_in_a_task_that_never_yields_keeps_heartbeating(fleet: Fle
     assert not (fleet.tmp / "finished-spin").exists(), "the task was busy all along"
     (fleet.tmp / "release-spin").write_text("")
     wait_until(lambda: fleet.status("spin") == "completed", 60, "the busy job to end")
-    tracked = _tracked(fleet, task_id)
-    assert tracked is not None and tracked.status == "succeeded"
+
+    def tracked_succeeded() -> bool:  # written after the task's body returned (task_postrun)
+        row = _tracked(fleet, task_id)
+        return row is not None and row.status == "succeeded"
+
+    wait_until(tracked_succeeded, 60, "the busy job to be tracked as succeeded")
     assert fleet.events() == []
     assert "Traceback" not in busy.output(), busy.output()
 
