@@ -12,7 +12,10 @@ Under gevent an I/O object belongs to the thread that made it: a patched socket 
 creator's hub, and used from another thread fails ("Cannot switch to a different thread").
 So :class:`~celery_jobreaper.database.Database` keeps a connection pool per thread and
 remote-control calls use a broker connection pool per thread
-(:mod:`celery_jobreaper.broadcast`). eventlet is not handled (see README).
+(:mod:`celery_jobreaper.broadcast`). A gevent lock that these threads share with the hub's
+thread is woken by that thread's hub, blocked as long as a task does not yield: logging's locks,
+the ones every thread takes, are replaced before the threads start
+(:mod:`celery_jobreaper.loglocks`). eventlet is not handled (see README).
 """
 
 from __future__ import annotations
@@ -218,12 +221,20 @@ class Wakeup:
 
 
 def start_thread(name: str, target: Callable[[], None]) -> Any:
-    """Run *target* in a new real thread named *name*; return a lock held while it runs."""
+    """Run *target* in a new real thread named *name*; return a lock held while it runs.
+
+    Under monkey-patching, logging's locks are made safe for the new thread first
+    (:func:`celery_jobreaper.loglocks.share_logging_locks`)."""
+    if patched() and not in_loop_thread():
+        from .loglocks import share_logging_locks
+
+        share_logging_locks()
     running = _original("allocate_lock")()
     running.acquire()
 
     def main() -> None:
         try:
+            _loop_threads.inside = True
             threading.current_thread().name = name
             target()
         finally:
@@ -258,6 +269,16 @@ class _LoopStop(StopFlag):
         self._wake_loop.ring()
 
 
+def in_loop_thread() -> bool:
+    """Whether the caller runs in a thread started by :func:`start_thread`."""
+    return bool(getattr(_loop_threads, "inside", False))
+
+
+def real_rlock() -> Any:
+    """A reentrant lock of the OS (not gevent's)."""
+    return _original("RLock")()
+
+
 def real_lock() -> Any:
     """A lock of the OS (not gevent's); hold it only for a moment in the hub's thread."""
     return _original("allocate_lock")()
@@ -266,3 +287,7 @@ def real_lock() -> Any:
 def thread_local() -> Any:
     """Storage local to the calling OS thread (under gevent, not to the calling greenlet)."""
     return _original("_local")()
+
+
+#: ``inside`` is True in the threads started by :func:`start_thread`.
+_loop_threads = thread_local()

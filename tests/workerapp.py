@@ -310,3 +310,9 @@ class HubBlocker(bootsteps.StartStopStep):
 
 if os.environ.get("JR_HUB_BLOCKER") == "1":
     app.steps["worker"].add(HubBlocker)
+
+
+if os.environ.get("JR_DEBUG_DUMP") or os.environ.get("JR_LOCK_AUDIT"):
+    import greendiag  # diagnosis of gevent workers only (see its docstring)
+
+    greendiag.install()
