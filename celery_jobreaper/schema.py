@@ -56,6 +56,8 @@ class JobReaperTables:
     events: Table
     revoked: Table
     late_writes: Table
+    #: the maintenance lease: one row per cluster (see :mod:`celery_jobreaper.lease`)
+    lease: Table
 
     @property
     def all(self) -> tuple[Table, ...]:
@@ -68,6 +70,7 @@ class JobReaperTables:
             self.events,
             self.revoked,
             self.late_writes,
+            self.lease,
         )
 
 
@@ -157,7 +160,20 @@ def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperT
         Column("event_id", _BIGID, primary_key=True, autoincrement=False),
         Column("detected_at", DateTime, nullable=False, index=True),
     )
-    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked, late_writes)
+    # One row per lease name: who leads the cluster's maintenance, until when (the database's
+    # clock), and the generation, raised on every change of holder (the fencing token).
+    lease = Table(
+        f"{prefix}lease",
+        target,
+        Column("name", String(64), primary_key=True),
+        Column("holder", String(32), nullable=False),  # incarnation id
+        Column("node", _KEY, nullable=False),
+        Column("generation", _BIGID, nullable=False),
+        Column("acquired_at", DateTime, nullable=False),
+        Column("renewed_at", DateTime, nullable=False),
+        Column("expires_at", DateTime, nullable=False),
+    )
+    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked, late_writes, lease)
 
 
 #: The default ``MetaData`` holding jobreaper's tables; give it to Alembic.
