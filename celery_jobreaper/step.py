@@ -13,6 +13,7 @@ from . import workerstate
 from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .extras import check_broker_transport
+from .lease import Lease
 from .liveness import Incarnation
 from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
 from .reaper import Reaper
@@ -89,6 +90,8 @@ class JobReaperStep(bootsteps.StartStopStep):
         sweep = (
             BrokerSweep(app, self.settings, db, tables, worker_queues(app)) if self.reaps else None
         )
+        # The cluster's periodic reap is led by one worker at a time (see lease.py).
+        lease = Lease(db, tables, holder=me.id, node=me.node, timeout=self.settings.lease_timeout)
         reaper = Reaper(
             app,
             self.settings,
@@ -100,12 +103,16 @@ class JobReaperStep(bootsteps.StartStopStep):
             # a table not migrated yet: skipped and looked up again, unless strict
             skip_missing_tables=not self.settings.strict,
             webhooks=webhooks_for(self.settings),
+            fence=lease.fence,
         )
         return ReaperService(
             reaper,
             me,
             reaps=self.reaps,
             revoked_sync=RevokedSync(db, tables, self.settings, me.node),
+            lease=lease,
+            lead=self.settings.lead,
+            follow=None if sweep is None else sweep.follow,
         )
 
     @property
@@ -209,9 +216,17 @@ class JobReaperStep(bootsteps.StartStopStep):
                 "incarnation": service.me.id,
                 "dry_run": self.settings.dry_run,
                 "last_run": report.as_dict() if report else None,
+                "leads": service.lease is not None and service.lease.leads,
+                "leader": _leader(service),
                 "missing_tables": dict(service.reaper.missing_sources),
             }
         }
+
+
+def _leader(service: ReaperService) -> dict[str, Any] | None:
+    """Who leads the cluster's maintenance, as this worker last read it (at its heartbeat)."""
+    last = None if service.lease is None else service.lease.last
+    return None if last is None else last.as_dict()
 
 
 def install(app: Any) -> Any:

@@ -6,15 +6,21 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
-from support import wait_until
+from celery import Celery
+from jobtables import SEED_SOURCE, ago, create_seed
+from sqlalchemy import Table, create_engine, insert, select
+from support import make_app, wait_until
 
 from celery_jobreaper import lease as lease_mod
 from celery_jobreaper.database import Database
 from celery_jobreaper.lease import Lease, LeaseLost
+from celery_jobreaper.liveness import Incarnation
+from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.schema import create_all, tables
+from celery_jobreaper.service import ReaperService
 from celery_jobreaper.settings import Settings
 
 
@@ -171,3 +177,83 @@ def test_release_lets_another_worker_lead_at_once(db: Database) -> None:
     assert not leaving.leads
     staying.acquire()
     assert staying.generation == 2
+
+
+# --- the lease in the service: a woken leader's periodic reap is fenced -----------------------
+
+
+def _worker(app: Celery, db: Database, node: str) -> ReaperService:
+    """An in-process worker's service (real database and broker; no Celery worker needed)."""
+    settings = Settings.from_app(app)
+    me = Incarnation.new(node)
+    lease = Lease(db, tables, holder=me.id, node=node, timeout=settings.lease_timeout)
+    reaper = Reaper(app, settings, db, me=me, fence=lease.fence)
+    return ReaperService(reaper, me, lease=lease)
+
+
+def test_a_woken_leaders_periodic_reap_writes_nothing_and_the_new_leader_settles(
+    db_url: str, unique: str
+) -> None:
+    app = make_app(
+        db_url,
+        sources=[{**SEED_SOURCE, "owner": "owner"}],
+        heartbeat_interval=0.5,
+        heartbeat_timeout=30,
+        lease_timeout=1,
+    )
+    db = Database.from_settings(Settings.from_app(app))
+    table = create_seed(db.engine, [], owner=True)
+    a = _worker(app, db, f"a-{unique}@h")
+    b = _worker(app, db, f"b-{unique}@h")
+    try:
+        a.startup()
+        b.startup()
+        a.beat()
+        b.beat()
+        assert a.lease is not None and b.lease is not None
+        assert a.lease.generation == 1 and not b.lease.leads
+        # A is paused: no heartbeat renews its lease; once expired, B takes it at its beat.
+        wait_until(lambda: _expired(db), 30, "A's lease to expire")
+        b.beat()
+        assert b.lease.generation == 2
+        # Meanwhile a job of a worker never registered, an hour old, waits to be settled.
+        with db.engine.begin() as conn:
+            conn.execute(
+                insert(table).values(
+                    job_id="ghost",
+                    job_type="library_scan",
+                    status="running",
+                    started_at=ago(hours=1),
+                    owner=f"ghost-{unique}@h",
+                )
+            )
+        # A wakes up and its timer ticks before its heartbeat: it still believes it leads.
+        assert a.lease.leads
+        a.periodic()
+        assert not a.lease.leads
+        assert _status(db, table) == "running"
+        assert _periodic_runs(db) == []
+        # B's tick settles it, in a run of its own.
+        b.periodic()
+        assert _status(db, table) == "failed"
+        runs = _periodic_runs(db)
+        assert [r.incarnation_id for r in runs] == [b.me.id]
+        with db.connect() as conn:
+            events = conn.execute(select(tables.events.c.run_id)).scalars().all()
+        assert events == [runs[0].id]
+        # A nothing-found cycle of the leader writes no runs row.
+        b.periodic()
+        assert len(_periodic_runs(db)) == 1
+    finally:
+        db.dispose()
+
+
+def _status(db: Database, table: Table) -> str:
+    with db.connect() as conn:
+        return str(conn.execute(select(table.c.status)).scalar())
+
+
+def _periodic_runs(db: Database) -> list[Any]:
+    r = tables.runs
+    with db.connect() as conn:
+        return list(conn.execute(select(r).where(r.c.trigger == "periodic").order_by(r.c.id)))
