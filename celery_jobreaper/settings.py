@@ -26,14 +26,15 @@ if TYPE_CHECKING:
 __all__ = ["COLUMN_ROLES", "REQUIRED_ROLES", "Settings", "SourceSpec"]
 
 #: Seconds between two heartbeats of a worker's incarnation row.
-DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
 #: Seconds without a heartbeat after which a worker becomes a suspect (it is then pinged once).
-DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+DEFAULT_HEARTBEAT_TIMEOUT = 20.0
 #: The maintenance lease lasts this many heartbeat intervals unless ``jobreaper_lease_timeout``
 #: says otherwise (the leader renews it on every heartbeat: two may be missed).
 LEASE_HEARTBEATS = 3
-#: Seconds between two periodic reaps by a running worker.
-DEFAULT_INTERVAL = 60.0
+#: Seconds between two periodic reaps (by the cluster's maintenance leader only, so they may be
+#: frequent: a dead worker's job is settled about ``heartbeat_timeout`` + half of this after).
+DEFAULT_INTERVAL = 10.0
 #: Seconds: jobs younger than this are never settled by the "no owner known" rule.
 DEFAULT_GRACE = 0.0
 #: Seconds to wait for ping/inspect replies from suspects (never a blind broadcast).

@@ -9,7 +9,11 @@ woken, the old leader writes nothing as leader.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +25,7 @@ from celery import Celery
 from jobtables import SEED_SOURCE, ago, create_seed
 from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import Engine
-from support import REDIS_URL, WorkerProcess, wait_until, worker_env
+from support import REDIS_URL, ROOT, TESTS, WorkerProcess, wait_until, worker_env
 
 from celery_jobreaper import lease as lease_mod
 from celery_jobreaper.clock import db_utcnow
@@ -68,6 +72,25 @@ class Cluster:
             self.workers[name] = self.starter(name, env=env, pool="solo")
         for worker in self.workers.values():
             worker.wait_for(r"@h ready\.", timeout=90)
+
+    def cli(self, *args: str) -> str:
+        env = {
+            **os.environ,
+            **worker_env(self.db_url, "unused", sources=[SOURCE]),
+            "JR_KEYPREFIX": self.prefix,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]),
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "workerapp", *args],
+            env=env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
 
     def job(self, node: str, job_id: str, seconds: float) -> None:
         self.producer.send_task("jr.job", args=(job_id, seconds), queue=self.queue(node))
@@ -161,6 +184,22 @@ def test_one_leader_failover_on_sigkill_and_a_woken_leader_is_fenced(
     for node, worker in cluster.workers.items():
         led = "leads the cluster's maintenance now" in worker.output()
         assert led == (node == leader), (node, worker.output())
+    # Who leads, as every worker says (inspect jobreaper) and as the database holds it (status).
+    replies = cluster.producer.control.broadcast(
+        "jobreaper", destination=list(cluster.workers), reply=True, timeout=2.0, limit=count
+    )
+    said = {node: body for reply in replies for node, body in reply.items()}
+    assert set(said) == set(cluster.workers)
+    assert {n for n, body in said.items() if body["leads"]} == {leader}
+    assert {body["leader"]["node"] for body in said.values()} == {leader}
+    assert {body["leader"]["generation"] for body in said.values()} == {first.generation}
+    status = cluster.cli("jobreaper", "status", "--json")
+    shown = json.loads(status)["leader"]
+    assert (shown["node"], shown["generation"]) == (leader, first.generation)
+    assert shown["age"] > 0
+    assert f"maintenance leader: {leader} (generation {first.generation}" in cluster.cli(
+        "jobreaper", "status"
+    )
 
     # The leader dies (SIGKILL) while running a job: another takes the lease once it expired,
     # with the next generation, and settles the dead leader's job.
