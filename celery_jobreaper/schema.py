@@ -26,6 +26,7 @@ from sqlalchemy import (
     inspect,
     select,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import SchemaVersionError
@@ -43,6 +44,8 @@ NAMING_CONVENTION = {
 }
 _KEY = String(191)  # indexable on MySQL/MariaDB utf8mb4
 _BIGID = BigInteger().with_variant(Integer(), "sqlite")
+#: microseconds on MySQL/MariaDB too (their DATETIME keeps whole seconds by default)
+_PRECISE = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +172,9 @@ def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperT
         Column("holder", String(32), nullable=False),  # incarnation id
         Column("node", _KEY, nullable=False),
         Column("generation", _BIGID, nullable=False),
-        Column("acquired_at", DateTime, nullable=False),
-        Column("renewed_at", DateTime, nullable=False),
-        Column("expires_at", DateTime, nullable=False),
+        Column("acquired_at", _PRECISE, nullable=False),
+        Column("renewed_at", _PRECISE, nullable=False),
+        Column("expires_at", _PRECISE, nullable=False),
     )
     return JobReaperTables(meta, incarnations, jobs, runs, events, revoked, late_writes, lease)
 
