@@ -166,7 +166,7 @@ def cluster(
             client.close()
 
 
-@pytest.mark.parametrize("count", [4])
+@pytest.mark.parametrize("count", [4, 8])
 def test_one_leader_failover_on_sigkill_and_a_woken_leader_is_fenced(
     cluster: Cluster, count: int
 ) -> None:
@@ -175,7 +175,8 @@ def test_one_leader_failover_on_sigkill_and_a_woken_leader_is_fenced(
     others = [n for n in cluster.workers if n != leader]
     # A long job on a worker that does not lead: every cycle has a candidate (left alone), so
     # every periodic reap writes its runs row; all of them must be the leader's.
-    cluster.job(others[0], "long", 300)
+    long_node = others[0]
+    cluster.job(long_node, "long", 300)
     since = cluster.now()
     wait_until(lambda: len(cluster.periodic_runs(since)) >= 4, 60, "4 periodic reaps")
     runs = cluster.periodic_runs()
@@ -184,12 +185,14 @@ def test_one_leader_failover_on_sigkill_and_a_woken_leader_is_fenced(
     for node, worker in cluster.workers.items():
         led = "leads the cluster's maintenance now" in worker.output()
         assert led == (node == leader), (node, worker.output())
-    # Who leads, as every worker says (inspect jobreaper) and as the database holds it (status).
+    # Who leads, as each worker says (inspect jobreaper; not the one busy in its job: a busy
+    # solo worker answers no control command) and as the database holds it (status).
+    asked = [n for n in cluster.workers if n != long_node]
     replies = cluster.producer.control.broadcast(
-        "jobreaper", destination=list(cluster.workers), reply=True, timeout=2.0, limit=count
+        "jobreaper", destination=asked, reply=True, timeout=2.0, limit=len(asked)
     )
     said = {node: body for reply in replies for node, body in reply.items()}
-    assert set(said) == set(cluster.workers)
+    assert set(said) == set(asked)
     assert {n for n, body in said.items() if body["leads"]} == {leader}
     assert {body["leader"]["node"] for body in said.values()} == {leader}
     assert {body["leader"]["generation"] for body in said.values()} == {first.generation}
@@ -256,7 +259,8 @@ def test_one_leader_failover_on_sigkill_and_a_woken_leader_is_fenced(
     assert second.holder not in {r.incarnation_id for r in after}, after
     assert {r.incarnation_id for r in cluster.periodic_runs(since)} == {third.holder}
     assert cluster.settled_by("ghost") == [third.holder]
-    assert cluster.status("long") == "running"
+    if second_node != long_node:  # (a paused worker's job is settled: it looks dead)
+        assert cluster.status("long") == "running"
     lease_now = cluster.lease()
     assert lease_now is not None
     assert (lease_now.holder, lease_now.generation) == (third.holder, third.generation)
