@@ -139,17 +139,21 @@ class Lease:
         """Whether this worker believes it leads (writes are still fenced: :meth:`fence`)."""
         return self.generation is not None
 
-    def acquire(self) -> LeaseState | None:
+    def acquire(self, conn: Connection | None = None) -> LeaseState | None:
         """Take the lease if it is free or expired, renew it if this worker holds it.
 
-        One transaction. Returns the lease as it is afterwards (``None`` only if it could not
-        be read); :attr:`generation` says whether this worker now holds it. A change of
-        holder is logged.
+        One transaction (on *conn*, not in a transaction, if given: the heartbeat's). Returns
+        the lease as it is afterwards (``None`` only if it could not be read);
+        :attr:`generation` says whether this worker now holds it. A change of holder is logged.
         """
         before = self.generation
         try:
-            with self.db.connect() as conn, conn.begin():
-                state = self._acquire(conn)
+            if conn is None:
+                with self.db.connect() as own, own.begin():
+                    state = self._acquire(own)
+            else:
+                with conn.begin():
+                    state = self._acquire(conn)
         except sa_exc.IntegrityError:
             # Another worker inserted the first row at the same moment: it holds it.
             state = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from .clock import monotonic
 from .lease import Lease
@@ -93,13 +94,16 @@ class ReaperService:
         if not self.registered:
             self.register()
             return
-        with self.reaper.db.connect() as conn, conn.begin():
-            self.liveness.heartbeat(conn, self.me, state=state)
-            duplicates = self.liveness.duplicates_of(conn, self.me)
+        with self.reaper.db.connect() as conn:
+            with conn.begin():
+                self.liveness.heartbeat(conn, self.me, state=state)
+                duplicates = self.liveness.duplicates_of(conn, self.me)
+            if state is None:
+                # the lease in a transaction of its own (a takeover may wait for the leader's
+                # fenced transaction: the heartbeat is committed first), on the same connection
+                self._contend(conn)
         if self.revoked_sync is not None:
             self.revoked_sync.sync()
-        if state is None:
-            self._contend()
         for dup in duplicates:
             if dup not in self._warned_duplicates:
                 self._warned_duplicates.add(dup)
@@ -111,12 +115,12 @@ class ReaperService:
                     dup,
                 )
 
-    def _contend(self) -> None:
+    def _contend(self, conn: Any) -> None:
         """Take or renew the maintenance lease (after a heartbeat); reap at once on taking it."""
         if self.lease is None or not self.reaps or not self.lead:
             return
         was = self.lease.generation
-        self.lease.acquire()
+        self.lease.acquire(conn)
         now = self.lease.generation
         if now is not None and now != was and self._timer.is_alive():
             self._timer.kick()  # a new leader: the cluster's reap now, not an interval later

@@ -112,7 +112,8 @@ class JobReaperStep(bootsteps.StartStopStep):
             revoked_sync=RevokedSync(db, tables, self.settings, me.node),
             lease=lease,
             lead=self.settings.lead,
-            follow=None if sweep is None else sweep.follow,
+            # (a dry run changes nothing in memory either)
+            follow=None if sweep is None or self.settings.dry_run else sweep.follow,
         )
 
     @property
