@@ -53,6 +53,11 @@ SETTINGS = {
     "unacked_grace": 1,
     "ping_timeout": 0.5,
 }
+#: the thread that runs the simulated leader's periodic reaps
+LEADING = "jrfleet-leading"
+#: the simulated fleet runs with the defaults' cadence (heartbeat 5 s, reap every 10 s): a
+#: thousand incarnations beating every 2 s would need more than this process can send
+SIMULATED = {**SETTINGS, "heartbeat_interval": 5, "heartbeat_timeout": 20, "interval": 10}
 
 
 class PublishCounter:
@@ -214,9 +219,15 @@ def simulated(m: int, window: float, publishes: PublishCounter) -> tuple[float, 
         name = url.rsplit("/", 1)[1]
         app = Celery(f"jrfleet-{m}", broker=REDIS_URL, set_as_current=False)
         app.conf.jobreaper_database_url = url
-        for k, v in SETTINGS.items():
+        for k, v in SIMULATED.items():
             app.conf[f"jobreaper_{k}"] = v
-        app.conf.jobreaper_engine_options = {"pool_size": 8, "max_overflow": 8}
+        # the defaults (pool_pre_ping: one more "transaction" per checkout), a larger pool
+        app.conf.jobreaper_engine_options = {
+            "pool_pre_ping": True,
+            "pool_recycle": 3600,
+            "pool_size": 8,
+            "max_overflow": 8,
+        }
         settings = Settings.from_app(app)
         db = Database.from_settings(settings)
         create_all(db.engine, tables)
@@ -224,7 +235,8 @@ def simulated(m: int, window: float, publishes: PublishCounter) -> tuple[float, 
 
         @event.listens_for(db.engine, "before_cursor_execute")
         def _count(*_: Any) -> None:
-            statements[0] += 1
+            if threading.current_thread().name == LEADING:  # the leader's reaps only
+                statements[0] += 1
 
         def service(i: int) -> ReaperService:
             me = Incarnation.new(f"sim{i}@h")
@@ -245,13 +257,15 @@ def simulated(m: int, window: float, publishes: PublishCounter) -> tuple[float, 
         assert leader.lease is not None and leader.lease.leads
         stop_flag = threading.Event()
         cycles: list[tuple[float, int]] = []
+        beats = [0]
 
         def beating(part: list[ReaperService]) -> None:
-            every = SETTINGS["heartbeat_interval"]
+            every = SIMULATED["heartbeat_interval"]
             while not stop_flag.is_set():
                 began = time.monotonic()
                 for s in part:
                     s.beat()
+                    beats[0] += 1
                 stop_flag.wait(max(0.0, every - (time.monotonic() - began)))
 
         def leading() -> None:
@@ -260,16 +274,19 @@ def simulated(m: int, window: float, publishes: PublishCounter) -> tuple[float, 
                 began = time.perf_counter()
                 leader.reaper.run(PERIODIC)
                 cycles.append((time.perf_counter() - began, statements[0] - before))
-                stop_flag.wait(SETTINGS["interval"])
+                stop_flag.wait(SIMULATED["interval"])
 
         threads = [
             threading.Thread(target=beating, args=(fleet[i::4],), daemon=True) for i in range(4)
-        ] + [threading.Thread(target=leading, daemon=True)]
+        ] + [threading.Thread(target=leading, daemon=True, name=LEADING)]
         for t in threads:
             t.start()
         try:
-            time.sleep(SETTINGS["interval"])
+            time.sleep(SIMULATED["interval"])
+            counted = beats[0]
+            began = time.monotonic()
             figures = _window(engine, name, publishes, window)
+            rate = (beats[0] - counted) * 60.0 / (time.monotonic() - began) / m
         finally:
             stop_flag.set()
             for t in threads:
@@ -277,7 +294,7 @@ def simulated(m: int, window: float, publishes: PublishCounter) -> tuple[float, 
             db.dispose()
             client.flushdb()
             client.close()
-        idle = (median([c[0] for c in cycles]), median([float(c[1]) for c in cycles]))
+        idle = (median([c[0] for c in cycles]), median([float(c[1]) for c in cycles]), rate)
         return (*figures, idle)
 
 
@@ -298,15 +315,20 @@ def main() -> None:
                 rows.append((f"{label}: {n} workers", n, b, x, w, ""))
                 print(f"  measured {rows[-1][0]}", file=sys.stderr)
         for m in args.simulated:
-            b, x, w, (secs, stmts) = simulated(m, args.window, publishes)
-            note = f"leader idle cycle: {secs * 1000:.1f} ms, {stmts:.0f} statements"
+            b, x, w, (secs, stmts, rate) = simulated(m, args.window, publishes)
+            due = 60.0 / SIMULATED["heartbeat_interval"]
+            note = (
+                f"leader idle cycle: {secs * 1000:.1f} ms, {stmts:.0f} statements; "
+                f"heartbeats {rate:.1f}/min per incarnation (due {due:g})"
+            )
             rows.append((f"simulated: {m} incarnations", m, b, x, w, note))
             print(f"  measured {rows[-1][0]}", file=sys.stderr)
     finally:
         publishes.close()
     print(
-        f"\nper minute, over {args.window:g} s windows "
-        f"(heartbeat {SETTINGS['heartbeat_interval']} s, reap every {SETTINGS['interval']} s)"
+        f"\nper minute, over {args.window:g} s windows; real workers: heartbeat "
+        f"{SETTINGS['heartbeat_interval']} s, reap every {SETTINGS['interval']} s; simulated: "
+        f"heartbeat {SIMULATED['heartbeat_interval']} s, reap every {SIMULATED['interval']} s"
     )
     head = ("fleet", "broadcasts", "/worker", "db xacts", "/worker", "rows", "/worker")
     print(f"{head[0]:32} " + " ".join(f"{h:>10}" for h in head[1:]))
@@ -317,6 +339,8 @@ def main() -> None:
         )
     by = {label: (b, x / n) for label, n, b, x, _w, _ in rows}
     for label, _tree in [("this", ROOT)] + ([("baseline", None)] if args.baseline else []):
+        if not args.workers:
+            break
         lo, hi = f"{label}: {min(args.workers)} workers", f"{label}: {max(args.workers)} workers"
         if lo in by and hi in by and lo != hi:
             print(
