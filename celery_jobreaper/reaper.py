@@ -18,6 +18,7 @@ from .broker.result import SweepResult
 from .catalog import MISSING_TABLE_REPEAT, Catalog
 from .clock import db_utcnow, utcnow
 from .database import Database
+from .lease import LeaseLost
 from .liveness import (
     Incarnation,
     Liveness,
@@ -32,13 +33,13 @@ from .planner import Decision, TaskFacts
 from .recheck import WORKER_APPEARED, appeared_since, log_newcomers, still_alone, took_task_since
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
-from .runlog import close_run, log_run, open_run
+from .runlog import close_run, log_run, open_run, record_run
 from .schema import JobReaperTables, tables
 from .settings import Settings
 from .settled import Settled, Tally
 from .sources import JobSource, UserTableSource
 from .textsafe import safe
-from .vocabulary import MANUAL, STARTUP
+from .vocabulary import MANUAL, PERIODIC, STARTUP
 from .webhooks import Webhooks
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: Task ids this worker process holds (active, reserved, scheduled, rate-limited).
 HeldIds = Callable[[], set[str]]
+#: Called first in each write transaction of a periodic reap: raises
+#: :class:`~celery_jobreaper.lease.LeaseLost` unless this worker leads (:meth:`Lease.fence`).
+Fence = Callable[[Any], object]
 MAX_PLANNED_IN_REPORT = 1000
 
 
@@ -82,6 +86,7 @@ class Reaper:
         webhooks: Webhooks | None = None,
         metrics: Metrics | None = None,
         missing_table_repeat: float = MISSING_TABLE_REPEAT,
+        fence: Fence | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -116,6 +121,8 @@ class Reaper:
         )
         self._late_error: str | None = None
         self._lock = threading.Lock()
+        #: periodic reaps are the cluster leader's: each write transaction is fenced
+        self.fence = fence
 
     def prepare_tables(self) -> None:
         """Create (if configured) and check jobreaper's own tables, once."""
@@ -160,10 +167,16 @@ class Reaper:
             swept: SweepResult | None = None
             error: str | None = None
             began = time.perf_counter()
+            lost: LeaseLost | None = None
             try:
+                self._check_fence(tally)  # a worker that does not lead asks nobody anything
                 settled = self._settle(tally, view)
                 if self.sweep is not None:
+                    self._check_fence(tally)
                     swept = self.sweep.sweep(settled)
+            except LeaseLost as exc:
+                lost = exc  # not an error of the reap: this worker is not the leader
+                error = f"{type(exc).__name__}: {exc}"
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 raise
@@ -171,8 +184,25 @@ class Reaper:
                 report = Report.assemble(
                     tally, swept, duration=time.perf_counter() - began, error=error
                 )
-                self._finish(report)
+                if lost is None or tally.run_id is not None:
+                    self._finish(report)
+            if lost is not None:
+                logger.warning("jobreaper: periodic reap stopped: %s", lost)
             return report
+
+    def _fenced(self, tally: Tally) -> bool:
+        return self.fence is not None and tally.trigger == PERIODIC
+
+    def _fence_in(self, conn: Any, tally: Tally) -> None:
+        """In a write transaction of a periodic reap: raise unless this worker leads."""
+        if self.fence is not None and tally.trigger == PERIODIC:
+            self.fence(conn)
+
+    def _check_fence(self, tally: Tally) -> None:
+        """Before the broker sweep of a periodic reap: raise unless this worker leads."""
+        if self._fenced(tally):
+            with self.db.connect() as conn, conn.begin():
+                self._fence_in(conn, tally)
 
     def _settle(self, tally: Tally, view: LivenessView | None) -> Settled:
         """The database phase: judge (unless *view* was), plan and settle every source;
@@ -197,19 +227,27 @@ class Reaper:
             tally.started_at = view.now
             tally.live_workers = len(view.live_incarnations)
             with conn.begin():
-                tally.run_id = open_run(conn, self.tables, tally, self.me.id if self.me else None)
+                self._fence_in(conn, tally)
+                # A periodic reap with no job in a stale status anywhere writes no runs row
+                # (the table grows only by cycles that found something); nothing to settle.
+                idle = tally.trigger == PERIODIC and not any(_any_stale(conn, s) for s in sources)
+                if not idle:
+                    tally.run_id = open_run(
+                        conn, self.tables, tally, self.me.id if self.me else None
+                    )
             for node, why in view.refused_nodes.items():
                 logger.error("jobreaper: refusing to settle jobs of %s: %s", safe(node), safe(why))
             queued = Once(
                 lambda: read_queues(None if self.sweep is None else self.sweep.queued_task_ids)
             )
-            for source in sources:
+            for source in sources if not idle else ():
                 self._reap_source(conn, source, view, tally, queued=queued)
             if not tally.dry_run and tally.trigger != STARTUP:
                 # (not on the worker's start path: its first periodic reap checks)
                 self._detect_late_writes(conn, sources, tally)
             if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
+                    self._fence_in(conn, tally)
                     mark_dead(conn, self.tables, view)
         return Settled.of(tally, view)
 
@@ -268,6 +306,7 @@ class Reaper:
                         tally.task_ids.add(d.candidate.task_id)
             elif fails:
                 with conn.begin() as tx:
+                    self._fence_in(conn, tally)
                     fails = still_alone(conn, self.tables, view, fails, tally)
                     done = settle_batch(
                         conn,
@@ -298,6 +337,7 @@ class Reaper:
             return
         try:
             with conn.begin():
+                self._fence_in(conn, tally)
                 found = late_writes.detect(
                     conn,
                     self.tables,
@@ -306,6 +346,8 @@ class Reaper:
                     window=self.settings.late_write_window,
                     run_id=tally.run_id,
                 )
+        except LeaseLost:
+            raise
         except Exception as error:
             text = f"{type(error).__name__}: {error}"
             if text != self._late_error:
@@ -336,6 +378,7 @@ class Reaper:
             # Settled jobs come back one by one only if someone reads them (log, signal).
             detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
             with conn.begin() as tx:
+                self._fence_in(conn, tally)
                 if after is None and not _any_stale(conn, source):
                     # Nothing in a stale status: the batch statement (large: compiling it
                     # costs a worker start several ms) is not even built.
@@ -417,6 +460,11 @@ class Reaper:
     def _finish(self, report: Report) -> None:
         log_run(report)
         self.last_report = report
+        if report.run_id is None and report.trigger == PERIODIC and _worth_a_row(report):
+            # a periodic reap with nothing stale, whose sweep acted or that failed: recorded
+            report.run_id = record_run(
+                self.db, self.tables, report, self.me.id if self.me else None
+            )
         close_run(self.db, self.tables, report)
         if self.metrics is not None:
             self.metrics.observe(report)
@@ -440,6 +488,12 @@ class Reaper:
                 tally.task_ids.add(d.candidate.task_id)
         if done:
             signals.jobs_settled.send(sender=self, decisions=done, source=source.name)
+
+
+def _worth_a_row(report: Report) -> bool:
+    """Whether a run without a runs row yet did (or failed at) anything worth one."""
+    acted = any(n for key, n in report.broker.items() if key != "scanned")
+    return report.error is not None or acted or bool(report.settled or report.would_settle)
 
 
 def _any_stale(conn: Any, source: JobSource) -> bool:

@@ -34,6 +34,25 @@ def open_run(
     return None if key is None else int(key[0])
 
 
+def record_run(
+    db: Database, tbls: JobReaperTables, report: Report, incarnation_id: str | None
+) -> int | None:
+    """Insert the row of a run that had none (a periodic reap that found no stale job, whose
+    sweep acted or that failed), closed by :func:`close_run`; a failure is logged."""
+    tally = Tally(
+        trigger=report.trigger,
+        dry_run=report.dry_run,
+        started_at=report.started_at,
+        node=report.node,
+    )
+    try:
+        with db.connect() as conn, conn.begin():
+            return open_run(conn, tbls, tally, incarnation_id)
+    except Exception:
+        logger.exception("jobreaper: could not record a %s run", report.trigger)
+        return None
+
+
 def close_run(db: Database, tbls: JobReaperTables, report: Report) -> None:
     """Record the run's end and figures; a failure is logged, never raised."""
     if report.run_id is None:

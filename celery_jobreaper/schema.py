@@ -26,6 +26,7 @@ from sqlalchemy import (
     inspect,
     select,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import SchemaVersionError
@@ -43,6 +44,8 @@ NAMING_CONVENTION = {
 }
 _KEY = String(191)  # indexable on MySQL/MariaDB utf8mb4
 _BIGID = BigInteger().with_variant(Integer(), "sqlite")
+#: microseconds on MySQL/MariaDB too (their DATETIME keeps whole seconds by default)
+_PRECISE = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,8 @@ class JobReaperTables:
     events: Table
     revoked: Table
     late_writes: Table
+    #: the maintenance lease: one row per cluster (see :mod:`celery_jobreaper.lease`)
+    lease: Table
 
     @property
     def all(self) -> tuple[Table, ...]:
@@ -68,6 +73,7 @@ class JobReaperTables:
             self.events,
             self.revoked,
             self.late_writes,
+            self.lease,
         )
 
 
@@ -157,7 +163,20 @@ def define_tables(target: MetaData, *, prefix: str = "jobreaper_") -> JobReaperT
         Column("event_id", _BIGID, primary_key=True, autoincrement=False),
         Column("detected_at", DateTime, nullable=False, index=True),
     )
-    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked, late_writes)
+    # One row per lease name: who leads the cluster's maintenance, until when (the database's
+    # clock), and the generation, raised on every change of holder (the fencing token).
+    lease = Table(
+        f"{prefix}lease",
+        target,
+        Column("name", String(64), primary_key=True),
+        Column("holder", String(32), nullable=False),  # incarnation id
+        Column("node", _KEY, nullable=False),
+        Column("generation", _BIGID, nullable=False),
+        Column("acquired_at", _PRECISE, nullable=False),
+        Column("renewed_at", _PRECISE, nullable=False),
+        Column("expires_at", _PRECISE, nullable=False),
+    )
+    return JobReaperTables(meta, incarnations, jobs, runs, events, revoked, late_writes, lease)
 
 
 #: The default ``MetaData`` holding jobreaper's tables; give it to Alembic.

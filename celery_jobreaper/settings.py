@@ -27,11 +27,15 @@ if TYPE_CHECKING:
 __all__ = ["COLUMN_ROLES", "REQUIRED_ROLES", "Settings", "SourceSpec"]
 
 #: Seconds between two heartbeats of a worker's incarnation row.
-DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
 #: Seconds without a heartbeat after which a worker becomes a suspect (it is then pinged once).
-DEFAULT_HEARTBEAT_TIMEOUT = 60.0
-#: Seconds between two periodic reaps by a running worker.
-DEFAULT_INTERVAL = 60.0
+DEFAULT_HEARTBEAT_TIMEOUT = 20.0
+#: The maintenance lease lasts this many heartbeat intervals unless ``jobreaper_lease_timeout``
+#: says otherwise (the leader renews it on every heartbeat: two may be missed).
+LEASE_HEARTBEATS = 3
+#: Seconds between two periodic reaps (by the cluster's maintenance leader only, so they may be
+#: frequent: a dead worker's job is settled about ``heartbeat_timeout`` + half of this after).
+DEFAULT_INTERVAL = 10.0
 #: Seconds: jobs younger than this are never settled by the "no owner known" rule.
 DEFAULT_GRACE = 0.0
 #: Seconds to wait for ping/inspect replies from suspects (never a blind broadcast).
@@ -85,6 +89,10 @@ class Settings:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     interval: float = DEFAULT_INTERVAL
+    #: seconds the maintenance lease lasts without renewal (see :mod:`celery_jobreaper.lease`)
+    lease_timeout: float = LEASE_HEARTBEATS * DEFAULT_HEARTBEAT_INTERVAL
+    #: whether this worker may lead the cluster's maintenance (periodic reap, broker sweep)
+    lead: bool = True
     grace: float = DEFAULT_GRACE
     max_age: float | None = None
     ping_timeout: float = DEFAULT_PING_TIMEOUT
@@ -167,6 +175,18 @@ class Settings:
                 f"must be greater than jobreaper_heartbeat_interval ({heartbeat_interval:g} s), "
                 f"got {heartbeat_timeout:g} s",
             )
+        lease_timeout = seconds(
+            "jobreaper_lease_timeout",
+            get("lease_timeout"),
+            LEASE_HEARTBEATS * heartbeat_interval,
+            positive=True,
+        )
+        if lease_timeout <= heartbeat_interval:
+            raise ConfigurationError(
+                "jobreaper_lease_timeout",
+                f"must be greater than jobreaper_heartbeat_interval ({heartbeat_interval:g} s: "
+                f"the leader renews the lease on every heartbeat), got {lease_timeout:g} s",
+            )
         max_age_raw = get("max_age")
         settings = cls(
             enabled=flag("jobreaper_enabled", get("enabled", True)),
@@ -182,6 +202,8 @@ class Settings:
             interval=seconds(
                 "jobreaper_interval", get("interval"), DEFAULT_INTERVAL, positive=True
             ),
+            lease_timeout=lease_timeout,
+            lead=flag("jobreaper_lead", get("lead", True)),
             grace=seconds("jobreaper_grace", get("grace"), DEFAULT_GRACE),
             max_age=None
             if max_age_raw is None

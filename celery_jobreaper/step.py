@@ -13,6 +13,7 @@ from . import workerstate
 from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .extras import check_broker_transport
+from .lease import Lease
 from .liveness import Incarnation
 from .metrics import Metrics, metrics_for, serve
 from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
@@ -94,6 +95,8 @@ class JobReaperStep(bootsteps.StartStopStep):
         sweep = (
             BrokerSweep(app, self.settings, db, tables, worker_queues(app)) if self.reaps else None
         )
+        # The cluster's periodic reap is led by one worker at a time (see lease.py).
+        lease = Lease(db, tables, holder=me.id, node=me.node, timeout=self.settings.lease_timeout)
         reaper = Reaper(
             app,
             self.settings,
@@ -106,6 +109,7 @@ class JobReaperStep(bootsteps.StartStopStep):
             skip_missing_tables=not self.settings.strict,
             webhooks=webhooks_for(self.settings),
             metrics=self.metrics,
+            fence=lease.fence,
         )
         return ReaperService(
             reaper,
@@ -113,6 +117,10 @@ class JobReaperStep(bootsteps.StartStopStep):
             reaps=self.reaps,
             revoked_sync=RevokedSync(db, tables, self.settings, me.node),
             remote=RemoteReaps(app, reaper, me.node) if self.reaps else None,
+            lease=lease,
+            lead=self.settings.lead,
+            # (a dry run changes nothing in memory either)
+            follow=None if sweep is None or self.settings.dry_run else sweep.follow,
         )
 
     @property
@@ -241,9 +249,17 @@ class JobReaperStep(bootsteps.StartStopStep):
                 "dry_run": self.settings.dry_run,
                 "settings": self.settings.summary(),
                 "last_run": report.as_dict() if report else None,
+                "leads": service.lease is not None and service.lease.leads,
+                "leader": _leader(service),
                 "missing_tables": dict(service.reaper.missing_sources),
             }
         }
+
+
+def _leader(service: ReaperService) -> dict[str, Any] | None:
+    """Who leads the cluster's maintenance, as this worker last read it (at its heartbeat)."""
+    last = None if service.lease is None else service.lease.last
+    return None if last is None else last.as_dict()
 
 
 def install(app: Any) -> Any:

@@ -64,12 +64,7 @@ class BrokerSweep:
             if mode != "selective" and not run.dry_run:
                 # The queues are left alone, but settled jobs' and revoked tasks' messages
                 # must still never run here: keep this worker's revoked set up to date.
-                with self.db.connect() as conn:
-                    revoked = revoked_store.active(conn, self.tables)
-                    settled = revoked_store.active_settled(conn, self.tables)
-                workerstate.remember_revoked(revoked - settled)
-                workerstate.remember_settled(settled)
-                workerstate.keep_settled(settled)
+                self.follow()
             if mode == "off":
                 return None
             if mode == "purge":
@@ -78,6 +73,17 @@ class BrokerSweep:
         except Exception as error:
             logger.exception("jobreaper: broker sweep failed (%s); it is retried next time", error)
             return SweepResult(failed=True)
+
+    def follow(self) -> None:
+        """Keep this worker's in-memory revoked set as the table holds it, sweeping nothing
+        (read only): what a worker that does not lead the cluster's maintenance does each
+        interval, since the leader's sweeps revoke settled jobs' ids and forget them again."""
+        with self.db.connect() as conn:
+            revoked = revoked_store.active(conn, self.tables)
+            settled = revoked_store.active_settled(conn, self.tables)
+        workerstate.remember_revoked(revoked - settled)
+        workerstate.remember_settled(settled)
+        workerstate.keep_settled(settled)
 
     def _selective(self, run: Settled) -> SweepResult:
         known, settled = self._targets(run)
@@ -200,15 +206,19 @@ class BrokerSweep:
                 revoked_store.prune(conn, tables)
             targets = revoked_store.active(conn, tables) | learned | settled_ids
             settled = revoked_store.active_settled(conn, tables) | (settled_ids - learned)
-        if settled_ids and not run.dry_run and run.view.other_live_workers:
+        live = self._live_nodes(run.view)
+        if settled_ids and not run.dry_run and run.view.other_live_workers and live:
             # Live jobreaper workers hold them revoked until the message is gone (Celery's
             # own revoke would block the id there for 3 hours, a re-sent task included).
+            # Sent to the live workers by name; one that registered since reads them from
+            # the table (its startup sweep, or each interval while it does not lead).
             ids = sorted(settled_ids)
             for i in range(0, len(ids), REVOKE_CHUNK):
                 broadcast(
                     self.app,
                     "jobreaper_revoke_settled",
                     arguments={"ids": ids[i : i + REVOKE_CHUNK]},
+                    destination=live,
                 )
         return targets, settled
 

@@ -56,13 +56,17 @@ LEDGER_ACTIONS: Final = (SETTLED, LATE_RESULT, LATE_WRITE, REMOVED, RESTORED, DR
 
 #: The reap a worker runs before its consumer starts.
 STARTUP: Final = "startup"
-#: A worker's reap every ``jobreaper_interval`` seconds.
+#: The cluster's reap every ``jobreaper_interval`` seconds, by the worker holding the
+#: maintenance lease (see :mod:`celery_jobreaper.lease`).
 PERIODIC: Final = "periodic"
 #: A reap from any other process (``celery_jobreaper.reap``, the CLI).
 MANUAL: Final = "manual"
+#: A worker's own reap outside the leader's cycle: after one of its pool processes died, or
+#: its startup reap retried (the database was down at start).
+LOCAL: Final = "local"
 #: A reap a worker ran when asked by remote control (``control jobreaper_reap``).
 REMOTE: Final = "remote"
-TRIGGERS: Final = (STARTUP, PERIODIC, MANUAL, REMOTE)
+TRIGGERS: Final = (STARTUP, PERIODIC, MANUAL, LOCAL, REMOTE)
 
 # -- why a job was settled (metrics' ``cause`` label; a few fixed words, never a node name) -----
 

@@ -27,6 +27,9 @@ from celery_jobreaper.schema import tables
 
 pytestmark = pytest.mark.slow
 READY = r"@h ready\."
+#: A worker that never takes the maintenance lease: another one started in the test is then the
+#: one whose periodic reaps judge it (the leader; see celery_jobreaper/lease.py).
+NOT_LEADING: dict[str, Any] = {"lead": False}
 
 
 @dataclasses.dataclass
@@ -223,7 +226,8 @@ def test_gevent_worker_in_a_task_that_never_yields_keeps_heartbeating(fleet: Fle
     so a second worker reaping every second past the heartbeat timeout never finds it dead
     and leaves its job alone (DESIGN §2.1); the job then ends and is tracked as succeeded."""
     fleet.seed(owner=True, task_id=True)
-    busy = fleet.worker("busy", pool="gevent")
+    # the second worker leads the cluster's reaps (only it may take the lease)
+    busy = fleet.worker("busy", pool="gevent", settings=NOT_LEADING)
     inc = fleet.incarnation_id(busy)
     task_id = str(fleet.producer.send_task("jr.spin", args=("spin",), queue=fleet.queue).id)
     fleet.started("spin")
@@ -390,7 +394,7 @@ def test_pool_process_dies_after_sending_its_result_is_not_failed(fleet: Fleet) 
 def test_busy_solo_duplicate_name_keeps_its_job(fleet: Fleet) -> None:
     """A second worker with the same -n while the first (-P solo, busy) runs a long job."""
     fleet.seed(owner=True, task_id=True)
-    first = fleet.worker("dup", pool="solo")
+    first = fleet.worker("dup", pool="solo", settings=NOT_LEADING)  # the second one leads
     fleet.job("busy", 120)
     fleet.started("busy")
     second = fleet.worker("dup", queue=f"{fleet.queue}-b")
@@ -408,7 +412,8 @@ def test_restarted_worker_settles_earlier_start_jobs_on_periodic_reap(fleet: Fle
     first = fleet.worker("r")
     first.kill()
     again = fleet.worker("r")
-    fleet.periodic_runs(again, 1)
+    # its periodic reaps run (a cycle with nothing stale writes no runs row: wait for the lease)
+    again.wait_for("leads the cluster's maintenance now", timeout=60)
     from jobtables import ago
     from sqlalchemy import insert
 
@@ -515,7 +520,7 @@ def test_never_registered_silent_owner_old_job_is_settled(fleet: Fleet) -> None:
 def test_worker_with_host_clock_behind_is_not_judged_dead(fleet: Fleet) -> None:
     """A busy -P solo worker (no ping replies) whose host clock is 50 s behind stays live."""
     fleet.seed(owner=True, task_id=True)
-    slow = fleet.worker("slow", pool="solo", env={"JR_CLOCK_SKEW": "-50"})
+    slow = fleet.worker("slow", pool="solo", env={"JR_CLOCK_SKEW": "-50"}, settings=NOT_LEADING)
     fleet.job("skewed", 120)
     fleet.started("skewed")
     other = fleet.worker("other", queue=f"{fleet.queue}-b")

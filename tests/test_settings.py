@@ -22,9 +22,19 @@ def make(**conf: Any) -> Settings:
 
 def test_defaults_are_documented_values() -> None:
     s = make()
-    assert (s.heartbeat_interval, s.heartbeat_timeout, s.interval) == (10.0, 60.0, 60.0)
+    assert (s.heartbeat_interval, s.heartbeat_timeout, s.interval) == (5.0, 20.0, 10.0)
+    assert s.lease_timeout == 15.0 and s.lead is True  # three heartbeat intervals
     assert s.max_age is None and s.grace == 0.0 and s.dry_run is False and s.strict is False
     assert s.track_tasks is True and s.create_tables is True
+
+
+def test_lease_timeout_follows_the_heartbeat_and_must_exceed_it() -> None:
+    assert make(heartbeat_interval=2, heartbeat_timeout=10).lease_timeout == 6.0
+    assert make(lease_timeout=timedelta(seconds=30)).lease_timeout == 30.0
+    with pytest.raises(ConfigurationError, match="jobreaper_lease_timeout"):
+        make(lease_timeout=5)  # not above the default heartbeat interval (5 s)
+    with pytest.raises(ConfigurationError, match="jobreaper_lead"):
+        make(lead="maybe")
 
 
 def test_durations_accept_seconds_and_timedelta() -> None:

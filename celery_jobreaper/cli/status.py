@@ -9,7 +9,9 @@ from typing import Any
 import click
 from celery.bin.base import CeleryCommand
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
+from .. import lease as lease_store
 from ..clock import db_utcnow
 from ..errors import ConfigurationError, SchemaVersionError
 from ..reaper import Reaper
@@ -64,6 +66,7 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
             ).all()
             stale = [(s.name, *s.stale_summary(conn)) for s in sources]
             last = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).all()
+            leader = _leader(conn)
         url = db.url
     result: dict[str, Any] = {
         "database": url,
@@ -87,6 +90,7 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
             for name, count, oldest in stale
         ],
         "missing_tables": dict(reaper.missing_sources),
+        "leader": None if leader is None else leader.as_dict(),
         "runs": [dict(r._mapping) for r in last],
     }
     if as_json:
@@ -109,6 +113,18 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
             for w in workers
         ],
     )
+    if leader is None:
+        click.echo("\nmaintenance leader: none yet (no worker has taken the lease)")
+    else:
+        click.echo(
+            f"\nmaintenance leader: {leader.node} (generation {leader.generation}, "
+            f"lease held {leader.age:.1f} s, "
+            + (
+                f"expires in {(leader.expires_at - leader.now).total_seconds():.1f} s)"
+                if leader.live
+                else f"expired {(leader.now - leader.expires_at).total_seconds():.1f} s ago)"
+            )
+        )
     click.echo("\nstale candidates (jobs in a stale status; a reap judges which are dead):")
     table(
         ("source", "jobs", "oldest start", "age"),
@@ -136,3 +152,12 @@ def status(ctx: click.Context, limit: int, recent: float, as_json: bool) -> None
             for r in last
         ],
     )
+
+
+def _leader(conn: Any) -> lease_store.LeaseState | None:
+    """The maintenance lease as the database holds it (``None``: never taken, or its table is
+    not there yet: tables made by an older release, ``status`` creates nothing)."""
+    try:
+        return lease_store.read(conn, tables)  # read last: a failure ends nothing else
+    except DBAPIError:
+        return None
