@@ -7,12 +7,11 @@ from typing import Any
 from .database import Database
 from .extras import check_broker_transport
 from .metrics import metrics_for
-from .prune import Pruner, PruneResult, own_targets, user_target
+from .prune import Pruner, PruneResult, targets_for
 from .reaper import Reaper
 from .report import Report
 from .schema import tables
 from .settings import Settings
-from .sources import UserTableSource, resolve_table
 from .sweep import BrokerSweep, worker_queues
 from .vocabulary import MANUAL
 from .webhooks import webhooks_for
@@ -51,18 +50,7 @@ def prune(app: Any, *, dry_run: bool = False, older_than: float | None = None) -
     settings = Settings.from_app(app)
     db = Database.from_settings(settings)
     try:
-        keep = settings.retention if older_than is None else older_than
-        targets = (
-            []
-            if keep is None
-            else own_targets(tables, keep, keep_settled_for=settings.late_write_window)
-        )
-        with db.connect() as conn:
-            for spec in settings.sources:
-                if spec.prune_after is not None:
-                    target = user_target(UserTableSource(spec, resolve_table(spec, conn)))
-                    if target is not None:
-                        targets.append(target)
+        targets = targets_for(settings, db, older_than)
         pruner = Pruner(db, targets, batch=settings.batch_size, max_rows=settings.prune_max_rows)
         return pruner.run(dry_run=dry_run)
     finally:

@@ -22,7 +22,9 @@ from sqlalchemy.engine import Connection
 
 from .clock import db_utcnow
 from .database import Database
-from .schema import JobReaperTables
+from .schema import JobReaperTables, tables
+from .settings import Settings
+from .sources import resolve_table
 from .sources.user_table import UserTableSource
 from .textsafe import safe
 from .vocabulary import FAILED, REVOKED, SETTLED, SUCCEEDED
@@ -193,3 +195,24 @@ class Pruner:
         if after is not None:
             query = query.where(target.pk > after)
         return list(conn.execute(query).scalars())
+
+
+def targets_for(
+    settings: Settings, db: Database, older_than: float | None = None
+) -> list[PruneTarget]:
+    """What a prune deletes under *settings*: jobreaper's own tables past
+    ``jobreaper_retention`` (*older_than* overrides it; both ``None``: not pruned), and user
+    tables whose source sets ``prune_after`` (reflected now)."""
+    keep = settings.retention if older_than is None else older_than
+    targets = (
+        []
+        if keep is None
+        else own_targets(tables, keep, keep_settled_for=settings.late_write_window)
+    )
+    with db.connect() as conn:
+        for spec in settings.sources:
+            if spec.prune_after is not None:
+                target = user_target(UserTableSource(spec, resolve_table(spec, conn)))
+                if target is not None:
+                    targets.append(target)
+    return targets

@@ -11,6 +11,7 @@ from .clock import monotonic
 from .lease import Lease
 from .liveness import Incarnation, Liveness
 from .native import Loop
+from .prune_cycle import PruneCycle
 from .reaper import Reaper
 from .remote import RemoteReaps
 from .revoked import RevokedSync
@@ -40,6 +41,7 @@ class ReaperService:
         reaps: bool = True,
         revoked_sync: RevokedSync | None = None,
         remote: RemoteReaps | None = None,
+        prune: PruneCycle | None = None,
         lease: Lease | None = None,
         lead: bool = True,
         follow: Callable[[], None] | None = None,
@@ -56,6 +58,8 @@ class ReaperService:
         self.revoked_sync = revoked_sync
         #: reaps asked for by remote control (``control jobreaper_reap``), in their own thread
         self.remote = remote
+        #: prunes on the leader every ``jobreaper_prune_interval`` seconds, in its own thread
+        self.prune = prune
         #: the cluster's maintenance lease (``None``: this worker reaps on its timer alone)
         self.lease = lease
         #: whether this worker tries to take the lease (``jobreaper_lead``)
@@ -94,6 +98,8 @@ class ReaperService:
             self._timer.start()
             if self.remote is not None:
                 self.remote.start()
+            if self.prune is not None:
+                self.prune.start()
 
     def beat(self, state: str | None = None) -> None:
         """One heartbeat (registering first if the database was down at start)."""
@@ -167,8 +173,7 @@ class ReaperService:
     def drain(self) -> None:
         """Warm shutdown began: stop reaping, keep heartbeating, say we are draining."""
         self._timer.stop()
-        if self.remote is not None:
-            self.remote.stop()
+        self._stop_helpers()
         self._release()
         self._mark(DRAINING)
 
@@ -176,19 +181,24 @@ class ReaperService:
         """Stop both threads and mark the incarnation stopped."""
         self._timer.stop()
         self._heart.stop()
-        if self.remote is not None:
-            self.remote.stop()
+        self._stop_helpers()
         wait = max(5.0, self.settings.connect_timeout + 1)
         for loop in (self._timer, self._heart):
             if not loop.is_current():
                 loop.join(timeout=wait)
-        if self.remote is not None:
-            self.remote.join(timeout=wait)
+        for helper in (self.remote, self.prune):
+            if helper is not None:
+                helper.join(timeout=wait)
         self._release()
         self._mark(STOPPED)
         self.reaper.db.dispose()
         if self.reaper.webhooks is not None:
             self.reaper.webhooks.close(timeout=self.settings.webhook_timeout)
+
+    def _stop_helpers(self) -> None:
+        for helper in (self.remote, self.prune):
+            if helper is not None:
+                helper.stop()
 
     def _release(self) -> None:
         """Give the lease up (warm or cold shutdown): another worker leads at its next beat."""

@@ -62,6 +62,8 @@ DEFAULT_WEBHOOK_RETRIES = 3
 DEFAULT_RETENTION = 30 * 86400.0
 #: rows one prune deletes at most (over every table); the next prune goes on
 DEFAULT_PRUNE_MAX_ROWS = 100_000
+#: seconds between two prunes by the worker that leads the cluster's maintenance
+DEFAULT_PRUNE_INTERVAL = 3600.0
 #: Engine options used when jobreaper creates its own engine (Celery's own choice).
 DEFAULT_ENGINE_OPTIONS: Mapping[str, Any] = {"pool_pre_ping": True, "pool_recycle": 3600}
 
@@ -113,6 +115,7 @@ class Settings:
     webhook_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     retention: float | None = DEFAULT_RETENTION
     prune_max_rows: int = DEFAULT_PRUNE_MAX_ROWS
+    prune_interval: float | None = DEFAULT_PRUNE_INTERVAL
     metrics: bool = False
     metrics_port: int | None = None
     metrics_addr: str = "0.0.0.0"
@@ -259,6 +262,9 @@ class Settings:
             retention=optional_seconds("jobreaper_retention", get("retention", DEFAULT_RETENTION)),
             prune_max_rows=positive_int(
                 "jobreaper_prune_max_rows", get("prune_max_rows", DEFAULT_PRUNE_MAX_ROWS)
+            ),
+            prune_interval=optional_seconds(
+                "jobreaper_prune_interval", get("prune_interval", DEFAULT_PRUNE_INTERVAL)
             ),
             metrics=flag("jobreaper_metrics", get("metrics", False)),
             metrics_addr=get("metrics_addr", "0.0.0.0"),

@@ -17,6 +17,7 @@ from .lease import Lease
 from .liveness import Incarnation
 from .metrics import Metrics, metrics_for, serve
 from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
+from .prune_cycle import PruneCycle
 from .reaper import Reaper
 from .remote import ReapRequest, RemoteReaps
 from .revoked import RevokedSync
@@ -117,6 +118,11 @@ class JobReaperStep(bootsteps.StartStopStep):
             reaps=self.reaps,
             revoked_sync=RevokedSync(db, tables, self.settings, me.node),
             remote=RemoteReaps(app, reaper, me.node) if self.reaps else None,
+            prune=(
+                PruneCycle(db, self.settings, lease, self.settings.prune_interval)
+                if self.reaps and self.settings.prune_interval is not None
+                else None
+            ),
             lease=lease,
             lead=self.settings.lead,
             # (a dry run changes nothing in memory either)
