@@ -37,7 +37,7 @@ from celery_jobreaper.settings import Settings
 from celery_jobreaper.vocabulary import REMOTE
 
 #: The periodic reap never comes during a test: only the remote request settles anything.
-QUIET = {"sources": [SEED_SOURCE], "interval": 3600, "ping_timeout": 0.3}
+QUIET = {"sources": [SEED_SOURCE], "interval": 3600, "ping_timeout": 0.3, "lead": False}
 
 
 def celery(broker: str, db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
