@@ -504,10 +504,12 @@ def test_never_registered_silent_owner_old_job_is_settled(fleet: Fleet) -> None:
         conn.execute(
             insert(table), [{"job_type": "library_scan", "status": "running", **r} for r in rows]
         )
-    worker = fleet.worker("a")
+    # a heartbeat timeout far above a worker's start-up time: ghost-new is still younger than
+    # it at the startup reap (with 3 s, a start slowed by other load made it older)
+    worker = fleet.worker("a", settings={"heartbeat_timeout": 60})
     assert fleet.status("ghost-old") == "failed"
     assert "never registered" in fleet.row("ghost-old").error
-    assert fleet.status("ghost-new") == "running"  # younger than the heartbeat timeout (3 s)
+    assert fleet.status("ghost-new") == "running"  # younger than the heartbeat timeout (60 s)
     worker.wait_for("jobreaper: Clearing job: ghost-old")
 
 
