@@ -6,7 +6,8 @@
 #   3. runs lint (ruff), formatting check, types (mypy --strict), the first-run check of a new
 #      user (scripts/check_fresh_install.sh: plain `pip install .` in a throwaway venv, import,
 #      the README's demo end to end) and the whole pytest suite.
-# Extra arguments go to pytest (e.g. scripts/test.sh -k seed).
+# Extra arguments go to pytest (e.g. scripts/test.sh -k seed). pytest runs in JR_TEST_PROCESSES
+# processes (pytest-xdist; default 2, 0 = one process): the real-worker tests mostly wait.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -106,5 +107,6 @@ log "ruff check"; .venv/bin/ruff check .
 log "ruff format --check"; .venv/bin/ruff format --check .
 log "mypy --strict"; .venv/bin/mypy
 log "fresh install and demo"; PYTHON="$PY" ./scripts/check_fresh_install.sh
-log "pytest"
-exec .venv/bin/python -m pytest "$@"
+PROCESSES=${JR_TEST_PROCESSES:-2}
+log "pytest (pytest-xdist -n $PROCESSES)"
+exec .venv/bin/python -m pytest -n "$PROCESSES" --dist loadgroup "$@"

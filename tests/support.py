@@ -18,7 +18,28 @@ from jobtables import SEED_SOURCE
 
 PG_ADMIN = os.environ.get("JR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MYSQL_ADMIN = os.environ.get("JR_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
-REDIS_URL = os.environ.get("JR_TEST_REDIS", "redis://127.0.0.1:6379/10")
+
+
+def _redis_url(setting: str, worker: str) -> str:
+    """This test process's Redis: a database of its own under pytest-xdist.
+
+    Broadcasts on one Redis database reach every worker listening on it (a reap with jobs
+    without owner asks *every* worker whether it is live), so two test processes never share
+    one. *setting* (JR_TEST_REDIS) is one URL or a comma-separated list: process ``gwK``
+    takes the K-th entry, or, past the list's end, the first URL's database index plus K.
+    """
+    urls = [u.strip() for u in setting.split(",") if u.strip()]
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    if index < len(urls):
+        return urls[index]
+    base, _, db = urls[0].rpartition("/")
+    return f"{base}/{int(db or 0) + index}"
+
+
+REDIS_URL = _redis_url(
+    os.environ.get("JR_TEST_REDIS", "redis://127.0.0.1:6379/10"),
+    os.environ.get("PYTEST_XDIST_WORKER", ""),
+)
 AMQP_URL = os.environ.get("JR_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -18,6 +18,9 @@ from support import AMQP_URL, wait_until
 import celery_jobreaper
 from celery_jobreaper.broker.amqp import Hold, sweep_queues
 
+# one RabbitMQ vhost for every test process: its broadcasts reach every worker on it
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 
 @pytest.fixture
 def names(unique: str) -> Iterator[tuple[str, str]]:

@@ -246,6 +246,7 @@ def test_malformed_entries_survive_and_dry_run_lists_only(
     assert all(g in after for g in garbage)
 
 
+@pytest.mark.xdist_group("rabbitmq")  # one vhost: its broadcasts reach every worker on it
 def test_rabbitmq_revoked_messages_removed_and_others_run_in_order(
     pg_url: str,
     prefix: str,

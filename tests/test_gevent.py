@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from support import AMQP_URL, REDIS_URL, ROOT, TESTS
 
 
@@ -16,6 +17,7 @@ def test_loop_thread_uses_database_and_broker_beside_the_hub(db_url: str) -> Non
     _check(db_url, REDIS_URL)
 
 
+@pytest.mark.xdist_group("rabbitmq")  # one vhost: its broadcasts reach every worker on it
 def test_loop_thread_broadcasts_on_rabbitmq_beside_the_hub(sqlite_url: str) -> None:
     _check(sqlite_url, AMQP_URL)
 

@@ -55,6 +55,7 @@ def test_deep_target_is_neutralized_then_discarded_by_a_worker(
             "JR_RECORD_URL": REDIS_URL,
             "JR_RECORD_KEY": record_key,
         },
+        pool="solo",  # one at a time in queue order, without a pool process's round trip
     )
     worker.wait_for(r" ready\.")
     expected = [v for task_id, v in sent if task_id not in deep | shallow]

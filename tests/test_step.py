@@ -73,7 +73,9 @@ def test_dry_run_option_inspect_and_cli(
 ) -> None:
     engine = engine_for(pg_url)
     table = create_seed(engine, [{"job_id": "scan_library_123abc"}])
-    env = worker_env(pg_url, f"q-{unique}", sources=[SEED_SOURCE])
+    # no periodic reaps: a reap a second (workerapp's) while the CLI calls below run (seconds
+    # each under load) pushed the startup run out of the runs `status` lists
+    env = worker_env(pg_url, f"q-{unique}", sources=[SEED_SOURCE], interval=3600)
     worker = start_worker(f"dry-{unique}@h", env=env, args=("--jobreaper-dry-run",))
     log = worker.wait_for(r" ready\.")
     assert "jobreaper: [dry run] would clear job: scan_library_123abc (library_scan)" in log

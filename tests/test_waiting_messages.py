@@ -89,6 +89,7 @@ def _waiting(app: Celery, queue: str) -> int:
         return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
 
 
+@pytest.mark.xdist_group("rabbitmq")  # one vhost: its broadcasts reach every worker on it
 @pytest.mark.parametrize(
     ("broker", "consumed_here"),
     [("amqp", True), ("redis", True), ("redis", False)],
@@ -118,6 +119,7 @@ def test_a_row_whose_message_waits_is_left_alone_with_its_message(
         assert report.left_alone[QUEUES_UNREAD] == 1
 
 
+@pytest.mark.xdist_group("rabbitmq")  # one vhost: its broadcasts reach every worker on it
 def test_on_rabbitmq_a_dead_owners_job_is_still_settled(
     sqlite_url: str,
     engine_for: Callable[[str], Engine],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,9 +9,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-
-REDIS_URL = os.environ.get("JR_TEST_REDIS", "redis://127.0.0.1:6379/10")
-AMQP_URL = os.environ.get("JR_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+from support import AMQP_URL, REDIS_URL  # this test process's Redis (see support.py)
 
 
 @pytest.fixture

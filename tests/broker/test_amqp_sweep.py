@@ -16,6 +16,9 @@ from celery_jobreaper.broker.amqp import sweep_queues
 
 TASK = "proj.tasks.work"
 
+# one RabbitMQ vhost for every test process: its broadcasts reach every worker on it
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 
 #: Publisher confirms make every publish wait until the broker has queued the message, so a
 #: sweep started after publishing sees all of them, in publish order.
