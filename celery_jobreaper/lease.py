@@ -90,12 +90,18 @@ def read(conn: Connection, tbls: JobReaperTables, name: str = MAINTENANCE) -> Le
 
 
 def _read(
-    conn: Connection, tbls: JobReaperTables, name: str, now: datetime, *, lock: bool = False
+    conn: Connection,
+    tbls: JobReaperTables,
+    name: str,
+    now: datetime,
+    *,
+    lock: bool = False,
+    nowait: bool = False,
 ) -> LeaseState | None:
     t = tbls.lease
     query = select(t).where(t.c.name == name)
-    if lock and conn.dialect.name != "sqlite":
-        query = query.with_for_update()
+    if lock and conn.dialect.name != "sqlite":  # (SQLite: BEGIN IMMEDIATE locks the file)
+        query = query.with_for_update(nowait=nowait)
     row = conn.execute(query).first()
     if row is None:
         return None
@@ -108,6 +114,16 @@ def _read(
         expires_at=row.expires_at,
         now=now,
     )
+
+
+def _lock_busy(error: sa_exc.OperationalError) -> bool:
+    """Whether *error* says a ``FOR UPDATE NOWAIT`` found the row locked (PostgreSQL's
+    ``lock_not_available``; MariaDB's lock wait error, MySQL's ``ER_LOCK_NOWAIT``)."""
+    orig = error.orig
+    if getattr(orig, "sqlstate", None) == "55P03":
+        return True
+    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+    return len(args) > 0 and args[0] in (1205, 3572)
 
 
 class Lease:
@@ -158,6 +174,15 @@ class Lease:
             # Another worker inserted the first row at the same moment: it holds it.
             state = None
             self.generation = None
+        except sa_exc.OperationalError as error:
+            if not _lock_busy(error):
+                raise
+            # A fenced transaction of the leader holds the row (maybe a leader paused in it):
+            # never wait for it here -- this runs in the heartbeat thread, and a heartbeat
+            # that waits makes a live worker look dead. Try again at the next heartbeat; a
+            # leader that could not renew keeps its generation, which the fence checks.
+            logger.debug("jobreaper: the maintenance lease is locked; tried again later")
+            return self.last
         self.last = state
         if state is not None and state.holder == self.holder:
             self.generation = state.generation
@@ -200,6 +225,8 @@ class Lease:
         )
         if not mine and state.live:
             return state  # held by another worker (read without a lock: no wait)
+        # About to change the row: lock it first, without waiting (see :meth:`acquire`).
+        _read(conn, self.tables, self.name, now, lock=True, nowait=True)
         if mine:
             # Renewal: the same generation, only while it is still ours (not taken meanwhile).
             stmt = (

@@ -62,8 +62,9 @@ class ReaperService:
         self.prune = prune
         #: the cluster's maintenance lease (``None``: this worker reaps on its timer alone)
         self.lease = lease
-        #: whether this worker tries to take the lease (``jobreaper_lead``)
-        self.lead = lead
+        #: whether this worker tries to take the lease (``jobreaper_lead``); a dry-run worker
+        #: never does: while it led, every periodic reap of the cluster would be dry
+        self.lead = lead and not self.settings.dry_run
         #: whether the startup reap succeeded (else the first tick runs it, as a local reap)
         self.started = False
         #: each tick of a worker that does not lead (or not now): keep its revoked set as the
@@ -72,6 +73,8 @@ class ReaperService:
         #: until this monotonic time, ticks of a worker that does not lead run local reaps
         #: (a pool process died: the reap now and its follow-up, see :meth:`reap_soon`)
         self._local_until = 0.0
+        #: warm shutdown began: the lease was given up and is not taken again
+        self._draining = False
         self._heart = Loop("jobreaper-heartbeat", self.settings.heartbeat_interval, self.beat)
         self._timer = Loop("jobreaper-reaper", self.settings.interval, self.periodic)
 
@@ -129,7 +132,7 @@ class ReaperService:
 
     def _contend(self, conn: Any) -> None:
         """Take or renew the maintenance lease (after a heartbeat); reap at once on taking it."""
-        if self.lease is None or not self.reaps or not self.lead:
+        if self.lease is None or not self.reaps or not self.lead or self._draining:
             return
         was = self.lease.generation
         self.lease.acquire(conn)
@@ -172,6 +175,7 @@ class ReaperService:
 
     def drain(self) -> None:
         """Warm shutdown began: stop reaping, keep heartbeating, say we are draining."""
+        self._draining = True
         self._timer.stop()
         self._stop_helpers()
         self._release()
