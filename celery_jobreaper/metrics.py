@@ -16,7 +16,9 @@ import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from . import native
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -142,9 +144,16 @@ def metrics_for(settings: Settings) -> Metrics | None:
     return _shared() if settings.metrics else None
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log on stderr (scrapes every few seconds)."""
+
+
 def serve(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve ``/metrics`` on *port* from a thread of prometheus_client's (the worker's main
-    process); with ``PROMETHEUS_MULTIPROC_DIR`` set, every process's values are collected."""
+    """Serve ``/metrics`` on *port* from a real thread of its own (the worker's main process;
+    under gevent too, where a green thread would stall while a task never yields); with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, every process's values are collected. Returns the server
+    (``shutdown()`` stops it)."""
     client = _client()
     registry = client.REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -152,6 +161,7 @@ def serve(port: int, addr: str = "0.0.0.0") -> Any:
 
         registry = client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    server, _ = client.start_http_server(port, addr=addr, registry=registry)
+    server = make_server(addr, port, client.make_wsgi_app(registry), handler_class=_QuietHandler)
+    native.start_thread("jobreaper-metrics", server.serve_forever)
     logger.info("jobreaper: serving Prometheus metrics on %s port %d", addr, server.server_port)
     return server

@@ -40,8 +40,13 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-@pytest.mark.parametrize("multiprocess", [False, True], ids=["one-process", "multiprocess-dir"])
+@pytest.mark.parametrize(
+    ("pool", "multiprocess"),
+    [("prefork", False), ("prefork", True), ("gevent", False)],
+    ids=["one-process", "multiprocess-dir", "gevent"],
+)
 def test_a_real_workers_startup_reap_is_counted_and_served(
+    pool: str,
     multiprocess: bool,
     pg_url: str,
     engine_for: Callable[[str], Engine],
@@ -64,7 +69,7 @@ def test_a_real_workers_startup_reap_is_counted_and_served(
         folder = tmp_path / "prom"
         folder.mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
-    worker = start_worker(f"metrics-{uuid.uuid4().hex[:8]}@jrtest", env=env)
+    worker = start_worker(f"metrics-{uuid.uuid4().hex[:8]}@jrtest", env=env, pool=pool)
     worker.wait_for(r"ready\.")
     with engine.connect() as conn:
         assert {r.job_id: r.status for r in conn.execute(select(table))} == {
