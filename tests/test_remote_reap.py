@@ -122,6 +122,11 @@ def test_plan_then_reap_on_a_worker_prints_its_reports(
     r = tables.runs
     with engine.connect() as conn:
         runs = conn.execute(select(r.c.trigger, r.c.dry_run, r.c.settled).order_by(r.c.id)).all()
+    seen = celery(broker, pg_url, "inspect", "jobreaper", "-d", worker.name, "--json")
+    assert seen.returncode == 0, seen.stdout + seen.stderr
+    info = json.loads(seen.stdout)[worker.name]
+    assert info["last_run"]["trigger"] == REMOTE and info["last_run"]["settled"] == 1
+    assert info["incarnation"] and info["settings"]["sources"] == ["system_jobs"]
     remote_runs = [tuple(x) for x in runs if x.trigger == REMOTE]
     assert remote_runs == [(REMOTE, True, 1), (REMOTE, False, 1)]  # (a plan counts what it would)
 
