@@ -253,6 +253,18 @@ def test_one_leader_failover_on_sigkill_and_a_woken_leader_is_fenced(
         "no longer leads the cluster's maintenance|does not hold the maintenance lease", 60
     )
     wait_until(lambda: cluster.status("ghost") == "failed", 60, "the ghost job settled")
+    # A job nobody can judge (an owner never registered, its start unknown: left alone) keeps
+    # every cycle from being idle, so each periodic reap writes its runs row.
+    with cluster.db.begin() as conn:
+        conn.execute(
+            insert(cluster.table).values(
+                job_id="undecidable",
+                job_type="library_scan",
+                status="running",
+                started_at=None,
+                owner=f"unknown-{cluster.unique}@h",
+            )
+        )
     since = cluster.now()
     wait_until(lambda: len(cluster.periodic_runs(since)) >= 3, 60, "3 more periodic reaps")
     after = cluster.periodic_runs(woke_at)

@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery, bootsteps
 
 import celery_jobreaper
+from celery_jobreaper import signals as jr_signals
 
 app = Celery("workerapp", broker=os.environ.get("JR_BROKER_URL", "memory://"))
 app.conf.update(
@@ -42,6 +43,16 @@ for key, value in json.loads(os.environ.get("JR_SETTINGS", "{}")).items():
     app.conf[f"jobreaper_{key}"] = value
 if os.environ.get("JR_NO_INSTALL") != "1":
     celery_jobreaper.install(app)
+
+
+@jr_signals.reap_finished.connect(weak=False)
+def _reaped(sender: Any = None, report: Any = None, **_: Any) -> None:
+    """Every finished reap, idle periodic ones included (they write no runs row), one line in
+    ``reaps.log`` of JR_SIGNAL_DIR: ``<trigger> <pid>``."""
+    folder = os.environ.get("JR_SIGNAL_DIR")
+    if folder and report is not None:
+        with Path(folder, "reaps.log").open("a") as log:
+            log.write(f"{report.trigger} {os.getpid()}\n")
 
 
 def _mark(name: str) -> None:
