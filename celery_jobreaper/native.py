@@ -86,6 +86,26 @@ class StopFlag:
         return self._set
 
 
+class InLoop:
+    """Something that runs in a :class:`Loop` of its own (``self._loop``): started, stopped and
+    waited for through it."""
+
+    _loop: Loop
+
+    def start(self) -> None:
+        """Start the thread (once)."""
+        self._loop.start()
+
+    def stop(self) -> None:
+        """Stop after the call in progress, if any."""
+        self._loop.stop()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the thread to end; True if it did (or if the
+        caller is that thread)."""
+        return self._loop.is_current() or self._loop.join(timeout)
+
+
 class Loop:
     """A real thread calling *fn* every *every* seconds until stopped; it survives errors.
 

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .database import Database
-from .native import Loop
+from .native import InLoop, Loop
 from .prune import Pruner, PruneResult, targets_for
 from .settings import Settings
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class PruneCycle:
+class PruneCycle(InLoop):
     """Prunes every *every* seconds while this worker leads (every worker if *lease* is
     ``None``)."""
 
@@ -34,18 +34,6 @@ class PruneCycle:
         self.every = every  #: seconds
         self.last: PruneResult | None = None
         self._loop = Loop("jobreaper-prune", every, self.tick)
-
-    def start(self) -> None:
-        """Start the thread (once)."""
-        self._loop.start()
-
-    def stop(self) -> None:
-        """Stop after the prune in progress, if any."""
-        self._loop.stop()
-
-    def join(self, timeout: float) -> bool:
-        """Wait up to *timeout* seconds for the thread to end; True if it did."""
-        return self._loop.is_current() or self._loop.join(timeout)
 
     def tick(self) -> None:
         """(The thread.) One prune, if this worker leads now."""

@@ -51,7 +51,7 @@ def report_body(report: Report) -> dict[str, Any]:
     return body
 
 
-class RemoteReaps:
+class RemoteReaps(native.InLoop):
     """Runs queued :class:`ReapRequest` s one after another in a thread of its own."""
 
     def __init__(self, app: Any, reaper: Reaper, node: str) -> None:
@@ -61,18 +61,6 @@ class RemoteReaps:
         self._waiting: deque[ReapRequest] = deque()
         self._guard = native.real_lock()
         self._loop = native.Loop("jobreaper-remote", POLL, self._drain)
-
-    def start(self) -> None:
-        """Start the thread (once)."""
-        self._loop.start()
-
-    def stop(self) -> None:
-        """Stop after the reap in progress, if any (requests still waiting are dropped)."""
-        self._loop.stop()
-
-    def join(self, timeout: float) -> bool:
-        """Wait up to *timeout* seconds for the thread to end; True if it did."""
-        return self._loop.is_current() or self._loop.join(timeout)
 
     def request(self, req: ReapRequest) -> dict[str, Any]:
         """Queue *req* (any thread or greenlet; never blocks) and return the control reply."""

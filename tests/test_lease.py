@@ -191,9 +191,11 @@ def test_release_lets_another_worker_lead_at_once(db: Database) -> None:
 # --- the lease in the service: a woken leader's periodic reap is fenced -----------------------
 
 
-def _worker(app: Celery, db: Database, node: str) -> ReaperService:
+def _worker(
+    app: Celery, db: Database, node: str, settings: Settings | None = None
+) -> ReaperService:
     """An in-process worker's service (real database and broker; no Celery worker needed)."""
-    settings = Settings.from_app(app)
+    settings = settings or Settings.from_app(app)
     me = Incarnation.new(node)
     lease = Lease(db, tables, holder=me.id, node=node, timeout=settings.lease_timeout)
     reaper = Reaper(app, settings, db, me=me, fence=lease.fence)

@@ -14,28 +14,17 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from celery import Celery
 from jobtables import SEED_SOURCE, ago, create_seed
 from sqlalchemy import create_engine, insert, select
 from support import make_app, wait_until
+from test_lease import _worker
 
 from celery_jobreaper import lease as lease_mod
 from celery_jobreaper.clock import db_utcnow
 from celery_jobreaper.database import Database
-from celery_jobreaper.lease import Lease
-from celery_jobreaper.liveness import Incarnation
 from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.schema import tables
-from celery_jobreaper.service import ReaperService
 from celery_jobreaper.settings import Settings
-
-
-def _worker(app: Celery, db: Database, node: str) -> ReaperService:
-    settings = Settings.from_app(app)
-    me = Incarnation.new(node)
-    lease = Lease(db, tables, holder=me.id, node=node, timeout=settings.lease_timeout)
-    reaper = Reaper(app, settings, db, me=me, fence=lease.fence)
-    return ReaperService(reaper, me, lease=lease)
 
 
 @pytest.mark.parametrize("db_url", ["postgresql", "mariadb"], indirect=True)
@@ -64,6 +53,7 @@ def test_a_paused_leader_mid_transaction_does_not_stop_other_workers_heartbeats(
         busy.startup()
         busy.beat()
         assert busy.lease is not None and not busy.lease.leads
+        busy.start_threads()  # its heartbeat thread (and timer) run as in a worker, all along
         # The busy -P solo worker runs a job of its own (owner column: its node name).
         with db.engine.begin() as conn:
             conn.execute(
@@ -85,7 +75,6 @@ def test_a_paused_leader_mid_transaction_does_not_stop_other_workers_heartbeats(
             return state.expires_at if state is not None and not state.live else None
 
         expired_at = wait_until(lease_expired_at, 30, "the paused leader's lease to expire")
-        busy.start_threads()  # its heartbeat thread (and timer) run as in a worker
 
         inc = tables.incarnations
 
@@ -158,12 +147,7 @@ def test_a_dry_run_worker_leading_does_not_stop_the_clusters_reaping(
     db = Database.from_settings(Settings.from_app(app))
     table = create_seed(db.engine, [], owner=True)
     # A worker started with --jobreaper-dry-run (the step's override), and a normal one.
-    dry_settings = Settings.from_app(app, dry_run=True)
-    me = Incarnation.new(f"preview-{unique}@h")
-    lease = Lease(db, tables, holder=me.id, node=me.node, timeout=dry_settings.lease_timeout)
-    preview = ReaperService(
-        Reaper(app, dry_settings, db, me=me, fence=lease.fence), me, lease=lease
-    )
+    preview = _worker(app, db, f"preview-{unique}@h", Settings.from_app(app, dry_run=True))
     normal = _worker(app, db, f"normal-{unique}@h")
     try:
         preview.startup()
