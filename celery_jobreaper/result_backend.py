@@ -94,6 +94,8 @@ class ResultRows:
         not exist yet: Celery creates it on its first write)."""
         if self.mode is False or self.app is None:
             return None, False
+        if self.mode == "auto" and not self.app.conf.result_backend:
+            return None, False  # no result backend: do not build Celery's disabled one
         try:
             backend = self.app.backend  # (Celery's database backend may connect here)
         except Exception as error:
