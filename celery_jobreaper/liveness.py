@@ -92,6 +92,8 @@ class LivenessView:
     dead_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
     #: incarnation id -> its heartbeat, of every incarnation read (:func:`newcomers`)
     seen_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
+    #: node name -> the newest heartbeat of its incarnations read (the owner's last sign of life)
+    node_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
     #: owner node names with no incarnation ever recorded that did not answer one ping
     unregistered_silent: frozenset[str] = frozenset()
     #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
@@ -427,6 +429,11 @@ class _Draft:
         return self.me is not None and node == self.me.node
 
     def freeze(self) -> LivenessView:
+        newest: dict[str, datetime] = {}
+        for inc_id, beat in self.seen_heartbeats.items():
+            node = self.incarnation_nodes[inc_id]
+            if node not in newest or beat > newest[node]:
+                newest[node] = beat
         return LivenessView(
             me=self.me,
             now=self.now,
@@ -439,6 +446,7 @@ class _Draft:
             undecided_nodes=MappingProxyType(dict(self.undecided)),
             dead_heartbeats=MappingProxyType(dict(self.dead_heartbeats)),
             seen_heartbeats=MappingProxyType(dict(self.seen_heartbeats)),
+            node_heartbeats=MappingProxyType(newest),
             unregistered_silent=frozenset(self.unregistered_silent),
             recheck_in=self.recheck_in,
             other_live_workers=self.other_live_workers,

@@ -31,6 +31,7 @@ from .vocabulary import (
 
 __all__ = [
     "NO_LIVE_WORKER_LEFT",
+    "OWNER_MAY_HAVE_WOKEN",
     "UNOWNED_WHILE_WORKERS_LIVE",
     "YOUNGER_THAN_GRACE",
     "YOUNGER_THAN_HEARTBEAT_TIMEOUT",
@@ -67,6 +68,14 @@ POOL_PROCESS_LOST = (
 HOLDS_NO_TASK = (
     "this worker holds no task, so none of its tasks is running it (the pool process running "
     "it died: out of memory, hard time limit, killed)"
+)
+#: Left alone: a job of an owner found dead that started after the owner's last heartbeat and
+#: is younger than the heartbeat timeout: the owner may have been woken from a pause (marked
+#: dead meanwhile) and written it before its next heartbeat; a live owner heartbeats before the
+#: job is that old.
+OWNER_MAY_HAVE_WOKEN = (
+    "owner found dead, but the job started after the owner's last heartbeat and is younger "
+    "than jobreaper_heartbeat_timeout: the owner may be back from a pause (judged again later)"
 )
 #: Left alone: a row of this node name without task id while this worker holds tasks.
 MAYBE_MINE = (
@@ -169,6 +178,8 @@ def decide(
         if view.node_is_me(c.owner):
             return _own_node(c, view, facts, settings)
         if c.owner in view.dead_nodes:
+            if _may_have_woken(c, view.node_heartbeats.get(c.owner), view.now, settings):
+                return Decision(c, "leave", OWNER_MAY_HAVE_WOKEN)
             return _fail(c, view, f"on {view.dead_nodes[c.owner]}", cause=OWNER_DEAD)
         if c.owner in view.live_nodes:
             return Decision(c, "leave", "owner worker is alive")
@@ -241,6 +252,29 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
             cause=POOL_PROCESS_LOST_CAUSE if c.task_id else OWN_JOB_NOT_RUNNING,
         )
     return Decision(c, "leave", "owned by this worker's current start")
+
+
+def _may_have_woken(
+    c: Candidate, last_heartbeat: datetime | None, now: datetime, settings: Settings
+) -> bool:
+    """Whether a job of an owner found dead started after the owner's last heartbeat, less than
+    the heartbeat timeout ago.
+
+    The verdict rests on a heartbeat older than the timeout and no reply to a ping, both
+    measured before such a job existed: its owner, marked dead during a pause, may have woken
+    and written it before its next heartbeat (a busy ``-P solo`` worker answers no ping). A
+    live owner heartbeats within its interval, so once the job is older than the timeout with
+    the owner still silent, the silence was measured after the job appeared. (Tracked jobs
+    need no such wait: the tracker heartbeats in the transaction that writes a running job.)
+    ``started_at`` is the writer's clock: a writer clock behind the database's by more than
+    the timeout makes a new job look old (see README, "Clocks").
+    """
+    if last_heartbeat is None or c.started_at is None:
+        return False
+    started = as_naive_utc(c.started_at)
+    return started > last_heartbeat and now - started < timedelta(
+        seconds=settings.heartbeat_timeout
+    )
 
 
 def _age(c: Candidate, now: datetime) -> timedelta | None:

@@ -30,7 +30,15 @@ from .liveness import (
 )
 from .peers import TaskAsker, ask_with
 from .planner import Decision, TaskFacts
-from .recheck import WORKER_APPEARED, appeared_since, log_newcomers, still_alone, took_task_since
+from .recheck import (
+    WORKER_APPEARED,
+    appeared_since,
+    log_newcomers,
+    owners_back,
+    owners_still_silent,
+    still_alone,
+    took_task_since,
+)
 from .report import Report
 from .rules import NO_LIVE_WORKER_LEFT
 from .runlog import close_run, log_run, open_run, record_run
@@ -308,6 +316,7 @@ class Reaper:
                 with conn.begin() as tx:
                     self._fence_in(conn, tally)
                     fails = still_alone(conn, self.tables, view, fails, tally)
+                    fails = owners_still_silent(conn, self.tables, view, fails, tally)
                     done = settle_batch(
                         conn,
                         self.db,
@@ -319,8 +328,10 @@ class Reaper:
                         revoked_expires=self.settings.revoked_expires,
                     )
                     held = None if self.held is None else self._held()
-                    if took_task_since(held, fails) or appeared_since(
-                        conn, self.tables, view, done
+                    if (
+                        took_task_since(held, fails)
+                        or appeared_since(conn, self.tables, view, done)
+                        or owners_back(conn, self.tables, view, done)
                     ):
                         tx.rollback()
                         done = []

@@ -44,6 +44,7 @@ from celery_jobreaper import clock
 from celery_jobreaper.liveness import Incarnation, Liveness
 from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.schema import tables
+from celery_jobreaper.tracking.statements import Statements
 
 # Deferred, so that a run can narrow them (e.g. ``modelworld.SKEWS = (0.0,)``) to look past
 # one known bug for the next.
@@ -185,6 +186,9 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
                 row["task_id"] = task_id
             table = self.env.user[kind]
         with self.env.db.engine.begin() as conn:
+            if kind == TRACKED:  # the tracker vouches for a running job it writes
+                Statements(tables.jobs, tables.incarnations).vouch(conn, w.me.id)
+                w.last_heartbeat = self.now
             conn.execute(insert(table).values(**row))
         self.jobs.append(Job(kind, job_id, task_id, w, slot, started, fence, self.now, w.skew))
 

@@ -9,7 +9,6 @@ from modelworld import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     INTERVAL,
-    OWNERLESS,
     SKEWS,
     STALE_SLACK,
     TICK,
@@ -77,12 +76,12 @@ class ClusterState:
         heartbeat (woken from a pause, before its first heartbeat) needs silence measured
         after the job appeared: if it started after *w*'s last heartbeat, the silence counts
         from its start (less a writer's clock running behind, which makes the row look that
-        much older: the documented limit of ``started_at``). Jobs that name their worker
-        (tracked, owner column) are judged on their incarnation's signals alone (issue 6 item
-        7, open for them).
+        much older: the documented limit of ``started_at``). The same holds for a user row
+        with an owner column. A tracked job is written with a heartbeat of its worker (the
+        tracker vouches for it): its silence counts from that heartbeat.
         """
         since = w.last_heartbeat
-        if j is not None and j.kind in OWNERLESS and j.taken_at > w.last_heartbeat:
+        if j is not None and j.kind != TRACKED and j.taken_at > w.last_heartbeat:
             since = max(since, j.taken_at + min(j.skew, 0.0))
         stale = self.now - since >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
         return stale and (w.paused or w.busy or self.lost[w.node] > 0)
@@ -139,7 +138,10 @@ class ClusterState:
                 # while the reaper's worker holds tasks, a row without task id may be one of
                 # them, however old its start looks (clocks step): only max_age may settle it
                 return None
-            if all(self.looks_dead(w) for w in self.workers if w.node == owner.node):
+            node = [w for w in self.workers if w.node == owner.node]
+            if self.may_have_woken(j, node):
+                return None
+            if all(self.looks_dead(w) for w in node):
                 return "every incarnation of its owner node is dead (§2.1)"
             return None
         young = self.row_age(j, r) <= HEARTBEAT_TIMEOUT + STALE_SLACK
@@ -150,6 +152,16 @@ class ClusterState:
         ):
             return "no owner column and no worker could be running it (§4)"
         return None
+
+    def may_have_woken(self, j: Job, node: list[Worker]) -> bool:
+        """Whether the owner-column row of *j* may look started after its node's last
+        heartbeat and younger than ``heartbeat_timeout`` (on the writer's clock against the
+        database's): its owner may be back from a pause, so it waits for the timeout (§2.1)."""
+        last = max(w.last_heartbeat for w in node)
+        return (
+            j.taken_at + max(j.skew, 0.0) > last - STALE_SLACK
+            and self.now - (j.taken_at + min(j.skew, 0.0)) < HEARTBEAT_TIMEOUT + STALE_SLACK
+        )
 
     def row_age(self, j: Job, r: Reap) -> float:
         """The least age the user-table row of *j* may have to reap *r*, in seconds.
@@ -179,6 +191,10 @@ class ClusterState:
             if any(not self.looks_dead(w) for w in node if w is not owner):
                 return None  # restarted: its own startup reap settles it (checked per reap)
             provable = max(w.last_heartbeat for w in node) + HEARTBEAT_TIMEOUT + STALE_SLACK
+            if j.kind != TRACKED:  # started after the last heartbeat: the timeout from its start
+                provable = max(
+                    provable, j.taken_at + max(j.skew, 0.0) + HEARTBEAT_TIMEOUT + STALE_SLACK
+                )
             reapers = [w for w in self.awake() if w.node != owner.node]
         elif j.kind != TRACKED and has_task and owner.alive:
             assert j.died_at is not None

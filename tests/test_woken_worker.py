@@ -123,12 +123,6 @@ def test_ownerless_job_older_than_the_timeout_with_nobody_live_is_still_failed(
     assert NO_LIVE_WORKER_LEFT in (row.error or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 6 item 7, jobs that name their worker): the woken worker's incarnation "
-    "is judged on its own signals (heartbeat stale, no reply), measured before the new job; "
-    "telling a new job from an old one needs a start on the database's clock",
-)
 def test_new_owner_column_job_of_a_worker_woken_before_its_heartbeat_is_left_alone(
     sqlite_url: str, engine_for: Callable[[str], Engine]
 ) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    case,
     func,
     insert,
     literal_column,
@@ -20,7 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from ..vocabulary import RUNNING
+from ..clock import db_now
+from ..vocabulary import DEAD, RUNNING
 from .records import _Finish, _finish_values
 
 #: Columns a start writes; a retry or redelivery of a known task id resets them all (and keeps
@@ -51,10 +53,13 @@ def _autocommit(conn: Connection) -> bool:
 
 class Statements:
     """The statements a tracker writes ``jobreaper_jobs`` with (per dialect, made when first
-    needed): a multi-row upsert of starts and a fenced compare-and-set of finishes."""
+    needed): a multi-row upsert of starts, a fenced compare-and-set of finishes, and the
+    heartbeat that vouches for new running jobs."""
 
-    def __init__(self, jobs: Table) -> None:
+    def __init__(self, jobs: Table, incarnations: Table) -> None:
         self.t = t = jobs
+        self.inc = incarnations
+        self._vouches: dict[str, Any] = {}  # dialect name -> heartbeat statement
         self._insert = insert(t)
         self._restart = update(t).where(t.c.task_id == bindparam("jr_task_id"))
         self._finish = update(t).where(
@@ -64,6 +69,28 @@ class Statements:
         self._upserts: dict[str, Any] = {}  # dialect name -> upsert statement (None: none)
         self._pg_finish: Any = None
         self._pg_upsert_sql: str | None = None
+
+    def vouch(self, conn: Connection, incarnation_id: str) -> None:
+        """Heartbeat *incarnation_id* now (the database's clock), a ``dead`` mark undone.
+
+        Written in the transaction that writes running jobs of that incarnation: a worker
+        declared dead during a pause that wakes and starts a job cannot have the job read by a
+        reaper without this proof of life (DESIGN §2.1). A reaper that judged the worker dead
+        before sees the heartbeat changed when it re-reads it with the rows locked.
+        """
+        name = conn.dialect.name
+        stmt = self._vouches.get(name)
+        if stmt is None:
+            inc = self.inc
+            stmt = self._vouches[name] = (
+                update(inc)
+                .where(inc.c.id == bindparam("jr_incarnation"))
+                .values(
+                    heartbeat_at=db_now(name),
+                    state=case((inc.c.state == DEAD, RUNNING), else_=inc.c.state),
+                )
+            )
+        conn.execute(stmt, {"jr_incarnation": incarnation_id})
 
     def upsert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert the rows; a known task id gets its row reset (``times_reaped`` kept)."""

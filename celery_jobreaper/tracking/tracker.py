@@ -91,7 +91,7 @@ class Tracker(BatchWriter):
         self._tracks: dict[str, bool] = {}  # task name -> settings.tracks(name)
         self._held: Connection | None = None  # the connection kept for lost() ...
         self._held_pid = 0  # ... and the process it belongs to
-        self._statements = Statements(self.t)
+        self._statements = Statements(self.t, tables.incarnations)
         super().__init__(db, settings)
 
     def tracks(self, task_name: str) -> bool:
@@ -164,19 +164,23 @@ class Tracker(BatchWriter):
         same fence merged into it) and one finish, and starts are written before finishes.
         Usually everything is one round, and often only starts (each with its finish merged):
         then the one upsert statement is the transaction (PostgreSQL, MySQL: the connection is
-        in autocommit mode, and opens a transaction explicitly when a flush needs more).
+        in autocommit mode, and opens a transaction explicitly when a flush needs more). A
+        flush that leaves a job running also heartbeats this incarnation in its transaction
+        (:meth:`Statements.vouch`): no reaper reads a new running job without that proof of
+        life, which matters when this worker was declared dead during a pause.
         """
         rounds = _rounds(records)
+        vouch = any(row["status"] == RUNNING for starts, _ in rounds for row in starts.values())
         if not _autocommit(conn):
             with conn.begin():
-                return self._apply_rounds(conn, rounds)
-        if len(rounds) == 1 and not rounds[0][1]:
+                return self._apply_rounds(conn, rounds, vouch)
+        if len(rounds) == 1 and not rounds[0][1] and not vouch:
             # One statement: atomic on its own.
             self._statements.upsert(conn, list(rounds[0][0].values()))
             return []
         conn.exec_driver_sql("BEGIN")
         try:
-            late = self._apply_rounds(conn, rounds)
+            late = self._apply_rounds(conn, rounds, vouch)
         except BaseException:
             try:
                 conn.exec_driver_sql("ROLLBACK")
@@ -187,8 +191,13 @@ class Tracker(BatchWriter):
         return late
 
     def _apply_rounds(
-        self, conn: Connection, rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]]
+        self,
+        conn: Connection,
+        rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]],
+        vouch: bool,
     ) -> list[tuple[str, str]]:
+        if vouch:
+            self._statements.vouch(conn, self.me.id)
         late: list[tuple[str, str]] = []
         for starts, finishes in rounds:
             if starts:
