@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .liveness import LivenessView
+from .livenessview import LivenessView
 from .peers import TaskAsker
 from .planner import Decision, TaskFacts, plan
 from .settings import Settings

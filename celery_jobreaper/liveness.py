@@ -2,153 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import socket
-import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import false, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from .broadcast import broadcast
-from .clock import db_now, db_utcnow, monotonic, utcnow
+from .clock import db_now, db_utcnow
+from .incarnation import Incarnation
+from .livenessview import LivenessDraft, LivenessView
+from .ping import Pinger
 from .schema import JobReaperTables
 from .vocabulary import DEAD, DRAINING, RUNNING, STOPPED
 
 logger = logging.getLogger(__name__)
 
-
-def _empty() -> Mapping[str, str]:
-    return MappingProxyType({})
-
-
-def _empty_times() -> Mapping[str, datetime]:
-    return MappingProxyType({})
-
-
-#: The remote-control command a jobreaper worker answers with its incarnation id.
-PING_COMMAND = "jobreaper_ping"
-
-#: ``ping(nodes, timeout)`` -> the node names that replied (never counting a reply of this very
-#: process); ``nodes=None`` asks every worker on the broker; raises if the broker is unreachable.
-Pinger = Callable[[Collection[str] | None, float], set[str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Incarnation:
-    """One start of one worker process: a fresh id each time, made before the pool forks."""
-
-    id: str
-    node: str
-    host: str
-    pid: int
-    started_at: datetime  #: on this host's clock
-    #: :func:`~celery_jobreaper.clock.monotonic` at the start (``None``: not known)
-    started_monotonic: float | None = dataclasses.field(default=None, compare=False)
-
-    @classmethod
-    def new(cls, node: str) -> Incarnation:
-        """A new incarnation of *node* for this process, starting now."""
-        return cls(uuid.uuid4().hex, node, socket.gethostname(), os.getpid(), utcnow(), monotonic())
-
-    def as_of_now(self) -> Incarnation:
-        """This incarnation with its start read on this host's clock as it is now.
-
-        If the host clock stepped back since the start, rows this worker's tasks stamp with it
-        may look older than ``started_at``: the start is moved back as far (never forward), so
-        they are not taken for an earlier start's.
-        """
-        if self.started_monotonic is None:
-            return self
-        up = timedelta(seconds=max(monotonic() - self.started_monotonic, 0.0))
-        return dataclasses.replace(self, started_at=min(self.started_at, utcnow() - up))
-
-
-@dataclasses.dataclass(frozen=True)
-class LivenessView:
-    """What one reap knows about who is alive, made once by :meth:`Liveness.assess`.
-
-    The planner reads it; nobody changes it afterwards. What is known about tasks (held by
-    this worker, by live peers, waiting in queues) is a separate value per batch
-    (:class:`~celery_jobreaper.planner.TaskFacts`).
-    """
-
-    me: Incarnation | None
-    now: datetime
-    dead_incarnations: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # id -> reason
-    live_incarnations: frozenset[str] = frozenset()
-    incarnation_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # id -> node
-    dead_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
-    live_nodes: frozenset[str] = frozenset()
-    refused_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)  # node -> reason
-    #: my node name -> why its earlier starts are not judged yet (their jobs are left alone)
-    undecided_nodes: Mapping[str, str] = dataclasses.field(default_factory=_empty)
-    #: incarnation id -> the heartbeat it was judged dead on (``mark_dead`` compares it)
-    dead_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
-    #: incarnation id -> its heartbeat, of every incarnation read (:func:`newcomers`)
-    seen_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
-    #: node name -> the newest heartbeat of its incarnations read (the owner's last sign of life)
-    node_heartbeats: Mapping[str, datetime] = dataclasses.field(default_factory=_empty_times)
-    #: owner node names with no incarnation ever recorded that did not answer one ping
-    unregistered_silent: frozenset[str] = frozenset()
-    #: seconds until the undecided earlier starts can be judged (``None``: none undecided)
-    recheck_in: float | None = None
-    #: live incarnations other than this one (with ``confirm_alone``: or, if none, the other
-    #: workers that answered a ping of every worker, at least 1 if that ping failed)
-    other_live_workers: int = 0
-    ping_failed: str | None = None
-
-    def node_is_me(self, node: str | None) -> bool:
-        """Whether *node* is this worker's own node name."""
-        return self.me is not None and node == self.me.node
-
-
-#: A reply limit no broadcast reaches: kombu collects replies until none came for the timeout
-#: (its default, ``None``, means "as many as there are destinations").
-ALL_REPLIES = 10_000
-
-
-def ping_with(app: Any, me: Incarnation | None = None) -> Pinger:
-    """A :data:`Pinger` asking exactly the named nodes once, with ``jobreaper_ping``.
-
-    Each jobreaper worker answers with its incarnation id, so the reply of this very process
-    (its own consumer answers to its node name) is never taken for another live process: it
-    is left out. A worker without jobreaper answers with an error, which still counts as a
-    reply. Replies are collected until none came for *timeout* seconds (:data:`ALL_REPLIES`):
-    kombu otherwise stops at as many replies as there are destinations, and two processes
-    answering to one name (or any extra reply) would take a place and drop the reply of a
-    live suspect. Suspects are pinged only when a heartbeat went quiet, so this wait is rare.
-    ``nodes=None`` asks every worker on the broker (one broadcast, same wait).
-    """
-
-    def ping(nodes: Collection[str] | None, timeout: float) -> set[str]:
-        if nodes is not None and not nodes:
-            return set()
-        replies = broadcast(
-            app,
-            PING_COMMAND,
-            destination=nodes,
-            reply=True,
-            timeout=timeout,
-            limit=ALL_REPLIES,
-        )
-        return {
-            name
-            for reply in replies
-            for name, body in reply.items()
-            if not (me is not None and name == me.node and _incarnation_of(body) == me.id)
-        }
-
-    return ping
-
-
-def _incarnation_of(body: Any) -> str | None:
-    return body.get("incarnation") if isinstance(body, dict) else None
+__all__ = ["Incarnation", "Liveness", "LivenessView", "Pinger", "mark_dead", "newcomers"]
 
 
 class Liveness:
@@ -247,7 +118,7 @@ class Liveness:
         that fails leaves the question open (at least one other worker is assumed).
         """
         now = now or db_utcnow(conn)  # the database's clock: heartbeats are written with it
-        view = _Draft(me=me, now=now)
+        view = LivenessDraft(me=me, now=now)
         wanted_ids = set(incarnation_ids)
         wanted_nodes = {n for n in nodes if n}
         rows = list(
@@ -383,7 +254,7 @@ class Liveness:
         return view.freeze()
 
     def _judge_nodes(
-        self, view: _Draft, rows: list[Any], wanted: set[str], replied: set[str]
+        self, view: LivenessDraft, rows: list[Any], wanted: set[str], replied: set[str]
     ) -> None:
         by_node: dict[str, list[Any]] = {}
         for row in rows:
@@ -403,55 +274,6 @@ class Liveness:
                 # Never registered: no heartbeat where a jobreaper worker would have one, and
                 # no reply. Dead for its jobs older than the heartbeat timeout (the planner).
                 view.unregistered_silent.add(node)
-
-
-@dataclasses.dataclass
-class _Draft:
-    """The view while :meth:`Liveness.assess` makes it (never seen outside)."""
-
-    me: Incarnation | None
-    now: datetime
-    dead_incarnations: dict[str, str] = dataclasses.field(default_factory=dict)
-    live_incarnations: set[str] = dataclasses.field(default_factory=set)
-    incarnation_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
-    dead_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
-    live_nodes: set[str] = dataclasses.field(default_factory=set)
-    refused_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
-    undecided: dict[str, str] = dataclasses.field(default_factory=dict)
-    dead_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
-    seen_heartbeats: dict[str, datetime] = dataclasses.field(default_factory=dict)
-    unregistered_silent: set[str] = dataclasses.field(default_factory=set)
-    recheck_in: float | None = None
-    other_live_workers: int = 0
-    ping_failed: str | None = None
-
-    def node_is_me(self, node: str | None) -> bool:
-        return self.me is not None and node == self.me.node
-
-    def freeze(self) -> LivenessView:
-        newest: dict[str, datetime] = {}
-        for inc_id, beat in self.seen_heartbeats.items():
-            node = self.incarnation_nodes[inc_id]
-            if node not in newest or beat > newest[node]:
-                newest[node] = beat
-        return LivenessView(
-            me=self.me,
-            now=self.now,
-            dead_incarnations=MappingProxyType(dict(self.dead_incarnations)),
-            live_incarnations=frozenset(self.live_incarnations),
-            incarnation_nodes=MappingProxyType(dict(self.incarnation_nodes)),
-            dead_nodes=MappingProxyType(dict(self.dead_nodes)),
-            live_nodes=frozenset(self.live_nodes),
-            refused_nodes=MappingProxyType(dict(self.refused_nodes)),
-            undecided_nodes=MappingProxyType(dict(self.undecided)),
-            dead_heartbeats=MappingProxyType(dict(self.dead_heartbeats)),
-            seen_heartbeats=MappingProxyType(dict(self.seen_heartbeats)),
-            node_heartbeats=MappingProxyType(newest),
-            unregistered_silent=frozenset(self.unregistered_silent),
-            recheck_in=self.recheck_in,
-            other_live_workers=self.other_live_workers,
-            ping_failed=self.ping_failed,
-        )
 
 
 def newcomers(conn: Connection, tables: JobReaperTables, view: LivenessView) -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from .broadcast import broadcast
-from .liveness import ALL_REPLIES
+from .ping import ALL_REPLIES
 from .textsafe import safe
 
 #: ``ask(nodes, task_ids, timeout)`` -> task ids active/reserved/scheduled on those nodes.

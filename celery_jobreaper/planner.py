@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from .clock import as_naive_utc, format_age
-from .liveness import LivenessView
+from .livenessview import LivenessView
 from .rules import (
     NO_LIVE_WORKER_LEFT,
     UNOWNED_WHILE_WORKERS_LIVE,

@@ -18,17 +18,12 @@ from .broker.result import SweepResult
 from .catalog import MISSING_TABLE_REPEAT, Catalog
 from .clock import db_utcnow, utcnow
 from .database import Database
+from .incarnation import Incarnation
 from .lease import LeaseLost
-from .liveness import (
-    Incarnation,
-    Liveness,
-    LivenessView,
-    Pinger,
-    mark_dead,
-    newcomers,
-    ping_with,
-)
+from .liveness import Liveness, mark_dead, newcomers
+from .livenessview import LivenessView
 from .peers import TaskAsker, ask_with
+from .ping import Pinger, ping_with
 from .planner import Decision, TaskFacts
 from .recheck import (
     WORKER_APPEARED,

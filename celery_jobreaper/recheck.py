@@ -10,7 +10,8 @@ from typing import Any
 
 from sqlalchemy import false, or_, select
 
-from .liveness import LivenessView, newcomers
+from .liveness import newcomers
+from .livenessview import LivenessView
 from .planner import Decision
 from .rules import NO_LIVE_WORKER_LEFT
 from .schema import JobReaperTables

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .clock import monotonic
+from .incarnation import Incarnation
 from .lease import Lease
-from .liveness import Incarnation, Liveness
+from .liveness import Liveness
 from .native import Loop
 from .prune_cycle import PruneCycle
 from .reaper import Reaper

@@ -7,7 +7,7 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from .liveness import LivenessView
+from .livenessview import LivenessView
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ from . import workerstate
 from .database import Database
 from .errors import ConfigurationError, StartupReapError
 from .extras import check_broker_transport
+from .incarnation import Incarnation
 from .lease import Lease
-from .liveness import Incarnation
 from .metrics import Metrics, metrics_for, serve
 from .poolwatch import HubNudge, PoolWatch, abnormal, pool_processes
 from .prune_cycle import PruneCycle

@@ -21,7 +21,7 @@ from . import revoked as revoked_store
 from .broadcast import broadcast
 from .broker.result import SweepResult
 from .database import Database
-from .liveness import LivenessView
+from .livenessview import LivenessView
 from .schema import JobReaperTables
 from .settings import Settings
 from .settled import Settled

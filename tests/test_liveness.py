@@ -191,20 +191,20 @@ def test_start_is_read_on_the_host_clock_as_it_is_now(monkeypatch: pytest.Monkey
     older, so its start is moved back as far (never forward when the clock steps ahead)."""
     from datetime import timedelta
 
-    from celery_jobreaper import liveness
-    from celery_jobreaper.liveness import Incarnation
+    from celery_jobreaper import incarnation
+    from celery_jobreaper.incarnation import Incarnation
 
     me = Incarnation.new("n@h")
     assert me.started_monotonic is not None
     up = me.started_monotonic + 100.0
-    monkeypatch.setattr(liveness, "monotonic", lambda: up)
+    monkeypatch.setattr(incarnation, "monotonic", lambda: up)
     for step, start in (
         (-90, me.started_at - timedelta(seconds=90)),
         (0, me.started_at),
         (90, me.started_at),
     ):
         now = me.started_at + timedelta(seconds=100 + step)
-        monkeypatch.setattr(liveness, "utcnow", lambda now=now: now)
+        monkeypatch.setattr(incarnation, "utcnow", lambda now=now: now)
         moved = me.as_of_now()
         assert moved.started_at == start and (moved.id, moved.node) == (me.id, me.node)
 

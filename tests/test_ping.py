@@ -8,7 +8,7 @@ from pathlib import Path
 from celery import Celery
 from support import REDIS_URL, WorkerProcess, wait_until, worker_env
 
-from celery_jobreaper.liveness import ping_with
+from celery_jobreaper.ping import ping_with
 from celery_jobreaper.reaper import ask_with
 
 

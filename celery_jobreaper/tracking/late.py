@@ -9,7 +9,7 @@ from sqlalchemy.engine import Connection
 
 from .. import ledger, signals
 from ..clock import utcnow
-from ..liveness import Incarnation
+from ..incarnation import Incarnation
 from ..schema import JobReaperTables
 from ..vocabulary import LATE_RESULT, RUNNING
 

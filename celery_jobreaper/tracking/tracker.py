@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from .. import ledger
 from ..clock import utcnow
 from ..database import Database
-from ..liveness import Incarnation
+from ..incarnation import Incarnation
 from ..schema import JobReaperTables
 from ..settings import Settings
 from ..vocabulary import FAILED, RUNNING, SETTLED
