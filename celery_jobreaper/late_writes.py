@@ -1,11 +1,13 @@
-"""Late writes to user tables: detected after the fact, recorded once, logged and signalled.
+"""Late writes to tables jobreaper does not write alone: detected after the fact, recorded
+once, logged and signalled.
 
 Tracked jobs are fenced: a late finish of a settled job changes nothing (see
-:mod:`celery_jobreaper.tracking.late`). A user table is written by the application itself, so
-jobreaper cannot refuse a late UPDATE there (a worker paused past its heartbeat timeout wakes
-up and sets ``completed`` on a row jobreaper already failed). Instead, every periodic or
-manual reap (not the startup one, which must be quick) looks at the user-table rows any
-reaper settled within ``jobreaper_late_write_window`` seconds (the ledger's ``settled``
+:mod:`celery_jobreaper.tracking.late`). A user table is written by the application itself, and
+a result backend's table by Celery's backend, so jobreaper cannot refuse a late UPDATE there (a
+worker paused past its heartbeat timeout wakes up and sets ``completed`` on a row jobreaper
+already failed, or its backend stores ``SUCCESS`` over the ``FAILURE``). Instead, every
+periodic or manual reap (not the startup one, which must be quick) looks at the rows of those
+sources any reaper settled within ``jobreaper_late_write_window`` seconds (the ledger's ``settled``
 events, through an index on ``(action, at)``; nothing else is read when there are none) and
 records each row whose status is no longer the one jobreaper set: one ``late_write`` event,
 a warning and :data:`celery_jobreaper.signals.late_result`.
@@ -21,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Select, any_, bindparam, delete, exists, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -33,11 +35,30 @@ from sqlalchemy.sql.dml import Insert
 from . import ledger, signals
 from .pgarrays import Array, send_arrays_in_binary
 from .schema import JobReaperTables
-from .sources.user_table import UserTableSource
 from .textsafe import safe
 from .vocabulary import LATE_WRITE, SETTLED
 
 logger = logging.getLogger(__name__)
+
+
+class Watched(Protocol):
+    """A source whose rows others write too (a user table, a result backend's table)."""
+
+    @property
+    def name(self) -> str:
+        """The source's name (the ledger's ``source``)."""
+        ...
+
+    @property
+    def cols(self) -> Mapping[str, Any]:
+        """Its columns by role: ``id`` and ``status``; ``owner`` and ``task_id`` if it has them."""
+        ...
+
+    @property
+    def late_write_note(self) -> str:
+        """What a late write to it means and what to do (the ledger event's reason ends so)."""
+        ...
+
 
 #: Ids asked about in one ``IN (…)`` list.
 _CHUNK = 500
@@ -55,12 +76,13 @@ class LateWrite:
     task_id: str | None
     owner: str | None
     kind: str | None
+    note: str = ""  #: the source's :attr:`Watched.late_write_note`
 
 
 def detect(
     conn: Connection,
     tables: JobReaperTables,
-    sources: Sequence[UserTableSource],
+    sources: Sequence[Watched],
     *,
     now: datetime,
     window: float,
@@ -134,7 +156,7 @@ def _recent(tables: JobReaperTables) -> Select[Any]:
 def _check_source(
     conn: Connection,
     tables: JobReaperTables,
-    source: UserTableSource,
+    source: Watched,
     settled: list[Any],
     *,
     now: datetime,
@@ -170,6 +192,7 @@ def _check_source(
             task_id=row.task_id or _text(values.get("task_id")),
             owner=row.owner or _text(values.get("owner")),
             kind=row.kind,
+            note=source.late_write_note,
         )
         if _claim(conn, tables, row.id, now):
             found.append(late)
@@ -225,8 +248,7 @@ def _event(w: LateWrite) -> ledger.Event:
         job_id=w.job_id,
         reason=(
             f"late write: status set to {w.status!r} after jobreaper had settled it as "
-            f"{w.settled_as!r} at {w.settled_at:%Y-%m-%d %H:%M:%S} UTC (the application's own "
-            "write to a user table is applied; fence it with WHERE status = 'running')"
+            f"{w.settled_as!r} at {w.settled_at:%Y-%m-%d %H:%M:%S} UTC ({w.note})"
         ),
         task_id=w.task_id,
         kind=w.kind,
@@ -241,8 +263,7 @@ def report(sender: Any, found: Sequence[LateWrite]) -> None:
     for w in found:
         logger.warning(
             "jobreaper: late write to %s job %s: its status is now %s, after jobreaper had "
-            "settled it as %s at %s UTC (owner %s, task %s); a user table's own writes cannot "
-            "be fenced, so it was applied; recorded in the ledger",
+            "settled it as %s at %s UTC (owner %s, task %s); %s; recorded in the ledger",
             safe(w.source),
             safe(w.job_id),
             safe(w.status),
@@ -250,6 +271,7 @@ def report(sender: Any, found: Sequence[LateWrite]) -> None:
             f"{w.settled_at:%Y-%m-%d %H:%M:%S}",
             safe(w.owner),
             safe(w.task_id),
+            w.note,
         )
         signals.late_result.send(
             sender=sender,

@@ -41,6 +41,7 @@ from .schema import JobReaperTables, tables
 from .settings import Settings
 from .settled import Settled, Tally
 from .sources import JobSource, UserTableSource
+from .sources.result_rows import ResultRowsSource
 from .textsafe import safe
 from .vocabulary import MANUAL, PERIODIC, STARTUP
 from .webhooks import Webhooks
@@ -335,10 +336,11 @@ class Reaper:
                 return
 
     def _detect_late_writes(self, conn: Any, sources: list[JobSource], tally: Tally) -> None:
-        """Record late writes to recently settled user-table rows (see :mod:`.late_writes`).
+        """Record late writes to recently settled rows of user tables and result backends'
+        tables (see :mod:`.late_writes`).
 
         A failure here is logged (once per distinct error), never fails the reap."""
-        user = [s for s in sources if isinstance(s, UserTableSource)]
+        user = [s for s in sources if isinstance(s, (UserTableSource, ResultRowsSource))]
         if not user or self.settings.late_write_window <= 0:
             return
         try:

@@ -451,3 +451,39 @@ def test_a_row_started_again_since_it_was_read_is_not_settled(
     assert again.state == states.STARTED and again.result == {"pid": 7, "hostname": "other@h"}
     assert AsyncResult("t-2", app=app).state == states.FAILURE
     assert [e.job_id for e in events(engine)] == ["t-2"]
+
+
+def test_a_lost_workers_late_success_over_the_failure_is_recorded(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """DESIGN §2.4: the worker found dead was only paused; it wakes and Celery's backend writes
+    its SUCCESS over jobreaper's FAILURE (the backend's writes cannot be fenced). The next reap
+    records it: one ``late_write`` event, a warning, and ``signals.late_result``."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "dead@h", ago(minutes=10))
+    started(app, "t-late", "dead@h")
+    started(app, "t-settled", "dead@h")
+    assert reap(app).settled == 2
+    assert AsyncResult("t-late", app=app).state == states.FAILURE
+    app.backend.store_result("t-late", 42, states.SUCCESS)  # the woken worker's late result
+    heard: list[dict[str, Any]] = []
+
+    def on_late(sender: Any, **kw: Any) -> None:
+        heard.append(kw)
+
+    celery_jobreaper.signals.late_result.connect(on_late, weak=False)
+    try:
+        reap(app)
+        reap(app)  # recorded once
+    finally:
+        celery_jobreaper.signals.late_result.disconnect(on_late)
+    late = [e for e in events(engine) if e.action == "late_write"]
+    assert [(e.source, e.job_id, e.previous_status, e.new_status) for e in late] == [
+        (SOURCE, "t-late", states.FAILURE, states.SUCCESS)
+    ]
+    assert "Celery" in late[0].reason
+    assert [(h["task_id"], h["status"], h["node"]) for h in heard] == [
+        ("t-late", states.SUCCESS, "dead@h")
+    ]

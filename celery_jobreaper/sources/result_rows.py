@@ -73,6 +73,11 @@ class ResultRowsSource:
 
     has_owner = True
     has_task_id = True
+    #: a late write's meaning (:mod:`celery_jobreaper.late_writes`)
+    late_write_note = (
+        "Celery's result backend stored the task's outcome over the failure: the worker found "
+        "dead finished the task after all (a backend's writes cannot be fenced)"
+    )
 
     def __init__(self, codec: ResultCodec, tables: JobReaperTables) -> None:
         self.codec = codec
@@ -87,6 +92,14 @@ class ResultRowsSource:
         self.extra = [t.c[name] for name in codec.decode_columns]
         started = codec.started_column
         self.started: ColumnElement[Any] = t.c[started] if started else null()
+        #: columns by role, for :mod:`celery_jobreaper.late_writes`
+        self.cols: dict[str, Any] = {
+            "id": t.c.task_id,
+            "status": t.c.status,
+            "task_id": t.c.task_id,
+        }
+        if "worker" in t.c:
+            self.cols["owner"] = t.c["worker"]
         self.target = SettleTarget(
             table=t,
             id=t.c.task_id,

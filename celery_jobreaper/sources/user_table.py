@@ -293,6 +293,12 @@ def _not_unique(spec: SourceSpec, table: Table, name: str) -> ConfigurationError
 class UserTableSource:
     """Rows of a user table whose status is one of ``stale_statuses``."""
 
+    #: a late write's meaning (:mod:`celery_jobreaper.late_writes`)
+    late_write_note = (
+        "the application's own write to a user table is applied; fence it with "
+        "WHERE status = 'running'"
+    )
+
     def __init__(self, spec: SourceSpec, table: Table) -> None:
         self.spec = spec
         self.name = spec.name

@@ -5,9 +5,11 @@ row's state read back through ``AsyncResult`` as JSON."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 from celery import states
 from celery.app.task import Context
+from django.utils import timezone
 
 import celery_jobreaper
 from djangoproj.celery import app
@@ -17,7 +19,9 @@ from djangoproj.check import describe
 def write() -> None:
     """The rows: a dead worker's; one of a node never registered, just started (its age, from
     ``date_started``, is below the heartbeat timeout); a success; and (with extended results)
-    a dead worker's row naming it only in the worker column."""
+    a dead worker's row naming it only in the worker column. The dead worker's rows started an
+    hour ago, before its last heartbeat (a row of a node found dead that started after its
+    last heartbeat waits for the heartbeat timeout: the node may be back from a pause)."""
     backend = app.backend
     for task_id, node in (("t-dead", "dead@h"), ("t-young", "ghost@h")):
         backend.store_result(task_id, {"pid": 1, "hostname": node}, states.STARTED)
@@ -25,6 +29,10 @@ def write() -> None:
     app.conf.result_extended = True
     request = Context(hostname="dead@h", task="proj.crunch", args=(), kwargs={})
     backend.store_result("t-ext", {"pid": 1}, states.STARTED, request=request)
+    from django_celery_results.models import TaskResult  # (once the app made Django ready)
+
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    TaskResult.objects.filter(task_id__in=("t-dead", "t-ext")).update(date_started=an_hour_ago)
 
 
 if __name__ == "__main__":
