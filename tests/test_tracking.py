@@ -374,7 +374,7 @@ def test_unreachable_database_keeps_a_bounded_queue_and_catches_up(
         for i in range(100):  # 200 records: the oldest 150 are dropped
             tracker.started(f"t{i:03d}", "proj.job", NODE)  # never raises
             tracker.finished(f"t{i:03d}", "SUCCESS")
-            assert tracker.pending() <= 50
+            assert tracker.pending() <= 50 + tracker._inflight <= 100  # (+ a batch in flight)
         assert not tracker.flush(timeout=30), "the database is down: flush reports it"
         assert tracker.pending() == 50
         assert tracker._writer is not None and tracker._writer.is_alive()
@@ -539,3 +539,39 @@ def test_pool_process_loss_settles_the_tracked_job_with_its_ledger_event(
     assert [(e.action, e.job_id, e.task_id, e.kind, e.new_status, e.reason) for e in events] == [
         ("settled", "t-oom", "t-oom", "jr.job", "failed", why)
     ]
+
+
+def test_records_dropped_while_a_batch_is_in_flight_are_the_oldest(
+    sqlite_url: str, tmp_path: Path, make_tracker: Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is down and the writer's attempt is slow (a connect timeout): the records
+    queued meanwhile are newer than the batch in flight; when the attempt fails, the oldest
+    are dropped — that batch — not the newest."""
+    monkeypatch.setattr(tracking, "MAX_PENDING", 50)
+    monkeypatch.setattr(tracking, "RETRY_FIRST", 0.05)
+    good = make_tracker(sqlite_url)
+    tracker = make_tracker(_unreachable(sqlite_url, tmp_path), create=False)
+    entered, release = threading.Event(), threading.Event()
+    write_once = tracker._write_once
+
+    def slow(records: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return write_once(records)
+
+    monkeypatch.setattr(tracker, "_write_once", slow)
+    for i in range(10):
+        tracker.started(f"t{i:03d}", "proj.job", NODE)
+        tracker.finished(f"t{i:03d}", "SUCCESS")
+    assert not tracker.flush(timeout=0.01)  # the writer takes these 20 records, and waits
+    assert entered.wait(10)
+    for i in range(10, 100):
+        tracker.started(f"t{i:03d}", "proj.job", NODE)
+        tracker.finished(f"t{i:03d}", "SUCCESS")
+    release.set()  # the slow attempt fails: its batch goes back to the head, then is dropped
+    wait_until(lambda: tracker._failures > 0, 10, "the slow attempt to fail")
+    tracker.db = good.db
+    wait_until(lambda: tracker.flush(timeout=5), 30, "the kept records to be written")
+    with good.db.engine.connect() as conn:
+        rows = conn.execute(select(jobs.c.task_id).order_by(jobs.c.task_id)).scalars().all()
+    assert rows == [f"t{i:03d}" for i in range(75, 100)]

@@ -96,7 +96,7 @@ class BatchWriter:
             pending = self._pending
             pending.append(record)
             size = len(pending)
-            if size + self._inflight > MAX_PENDING:
+            if size > MAX_PENDING:
                 self._overflow()
             if self._idle or size == FLUSH_EARLY or (isinstance(record, _Finish) and self._due()):
                 self._cond.notify_all()  # the writer (and any flush() waiting: they re-check)
@@ -117,9 +117,14 @@ class BatchWriter:
         writer.start()
 
     def _overflow(self) -> None:
-        """Drop the oldest pending records beyond :data:`MAX_PENDING` (lock held)."""
+        """Drop the oldest pending records beyond :data:`MAX_PENDING` (lock held).
+
+        A batch in flight is older than every pending record, but it cannot be dropped while
+        it is written: it is not counted here. If its write fails it goes back to the head of
+        the queue, and this runs again (:meth:`_failed`): then it is what is dropped.
+        """
         dropped = 0
-        while self._pending and len(self._pending) + self._inflight > MAX_PENDING:
+        while self._pending and len(self._pending) > MAX_PENDING:
             self._forget(self._pending.popleft())
             dropped += 1
         self._dropped_in_streak += dropped
@@ -383,7 +388,8 @@ class BatchWriter:
         return self._cleared(upto)
 
     def pending(self) -> int:
-        """Records queued in this process and not yet written."""
+        """Records queued in this process and not yet written (at most :data:`MAX_PENDING`,
+        plus a batch being written)."""
         if self._pid != os.getpid():
             return 0
         return len(self._pending) + self._inflight
