@@ -101,6 +101,19 @@ class Database:
             self.after_fork()
         return self.engine.connect()
 
+    def connect_fresh_reads(self) -> Connection:
+        """A connection whose transactions read what was committed before each statement.
+
+        MySQL/MariaDB default to REPEATABLE READ, where a transaction's plain SELECTs all read
+        the snapshot of its first one: the reaper's checks made again once a batch's rows are
+        locked (who registered, whose owner heartbeated) would not see what was committed
+        meanwhile. READ COMMITTED there, as PostgreSQL's default; SQLite serialises writers.
+        """
+        conn = self.connect()
+        if conn.dialect.name in ("mysql", "mariadb"):
+            conn.execution_options(isolation_level="READ COMMITTED")
+        return conn
+
     def _take_copies(self) -> list[Engine]:
         with self._copies_lock:
             copies, self._copies = self._copies, []

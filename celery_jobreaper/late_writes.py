@@ -59,6 +59,11 @@ class Watched(Protocol):
         """What a late write to it means and what to do (the ledger event's reason ends so)."""
         ...
 
+    def is_late_write(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
+        """Whether a settled row now holding *status* (and *values* by role) was written by
+        the settled run's late owner *owner* (not by a new run, nor by jobreaper's own fence)."""
+        ...
+
 
 #: Ids asked about in one ``IN (…)`` list.
 _CHUNK = 500
@@ -183,6 +188,8 @@ def _check_source(
         if now_row is None or now_row[0] is None or str(now_row[0]) == row.new_status:
             continue  # unchanged (or deleted: no late result to record)
         values = dict(zip(roles, now_row[1:], strict=True))
+        if not source.is_late_write(str(now_row[0]), values, row.owner):
+            continue
         late = LateWrite(
             source=source.name,
             job_id=key,

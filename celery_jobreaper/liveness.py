@@ -307,23 +307,36 @@ def _seconds(delta: timedelta) -> str:
     return f"{max(delta.total_seconds(), 0.0):.1f} s"
 
 
-def mark_dead(conn: Connection, tables: JobReaperTables, view: LivenessView) -> None:
+def mark_dead(
+    conn: Connection, tables: JobReaperTables, view: LivenessView, *, skip_locked: bool = False
+) -> None:
     """Record incarnations judged dead by heartbeat and silence, so later reaps need not
     ping them again (they are judged again only if they own new jobs).
 
     Compare-and-set on the heartbeat the verdict was made on: an incarnation that heartbeated
-    since (a paused worker that woke up) is not marked.
+    since (a paused worker that woke up) is not marked. With *skip_locked* (databases with
+    ``SKIP LOCKED``) a row another transaction holds is left as it is: its owner is writing
+    it (a heartbeat, a tracker's vouch) — a sign of life — and a reaper never waits on it (a
+    process stopped mid-write would hold the reaper, its lease and other workers' starts).
     """
     t = tables.incarnations
-    for inc_id, heartbeat_at in view.dead_heartbeats.items():
-        if inc_id in view.live_incarnations:
-            continue
+    ids = [i for i in view.dead_heartbeats if i not in view.live_incarnations]
+    if not ids:
+        return
+    if skip_locked:
+        free = set(
+            conn.execute(
+                select(t.c.id).where(t.c.id.in_(ids)).with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        ids = [i for i in ids if i in free]
+    for inc_id in ids:
         conn.execute(
             update(t)
             .where(
                 t.c.id == inc_id,
                 t.c.state.in_((RUNNING, DRAINING)),
-                t.c.heartbeat_at == heartbeat_at,
+                t.c.heartbeat_at == view.dead_heartbeats[inc_id],
             )
             .values(state=DEAD)
         )

@@ -212,7 +212,7 @@ class Reaper:
         """The database phase: judge (unless *view* was), plan and settle every source;
         counted in *tally*."""
         sources = self.prepare()
-        with self.db.connect() as conn:
+        with self.db.connect_fresh_reads() as conn:
             if view is None:
                 view = self._assess(conn, sources)
             if view.recheck_in is not None and tally.trigger == STARTUP:
@@ -252,7 +252,7 @@ class Reaper:
             if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
                     self._fence_in(conn, tally)
-                    mark_dead(conn, self.tables, view)
+                    mark_dead(conn, self.tables, view, skip_locked=self.db.skip_locked)
         return Settled.of(tally, view)
 
     def _reap_source(

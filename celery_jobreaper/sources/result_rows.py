@@ -20,7 +20,7 @@ as read (a task run again since is a new run).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,7 +76,8 @@ class ResultRowsSource:
     #: a late write's meaning (:mod:`celery_jobreaper.late_writes`)
     late_write_note = (
         "Celery's result backend stored the task's outcome over the failure: the worker found "
-        "dead finished the task after all (a backend's writes cannot be fenced)"
+        "dead finished the task after all, or the task id ran again (a backend's writes "
+        "cannot be fenced)"
     )
 
     def __init__(self, codec: ResultCodec, tables: JobReaperTables) -> None:
@@ -111,6 +112,20 @@ class ResultRowsSource:
             guards={"revision": t.c.result},
             row_values=self.failure_values,
         )
+
+    def is_late_write(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
+        """An outcome the lost worker stored after all (``SUCCESS``, ``FAILURE`` …).
+
+        Not: ``REVOKED`` (a live worker discarding the settled task's redelivered message: the
+        settle's own revoke at work), a state of a run under way (``STARTED``, ``RETRY`` …: the
+        task id runs again), nor a row whose ``worker`` column (``result_extended``) names
+        another node than the lost one (a new run). Without that column a new run's outcome
+        cannot be told from a late one: it is recorded (its reason says both).
+        """
+        if status not in states.READY_STATES or status == states.REVOKED:
+            return False
+        worker = values.get("owner")
+        return not (worker and owner and str(worker) != owner)
 
     # --- reading --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -298,6 +299,10 @@ class UserTableSource:
         "the application's own write to a user table is applied; fence it with "
         "WHERE status = 'running'"
     )
+
+    def is_late_write(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
+        """Any status but the one jobreaper set is a late write (the application's own)."""
+        return True
 
     def __init__(self, spec: SourceSpec, table: Table) -> None:
         self.spec = spec

@@ -11,7 +11,6 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
-    case,
     func,
     insert,
     literal_column,
@@ -70,27 +69,34 @@ class Statements:
         self._pg_finish: Any = None
         self._pg_upsert_sql: str | None = None
 
-    def vouch(self, conn: Connection, incarnation_id: str) -> None:
-        """Heartbeat *incarnation_id* now (the database's clock), a ``dead`` mark undone.
+    def vouch(self, conn: Connection, incarnation_id: str) -> bool:
+        """Heartbeat *incarnation_id* now (the database's clock); True if it was marked dead
+        (the mark is undone).
 
-        Written in the transaction that writes running jobs of that incarnation: a worker
-        declared dead during a pause that wakes and starts a job cannot have the job read by a
-        reaper without this proof of life (DESIGN §2.1). A reaper that judged the worker dead
-        before sees the heartbeat changed when it re-reads it with the rows locked.
+        Committed on its own just before the transaction that writes running jobs of that
+        incarnation (call it outside any transaction on an autocommit connection): a worker
+        declared dead during a pause that wakes and starts a job cannot have the job read by
+        a reaper without this proof of life before it, and a reaper that judged the worker dead
+        earlier sees the heartbeat changed when it reads the owners again (DESIGN §2.1). No row
+        lock is held beyond each statement: a process stopped between the two transactions
+        blocks no heartbeat and no reaper.
         """
         name = conn.dialect.name
-        stmt = self._vouches.get(name)
-        if stmt is None:
+        stmts = self._vouches.get(name)
+        if stmts is None:
             inc = self.inc
-            stmt = self._vouches[name] = (
+            me = inc.c.id == bindparam("jr_incarnation")
+            stmts = self._vouches[name] = (
                 update(inc)
-                .where(inc.c.id == bindparam("jr_incarnation"))
-                .values(
-                    heartbeat_at=db_now(name),
-                    state=case((inc.c.state == DEAD, RUNNING), else_=inc.c.state),
-                )
+                .where(me, inc.c.state == DEAD)
+                .values(heartbeat_at=db_now(name), state=RUNNING),
+                update(inc).where(me).values(heartbeat_at=db_now(name)),
             )
-        conn.execute(stmt, {"jr_incarnation": incarnation_id})
+        params = {"jr_incarnation": incarnation_id}
+        if conn.execute(stmts[0], params).rowcount == 1:
+            return True
+        conn.execute(stmts[1], params)
+        return False
 
     def upsert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert the rows; a known task id gets its row reset (``times_reaped`` kept)."""

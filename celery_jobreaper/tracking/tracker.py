@@ -165,22 +165,24 @@ class Tracker(BatchWriter):
         Usually everything is one round, and often only starts (each with its finish merged):
         then the one upsert statement is the transaction (PostgreSQL, MySQL: the connection is
         in autocommit mode, and opens a transaction explicitly when a flush needs more). A
-        flush that leaves a job running also heartbeats this incarnation in its transaction
+        flush that leaves a job running heartbeats this incarnation first
         (:meth:`Statements.vouch`): no reaper reads a new running job without that proof of
-        life, which matters when this worker was declared dead during a pause.
+        life, which matters when this worker was declared dead during a pause. That heartbeat
+        is committed on its own just before (no lock held across the flush).
         """
         rounds = _rounds(records)
-        vouch = any(row["status"] == RUNNING for starts, _ in rounds for row in starts.values())
+        if any(row["status"] == RUNNING for starts, _ in rounds for row in starts.values()):
+            self._vouch(conn)
         if not _autocommit(conn):
             with conn.begin():
-                return self._apply_rounds(conn, rounds, vouch)
-        if len(rounds) == 1 and not rounds[0][1] and not vouch:
+                return self._apply_rounds(conn, rounds)
+        if len(rounds) == 1 and not rounds[0][1]:
             # One statement: atomic on its own.
             self._statements.upsert(conn, list(rounds[0][0].values()))
             return []
         conn.exec_driver_sql("BEGIN")
         try:
-            late = self._apply_rounds(conn, rounds, vouch)
+            late = self._apply_rounds(conn, rounds)
         except BaseException:
             try:
                 conn.exec_driver_sql("ROLLBACK")
@@ -190,14 +192,24 @@ class Tracker(BatchWriter):
         conn.exec_driver_sql("COMMIT")
         return late
 
+    def _vouch(self, conn: Connection) -> None:
+        """Heartbeat this incarnation, committed before running jobs are written
+        (:meth:`Statements.vouch`); say so if it had been declared dead."""
+        if _autocommit(conn):
+            revived = self._statements.vouch(conn, self.me.id)
+        else:
+            with conn.begin():
+                revived = self._statements.vouch(conn, self.me.id)
+        if revived:
+            logger.warning(
+                "jobreaper: this worker (%s) was declared dead by another reaper while it was "
+                "unresponsive; its jobs of that time were settled. Heartbeats resume now.",
+                self.me.node,
+            )
+
     def _apply_rounds(
-        self,
-        conn: Connection,
-        rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]],
-        vouch: bool,
+        self, conn: Connection, rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]]
     ) -> list[tuple[str, str]]:
-        if vouch:
-            self._statements.vouch(conn, self.me.id)
         late: list[tuple[str, str]] = []
         for starts, finishes in rounds:
             if starts:
