@@ -1,7 +1,10 @@
-"""Adversarial review (review1) of the woken-owner and result-row late-write commits.
-
-Each test states what DESIGN §2 (or the liveness bound) asks for; on the reviewed code
-(main at b76ba37) they fail unless said otherwise. No production code is changed here.
+"""Adversarial review of the woken-owner and result-row late-write work (DESIGN §2.1, §2.4,
+§2.7, and the liveness bound): a woken owner's new row whose start is unknown or ahead of the
+database's clock; a writer stalled while it holds an incarnation row (a paused heartbeat
+transaction, a pool process stalled mid-flush) never holds a reap, a start or the lease; the
+checks made again with a batch's rows locked see what was committed meanwhile (MariaDB too);
+late writes to result rows are told from the settle's own revoke and from a new run. Each test
+failed on the code it was written against (main at b76ba37), except the controls.
 """
 
 from __future__ import annotations
