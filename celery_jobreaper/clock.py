@@ -7,7 +7,18 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, Text, func, literal, select, type_coerce
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Integer,
+    Interval,
+    Text,
+    func,
+    literal,
+    literal_column,
+    select,
+    type_coerce,
+)
 from sqlalchemy.engine import Connection
 
 
@@ -52,6 +63,27 @@ def db_now(dialect: str) -> ColumnElement[datetime]:
         expr = func.strftime("%Y-%m-%d %H:%M:%f", "now").concat("000")
     else:
         expr = func.current_timestamp()
+    return type_coerce(expr, DateTime())
+
+
+def db_ago(dialect: str, seconds: float) -> ColumnElement[datetime]:
+    """:func:`db_now` less *seconds*, in SQL (compared with values written by :func:`db_now`)."""
+    if dialect == "postgresql":
+        expr: ColumnElement[Any] = func.timezone(literal("utc", Text), func.now()) - literal(
+            timedelta(seconds=seconds), Interval()
+        )
+    elif dialect in ("mysql", "mariadb"):
+        expr = func.timestampadd(
+            literal_column("MICROSECOND"),
+            literal(-round(seconds * 1e6), Integer()),
+            func.utc_timestamp(6),
+        )
+    elif dialect == "sqlite":
+        expr = func.strftime("%Y-%m-%d %H:%M:%f", "now", literal(f"-{seconds:.3f} seconds")).concat(
+            "000"
+        )
+    else:
+        expr = func.current_timestamp() - literal(timedelta(seconds=seconds), Interval())
     return type_coerce(expr, DateTime())
 
 

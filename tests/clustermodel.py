@@ -23,6 +23,7 @@ from modelstate import ClusterState
 from modelworld import (
     FAILED,
     HAS_HELD,
+    HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     INTERVAL,
     NODES,
@@ -187,8 +188,14 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
             table = self.env.user[kind]
         with self.env.db.engine.begin() as conn:
             if kind == TRACKED:  # the tracker vouches for a running job it writes
-                Statements(tables.jobs, tables.incarnations).vouch(conn, w.me.id)
-                w.last_heartbeat = self.now
+                inc = tables.incarnations
+                beat = select(inc.c.heartbeat_at).where(inc.c.id == w.me.id)
+                before = conn.execute(beat).scalar()
+                Statements(tables.jobs, tables.incarnations).vouch(
+                    conn, w.me.id, older_than=min(1.5 * HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT / 2)
+                )
+                if conn.execute(beat).scalar() != before:
+                    w.last_heartbeat = self.now
             conn.execute(insert(table).values(**row))
         self.jobs.append(Job(kind, job_id, task_id, w, slot, started, fence, self.now, w.skew))
 

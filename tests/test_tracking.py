@@ -91,9 +91,9 @@ def flushes(tracker: Tracker) -> Iterator[list[list[str]]]:
     """Record each flush (a call of ``Tracker._apply``) as the SQL statements it ran.
 
     Each flush is checked to be one transaction: one statement (autocommit), or statements
-    between an explicit BEGIN and COMMIT, or (SQLite) statements ended by one commit; a flush
-    that writes a running job is preceded by its vouch, committed on its own (UPDATEs of
-    ``jobreaper_incarnations`` only, left out of the flush recorded here).
+    between an explicit BEGIN and COMMIT, or (SQLite) statements ended by one commit. A flush
+    that writes a running job vouches for it first, in that transaction (its UPDATEs of
+    ``jobreaper_incarnations`` are left out of the flush recorded here).
     """
     done: list[list[str]] = []
     current: list[str] = []
@@ -106,11 +106,8 @@ def flushes(tracker: Tracker) -> Iterator[list[list[str]]]:
         commits.clear()
         threads.add(threading.get_ident())
         late = apply(conn, records)
-        vouch = _vouch_statements(current)
-        if vouch:
-            assert conn.dialect.name != "sqlite" or len(commits) == 2, current
-            del current[:vouch]
-            commits[:] = commits[:1]
+        # a flush of a running job vouches first, in its transaction (left out here)
+        current[:] = [s for s in current if not _vouch_statement(s)]
         done.append(list(current))
         statements = [s.split()[0].upper() for s in current]
         if conn.dialect.name == "sqlite":  # BEGIN IMMEDIATE … commit()
@@ -138,23 +135,13 @@ def flushes(tracker: Tracker) -> Iterator[list[list[str]]]:
     assert threading.get_ident() not in threads, "written by the writer thread"
 
 
-def _vouch_statements(statements: list[str]) -> int:
-    """How many of the first *statements* are a vouch (its own transaction: SQLite's BEGIN
-    IMMEDIATE and the UPDATEs of the incarnation, which are committed before the flush)."""
-    n = 0
-    if (
-        len(statements) > 1
-        and statements[0].upper().startswith("BEGIN")
-        and "jobreaper_incarnations" in statements[1]
-    ):
-        n = 1
-    while (
-        n < len(statements)
-        and statements[n].upper().startswith("UPDATE")
-        and ("jobreaper_incarnations" in statements[n])
-    ):
-        n += 1
-    return n
+def _vouch_statement(statement: str) -> bool:
+    """Whether *statement* is part of a tracker's vouch (an UPDATE of the incarnation, and on
+    MySQL/MariaDB the isolation level of its transaction)."""
+    upper = statement.upper()
+    return (upper.startswith("UPDATE") and "jobreaper_incarnations" in statement) or (
+        upper.startswith("SET TRANSACTION")
+    )
 
 
 def settle_like_a_reaper(tracker: Tracker, task_id: str) -> Row[Any]:

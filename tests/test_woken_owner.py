@@ -205,3 +205,23 @@ def test_a_user_row_whose_owner_heartbeated_after_the_verdict_is_left_alone(
     report = reaper.run("manual", view=view)
     assert _seed_status(engine)[0] == "running", report
     assert report.settled == 0
+
+
+def test_a_fresh_workers_tracked_start_writes_no_heartbeat(
+    silent_reaper: Callable[..., tuple[Reaper, Engine]],
+) -> None:
+    """The vouch renews only a heartbeat a reaper could judge the worker dead on: a worker that
+    heartbeated just now writes its running job without touching its incarnation row (no write,
+    no row lock in the tracker's transaction)."""
+    reaper, engine = silent_reaper(track_tasks=True, sources=[])
+    me = Incarnation.new("fresh@h")
+    inc = tables.incarnations
+    with engine.begin() as conn:
+        Liveness(tables, heartbeat_timeout=reaper.settings.heartbeat_timeout).register(conn, me)
+    with engine.connect() as conn:
+        before = conn.execute(select(inc.c.heartbeat_at).where(inc.c.id == me.id)).scalar_one()
+    _write_tracked_start(reaper, me, "t-fresh")
+    with engine.connect() as conn:
+        after = conn.execute(select(inc.c.heartbeat_at).where(inc.c.id == me.id)).scalar_one()
+    assert after == before
+    assert _tracked_status(engine, "t-fresh") == "running"

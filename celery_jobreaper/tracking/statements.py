@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from ..clock import db_now
+from ..clock import db_ago, db_now
 from ..vocabulary import DEAD, RUNNING
 from .records import _Finish, _finish_values
 
@@ -58,7 +58,7 @@ class Statements:
     def __init__(self, jobs: Table, incarnations: Table) -> None:
         self.t = t = jobs
         self.inc = incarnations
-        self._vouches: dict[str, Any] = {}  # dialect name -> heartbeat statement
+        self._vouches: dict[tuple[str, float], Any] = {}  # (dialect, age) -> vouch statements
         self._insert = insert(t)
         self._restart = update(t).where(t.c.task_id == bindparam("jr_task_id"))
         self._finish = update(t).where(
@@ -69,28 +69,34 @@ class Statements:
         self._pg_finish: Any = None
         self._pg_upsert_sql: str | None = None
 
-    def vouch(self, conn: Connection, incarnation_id: str) -> bool:
-        """Heartbeat *incarnation_id* now (the database's clock); True if it was marked dead
-        (the mark is undone).
+    def vouch(self, conn: Connection, incarnation_id: str, *, older_than: float) -> bool:
+        """Heartbeat *incarnation_id* now (the database's clock) if it was marked dead or its
+        heartbeat is older than *older_than* seconds; True if it was marked dead (the mark is
+        undone).
 
-        Committed on its own just before the transaction that writes running jobs of that
-        incarnation (call it outside any transaction on an autocommit connection): a worker
-        declared dead during a pause that wakes and starts a job cannot have the job read by
-        a reaper without this proof of life before it, and a reaper that judged the worker dead
-        earlier sees the heartbeat changed when it reads the owners again (DESIGN §2.1). No row
-        lock is held beyond each statement: a process stopped between the two transactions
-        blocks no heartbeat and no reaper.
+        Run first in the transaction that writes running jobs of that incarnation: a worker
+        declared dead during a pause that wakes and starts a job cannot have the job read by a
+        reaper without this proof of life, committed with it (DESIGN §2.1). A reaper judges a
+        worker dead on a heartbeat older than the heartbeat timeout (its own earlier start:
+        two intervals); *older_than* is below both, so whenever such a verdict could stand on
+        the current heartbeat it is renewed here, and a reaper that judged earlier sees the
+        heartbeat changed when it reads the owners again. Otherwise both statements match no
+        row: they write nothing and hold no lock (MySQL/MariaDB: in READ COMMITTED), so a
+        flush that stalls holds up no heartbeat and no reaper.
         """
         name = conn.dialect.name
-        stmts = self._vouches.get(name)
+        key = (name, older_than)
+        stmts = self._vouches.get(key)
         if stmts is None:
             inc = self.inc
             me = inc.c.id == bindparam("jr_incarnation")
-            stmts = self._vouches[name] = (
+            stmts = self._vouches[key] = (
                 update(inc)
                 .where(me, inc.c.state == DEAD)
                 .values(heartbeat_at=db_now(name), state=RUNNING),
-                update(inc).where(me).values(heartbeat_at=db_now(name)),
+                update(inc)
+                .where(me, inc.c.heartbeat_at < db_ago(name, older_than))
+                .values(heartbeat_at=db_now(name)),
             )
         params = {"jr_incarnation": incarnation_id}
         if conn.execute(stmts[0], params).rowcount == 1:

@@ -164,25 +164,47 @@ class Tracker(BatchWriter):
         same fence merged into it) and one finish, and starts are written before finishes.
         Usually everything is one round, and often only starts (each with its finish merged):
         then the one upsert statement is the transaction (PostgreSQL, MySQL: the connection is
-        in autocommit mode, and opens a transaction explicitly when a flush needs more). A
-        flush that leaves a job running heartbeats this incarnation first
-        (:meth:`Statements.vouch`): no reaper reads a new running job without that proof of
-        life, which matters when this worker was declared dead during a pause. That heartbeat
-        is committed on its own just before (no lock held across the flush).
+        in autocommit mode, and opens a transaction explicitly when a flush needs more).
+
+        A flush that leaves a job running vouches for it in its transaction, first
+        (:meth:`Statements.vouch`): if this incarnation was marked dead, or its heartbeat is
+        old enough for a reaper to judge it dead on it, the heartbeat is renewed with the job,
+        atomically, so no reaper reads the new running job of a worker declared dead during a
+        pause without that proof of life. Otherwise the vouch writes and locks nothing.
         """
         rounds = _rounds(records)
-        if any(row["status"] == RUNNING for starts, _ in rounds for row in starts.values()):
-            self._vouch(conn)
+        vouch = any(row["status"] == RUNNING for starts, _ in rounds for row in starts.values())
+        revived = [False]
         if not _autocommit(conn):
             with conn.begin():
-                return self._apply_rounds(conn, rounds)
-        if len(rounds) == 1 and not rounds[0][1]:
+                late = self._apply_rounds(conn, rounds, revived if vouch else None)
+        elif len(rounds) == 1 and not rounds[0][1] and not vouch:
             # One statement: atomic on its own.
             self._statements.upsert(conn, list(rounds[0][0].values()))
             return []
+        else:
+            late = self._apply_explicitly(conn, rounds, revived if vouch else None)
+        if revived[0]:
+            logger.warning(
+                "jobreaper: this worker (%s) was declared dead by another reaper while it was "
+                "unresponsive; its jobs of that time were settled. Heartbeats resume now.",
+                self.me.node,
+            )
+        return late
+
+    def _apply_explicitly(
+        self,
+        conn: Connection,
+        rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]],
+        revived: list[bool] | None,
+    ) -> list[tuple[str, str]]:
+        """The rounds in an explicit transaction on an autocommit connection."""
+        if revived is not None and conn.dialect.name in ("mysql", "mariadb"):
+            # a vouch matching no row then releases its row lock at once (REPEATABLE READ keeps it)
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         conn.exec_driver_sql("BEGIN")
         try:
-            late = self._apply_rounds(conn, rounds)
+            late = self._apply_rounds(conn, rounds, revived)
         except BaseException:
             try:
                 conn.exec_driver_sql("ROLLBACK")
@@ -192,24 +214,25 @@ class Tracker(BatchWriter):
         conn.exec_driver_sql("COMMIT")
         return late
 
-    def _vouch(self, conn: Connection) -> None:
-        """Heartbeat this incarnation, committed before running jobs are written
-        (:meth:`Statements.vouch`); say so if it had been declared dead."""
-        if _autocommit(conn):
-            revived = self._statements.vouch(conn, self.me.id)
-        else:
-            with conn.begin():
-                revived = self._statements.vouch(conn, self.me.id)
-        if revived:
-            logger.warning(
-                "jobreaper: this worker (%s) was declared dead by another reaper while it was "
-                "unresponsive; its jobs of that time were settled. Heartbeats resume now.",
-                self.me.node,
-            )
+    def _vouch_older_than(self) -> float:
+        """Seconds: a heartbeat this old is renewed by a vouch. Below two heartbeat intervals
+        (how quiet an earlier start of a node name must be to be judged dead) and below the
+        timeout; above one interval (a live heartbeat's usual age)."""
+        settings = self.settings
+        return min(1.5 * settings.heartbeat_interval, settings.heartbeat_timeout / 2)
 
     def _apply_rounds(
-        self, conn: Connection, rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]]
+        self,
+        conn: Connection,
+        rounds: list[tuple[dict[str, dict[str, Any]], list[_Finish]]],
+        revived: list[bool] | None = None,
     ) -> list[tuple[str, str]]:
+        """Write the rounds (in the caller's transaction); vouch first unless *revived* is
+        ``None`` (whether the vouch undid a dead mark goes into ``revived[0]``)."""
+        if revived is not None:
+            revived[0] = self._statements.vouch(
+                conn, self.me.id, older_than=self._vouch_older_than()
+            )
         late: list[tuple[str, str]] = []
         for starts, finishes in rounds:
             if starts:
