@@ -6,7 +6,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import literal, select
@@ -37,7 +38,9 @@ from .runlog import close_run, log_run, open_run, record_run
 from .schema import JobReaperTables, tables
 from .settings import Settings
 from .settled import Settled, Tally
+from .sightings import Sightings
 from .sources import JobSource, UserTableSource
+from .sources.base import Candidate
 from .textsafe import safe
 from .vocabulary import MANUAL, PERIODIC, STARTUP
 from .webhooks import Webhooks
@@ -87,6 +90,7 @@ class Reaper:
         metrics: Metrics | None = None,
         missing_table_repeat: float = MISSING_TABLE_REPEAT,
         fence: Fence | None = None,
+        sightings: Sightings | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -123,6 +127,9 @@ class Reaper:
         self._lock = threading.Lock()
         #: periodic reaps are the cluster leader's: each write transaction is fenced
         self.fence = fence
+        #: when this reaper first saw each job without owner whose start is unknown (the "no
+        #: live worker" rule ages such a job by it); a new one knows none
+        self.sightings = sightings if sightings is not None else Sightings()
 
     def prepare_tables(self) -> None:
         """Create (if configured) and check jobreaper's own tables, once."""
@@ -249,6 +256,7 @@ class Reaper:
                 with conn.begin():
                     self._fence_in(conn, tally)
                     mark_dead(conn, self.tables, view)
+        self.sightings.end_run()  # (a run stopped early forgets nothing yet)
         return Settled.of(tally, view)
 
     def _reap_source(
@@ -286,7 +294,10 @@ class Reaper:
             tally.candidates += len(batch)
             # Task facts are read after the rows: a task that wrote its row before the read
             # is held now, or has finished (and written its end; the update then misses).
-            decisions = self._decide(batch, view, queued)
+            seen = self.sightings.note(
+                source.name, [c.job_id for c in batch if _start_unknown(c)], view.now
+            )
+            decisions = self._decide(batch, view, queued, seen)
             fails = [d for d in decisions if d.verdict == "fail"]
             for d in decisions:
                 if d.verdict == "leave":
@@ -383,7 +394,17 @@ class Reaper:
                     # Nothing in a stale status: the batch statement (large: compiling it
                     # costs a worker start several ms) is not even built.
                     return
-                got = settler.batch(conn, after, detail=detail)
+                # Rows whose start is unknown fail only once this reaper has seen them long
+                # enough (see sightings.py); those left alone come back, to be noted.
+                seen_before = (
+                    settler.rule.seen_before(
+                        self.sightings.first_seen(source.name), tally.started_at
+                    )
+                    if settler.none_live
+                    else []
+                )
+                got = settler.batch(conn, after, detail=detail, seen_before=seen_before)
+                self.sightings.note(source.name, got.unseen, tally.started_at)
                 if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
                     tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
                     logger.info(
@@ -447,7 +468,9 @@ class Reaper:
     def _held(self) -> set[str]:
         return set() if self.held is None else self.held()
 
-    def _decide(self, batch: list[Any], view: LivenessView, queued: Once) -> list[Decision]:
+    def _decide(
+        self, batch: list[Any], view: LivenessView, queued: Once, seen: Mapping[Any, datetime]
+    ) -> list[Decision]:
         return decide(
             batch,
             view,
@@ -455,6 +478,7 @@ class Reaper:
             held_here=frozenset(self._held()),
             queued=queued,
             ask=self.ask,
+            first_seen=seen,
         )
 
     def _finish(self, report: Report) -> None:
@@ -494,6 +518,11 @@ def _worth_a_row(report: Report) -> bool:
     """Whether a run without a runs row yet did (or failed at) anything worth one."""
     acted = any(n for key, n in report.broker.items() if key != "scanned")
     return report.error is not None or acted or bool(report.settled or report.would_settle)
+
+
+def _start_unknown(c: Candidate) -> bool:
+    """A job without owner whose start is unknown: aged by when this reaper first saw it."""
+    return c.started_at is None and c.owner is None and c.incarnation_id is None
 
 
 def _any_stale(conn: Any, source: JobSource) -> bool:
