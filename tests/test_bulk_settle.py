@@ -318,7 +318,7 @@ def took_fast_path(statements: list[str]) -> bool:
     )
 
 
-SCENARIOS = {
+SCENARIOS: dict[str, tuple[dict[str, Any], bool, dict[str, Any]]] = {
     # No other live worker: every stale row fails unless young or ignored; batches of 4 mix
     # settled, young and ignored rows, so the keyset must go on past pages settling nothing.
     "no-live-worker": ({"grace": 60, "policies": POLICIES, "batch_size": 4}, False, {}),
