@@ -188,6 +188,9 @@ class Reaper:
                 error = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
+                # Sightings not renewed by this run are forgotten, also when it stopped early
+                # (this worker does not lead, an error): forgetting only delays a verdict.
+                self.sightings.end_run()
                 report = Report.assemble(
                     tally, swept, duration=time.perf_counter() - began, error=error
                 )
@@ -256,7 +259,6 @@ class Reaper:
                 with conn.begin():
                     self._fence_in(conn, tally)
                     mark_dead(conn, self.tables, view)
-        self.sightings.end_run()  # (a run stopped early forgets nothing yet)
         return Settled.of(tally, view)
 
     def _reap_source(

@@ -13,7 +13,10 @@ database's clock, read when the run judged liveness, before it read the rows): a
 recorded at most that run's length too early, far less than the ``heartbeat_timeout -
 heartbeat_interval`` the rule has to spare. Entries not noted during a whole run are forgotten
 at its end (the job finished, was settled, or got a start), so the store holds no more than the
-rows a run sees; a run that stops early forgets rows it did not reach, which only delays them.
+rows a run sees; a run that stops early (a worker that does not lead stops before reading
+any row) forgets rows it did not reach, which only delays them. The job id is the row's
+identity: a row that leaves the stale statuses and is back under the same id by the next run
+keeps its first sighting (a limit: ids are not reused for new jobs in the usual tables).
 """
 
 from __future__ import annotations
