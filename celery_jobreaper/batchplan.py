@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from .livenessview import LivenessView
@@ -76,12 +77,16 @@ def decide(
     held_here: frozenset[str],
     queued: Once,
     ask: TaskAsker,
+    first_seen: Mapping[Any, datetime] | None = None,
 ) -> list[Decision]:
     """Plan a batch with its task facts: queued (read once per run), held here, held by
-    live peers (asked once per batch, exactly them: :func:`~.peers.ask_with`)."""
+    live peers (asked once per batch, exactly them: :func:`~.peers.ask_with`), and when this
+    reaper first saw its jobs whose start is unknown (*first_seen*)."""
     with_task = any(c.task_id for c in batch)
     waiting = queued() if with_task else frozenset()
     facts = TaskFacts(queued=waiting or frozenset(), held_here=held_here)
+    if first_seen:
+        facts = dataclasses.replace(facts, first_seen=first_seen)
     decisions = plan(batch, view, facts, settings)
     if waiting is None:
         # Unknown is not "nothing queued": a job whose failure rests on its message not

@@ -28,6 +28,13 @@ the status again: each job is settled once, with one event, in the transaction o
 When the rule can fail no row (other live workers and no ``max_age``), one aggregate query
 counts the rows left alone instead.
 
+A row whose start is unknown (``NULL``, or no ``started_at`` column) fails on "no live worker"
+only once this reaper has seen it for the heartbeat timeout (:mod:`.sightings`): the ids of
+such rows seen long enough are bound as an array (``id = ANY(:jr_seen_before)``), and the ids of
+the others in the page come back (tagged) to be noted as seen. They are noted only in runs
+that find no live worker (the Python path notes every one it reads): a sighting from a run
+where workers were live is not needed to fail a row, and being later only delays it.
+
 The texts are the planner's: reasons come from its constants, and the error text is built in
 SQL from the pieces of :func:`~celery_jobreaper.planner.failure_error` around the status and
 the age (written as :func:`~celery_jobreaper.clock.format_age` does), then cut to the column
@@ -54,6 +61,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -74,8 +82,10 @@ from sqlalchemy.engine import Connection
 from .apply import error_length
 from .clock import format_age
 from .ledger import CUT_MARK, ledger_cut_note, ledger_length
+from .pgarrays import Array, send_arrays_in_binary
 from .planner import (
     NO_LIVE_WORKER_LEFT,
+    START_UNKNOWN_SEEN_BRIEFLY,
     UNOWNED_WHILE_WORKERS_LIVE,
     YOUNGER_THAN_GRACE,
     YOUNGER_THAN_HEARTBEAT_TIMEOUT,
@@ -95,9 +105,10 @@ from .vocabulary import MAX_AGE, NO_LIVE_WORKER, SETTLED
 ENABLED = True
 
 # Verdicts computed in SQL (the order of planner.decide's rules for rows without owner).
-_FAIL, _IGNORED, _YOUNG, _UNPROVABLE, _ALONE_YOUNG = 0, 1, 2, 3, 4
-# Tags of the result rows besides verdicts: a settled job, and the page summary.
-_SETTLED, _PAGE = -1, -2
+_FAIL, _IGNORED, _YOUNG, _UNPROVABLE, _ALONE_YOUNG, _UNKNOWN_START = 0, 1, 2, 3, 4, 5
+# Tags of the result rows besides verdicts: a settled job, the page summary, and a row whose
+# start is unknown left alone (its id, to note as seen: see :mod:`.sightings`).
+_SETTLED, _PAGE, _SEEN = -1, -2, -3
 _LIKE_ESCAPE = "\\"
 
 
@@ -112,6 +123,8 @@ class BatchResult:
     last: Any  #: id to continue after
     #: ``(job_id, status, kind, started_at, error)`` of each job settled, if asked for
     rows: list[Any] = dataclasses.field(default_factory=list)
+    #: ids of the rows whose start is unknown left alone as not seen long enough (to note)
+    unseen: list[Any] = dataclasses.field(default_factory=list)
 
 
 def settler_for(
@@ -223,6 +236,7 @@ class BulkSettler:
         self.started = started
         self.ignore = ignore
         none_live = rule.nobody_could_run  # the one rule for jobs without owner (rules.py)
+        self.rule = rule
         #: the *where* of every failure in this run (``None``: the rule fails no row)
         self.where: str | None = NO_LIVE_WORKER_LEFT if none_live else None
         if not none_live and settings.max_age is not None:
@@ -241,12 +255,23 @@ class BulkSettler:
             self.params["jr_completed"] = now
         self._statements: dict[tuple[bool, bool], Any] = {}
 
-    def batch(self, conn: Connection, after: Any, *, detail: bool = True) -> BatchResult:
+    def batch(
+        self,
+        conn: Connection,
+        after: Any,
+        *,
+        detail: bool = True,
+        seen_before: Sequence[Any] = (),
+    ) -> BatchResult:
         """Settle the next batch of rows with an id above *after* (``None``: from the start).
 
         Call inside a transaction. With *detail*, the settled jobs come back as ``rows`` (for
         logs and signals; see :meth:`decisions`), else only their number. When the rule can
-        fail no row, every row is counted at once (and ``more`` is false).
+        fail no row, every row is counted at once (and ``more`` is false). *seen_before*: ids
+        of rows whose start is unknown that this reaper has seen long enough to fail them on
+        "no live worker" (:meth:`OwnerlessRule.seen_before
+        <celery_jobreaper.rules.OwnerlessRule.seen_before>`); the others of those rows are
+        left alone and come back as ``unseen``.
         """
         if self.where is None:
             return self._count_all(conn)
@@ -255,13 +280,19 @@ class BulkSettler:
         if stmt is None:
             stmt = self._statements[key] = self._batch_statement(*key)
         params = self.params if after is None else {**self.params, "jr_after": after}
+        if self.none_live:
+            send_arrays_in_binary(conn)
+            params = {**params, "jr_seen_before": list(seen_before)}
         seen = settled = 0
         last = None
         rows: list[Any] = []
+        unseen: list[Any] = []
         left: Counter[str] = Counter()
         for row in conn.execute(stmt, params).all():
             tag = row[0]
-            if tag == _SETTLED:
+            if tag == _SEEN:
+                unseen.append(row[1])
+            elif tag == _SETTLED:
                 if detail:
                     rows.append(row[1:6])
                     settled += 1
@@ -271,7 +302,7 @@ class BulkSettler:
                 seen, last = row[6], row[1]
             else:
                 left[_reason(tag, row[3])] += row[6]
-        return BatchResult(seen, settled, left, seen >= self.batch_size, last, rows)
+        return BatchResult(seen, settled, left, seen >= self.batch_size, last, rows, unseen)
 
     @property
     def cause(self) -> str:
@@ -347,27 +378,43 @@ class BulkSettler:
             return false()
         return and_(started.is_not(None), started > bindparam("jr_young_after", type_=DateTime()))
 
+    def _start_unknown(self) -> ColumnElement[bool]:
+        """A NULL started_at (every row, without the column)."""
+        started = self._started_utc()
+        return true() if started is None else started.is_(None)
+
+    def _seen_long_enough(self) -> ColumnElement[bool]:
+        """The row's id is one of ``jr_seen_before`` (a row whose start is unknown that this
+        reaper has seen for the heartbeat timeout: the ids are bound by :meth:`batch`)."""
+        t = self.target
+        return t.id == any_(bindparam("jr_seen_before", type_=Array(t.id.type)))
+
     def _provably_stale(self) -> ColumnElement[bool]:
-        """No other live worker and ``now - started_at`` over the heartbeat timeout (or a NULL
-        started_at), or ``now - started_at > max_age`` (:class:`~celery_jobreaper.rules.
-        OwnerlessRule`)."""
+        """No other live worker and ``now - started_at`` over the heartbeat timeout (or, for a
+        NULL started_at, seen by this reaper for that long), or ``now - started_at > max_age``
+        (:class:`~celery_jobreaper.rules.OwnerlessRule`)."""
         started = self._started_utc()
         if self.none_live:
             if started is None:
-                return true()
-            return or_(started.is_(None), started < bindparam("jr_alone_before", type_=DateTime()))
+                return self._seen_long_enough()
+            return or_(
+                and_(started.is_(None), self._seen_long_enough()),
+                started < bindparam("jr_alone_before", type_=DateTime()),
+            )
         if started is None or not self.has_max_age:
             return false()
         return and_(started.is_not(None), started < bindparam("jr_old_before", type_=DateTime()))
 
     def _verdict(self) -> ColumnElement[int]:
+        whens: list[tuple[ColumnElement[bool], ColumnElement[int]]] = [
+            (self._ignored(), literal(_IGNORED)),
+            (self._young(), literal(_YOUNG)),
+            (self._provably_stale(), literal(_FAIL)),
+        ]
+        if self.none_live:
+            whens.append((self._start_unknown(), literal(_UNKNOWN_START)))
         return cast(
-            case(
-                (self._ignored(), literal(_IGNORED)),
-                (self._young(), literal(_YOUNG)),
-                (self._provably_stale(), literal(_FAIL)),
-                else_=literal(_ALONE_YOUNG if self.none_live else _UNPROVABLE),
-            ),
+            case(*whens, else_=literal(_ALONE_YOUNG if self.none_live else _UNPROVABLE)),
             Integer,
         )
 
@@ -536,7 +583,20 @@ class BulkSettler:
         summary = select(
             _tag(_PAGE), last, null(), null(), null(), null(), cast(func.count(), BigInteger)
         ).select_from(page)
-        return union_all(settled, left, summary).add_cte(ins.cte("jr_ins"))
+        parts = [settled, left, summary]
+        if self.none_live:  # the ids of rows whose start is unknown, not seen long enough
+            parts.append(
+                select(
+                    _tag(_SEEN),
+                    page.c.jr_id,
+                    null(),
+                    null(),
+                    null(),
+                    null(),
+                    cast(null(), BigInteger),
+                ).where(page.c.jr_verdict == literal(_UNKNOWN_START))
+            )
+        return union_all(*parts).add_cte(ins.cte("jr_ins"))
 
 
 def _fit_ledger(
@@ -570,6 +630,8 @@ def _reason(verdict: int, kind: str | None) -> str:
         return YOUNGER_THAN_GRACE
     if verdict == _ALONE_YOUNG:
         return YOUNGER_THAN_HEARTBEAT_TIMEOUT
+    if verdict == _UNKNOWN_START:
+        return START_UNKNOWN_SEEN_BRIEFLY
     return UNOWNED_WHILE_WORKERS_LIVE
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
 
 from .clock import as_naive_utc, format_age
 from .livenessview import LivenessView
 from .rules import (
     NO_LIVE_WORKER_LEFT,
+    START_UNKNOWN_SEEN_BRIEFLY,
     UNOWNED_WHILE_WORKERS_LIVE,
     YOUNGER_THAN_GRACE,
     YOUNGER_THAN_HEARTBEAT_TIMEOUT,
@@ -32,6 +34,7 @@ from .vocabulary import (
 __all__ = [
     "NO_LIVE_WORKER_LEFT",
     "OWNER_MAY_HAVE_WOKEN",
+    "START_UNKNOWN_SEEN_BRIEFLY",
     "UNOWNED_WHILE_WORKERS_LIVE",
     "YOUNGER_THAN_GRACE",
     "YOUNGER_THAN_HEARTBEAT_TIMEOUT",
@@ -108,6 +111,11 @@ class TaskFacts:
     held_by_peers: frozenset[str] = frozenset()
     #: task ids whose messages wait in this worker's queues
     queued: frozenset[str] = frozenset()
+    #: of the batch's jobs without owner whose start is unknown, when this reaper first saw
+    #: each (job id -> naive UTC, database time; :mod:`~celery_jobreaper.sightings`)
+    first_seen: Mapping[Any, datetime] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def ownerless_rule(self, view: LivenessView, settings: Settings) -> OwnerlessRule:
         """The rule for jobs without owner under these facts."""
@@ -198,7 +206,8 @@ def decide(
     rule = rule or facts.ownerless_rule(view, settings)
     if c.task_id is not None:  # not held here (checked above): this worker is not running it
         rule = rule.for_task_not_held_here()
-    verdict, why = rule.judge(_age(c, view.now))
+    first = facts.first_seen.get(c.job_id) if c.started_at is None else None
+    verdict, why = rule.judge(_age(c, view.now), None if first is None else view.now - first)
     if verdict == "fail":
         return _fail(
             c,

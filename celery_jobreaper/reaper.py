@@ -6,7 +6,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import literal, select
@@ -40,7 +41,9 @@ from .runlog import close_run, log_run, open_run, record_run
 from .schema import JobReaperTables, tables
 from .settings import Settings
 from .settled import Settled, Tally
+from .sightings import Sightings
 from .sources import JobSource, UserTableSource
+from .sources.base import Candidate
 from .sources.result_rows import ResultRowsSource
 from .textsafe import safe
 from .vocabulary import MANUAL, PERIODIC, STARTUP
@@ -91,6 +94,7 @@ class Reaper:
         metrics: Metrics | None = None,
         missing_table_repeat: float = MISSING_TABLE_REPEAT,
         fence: Fence | None = None,
+        sightings: Sightings | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -127,6 +131,9 @@ class Reaper:
         self._lock = threading.Lock()
         #: periodic reaps are the cluster leader's: each write transaction is fenced
         self.fence = fence
+        #: when this reaper first saw each job without owner whose start is unknown (the "no
+        #: live worker" rule ages such a job by it); a new one knows none
+        self.sightings = sightings if sightings is not None else Sightings()
 
     def prepare_tables(self) -> None:
         """Create (if configured) and check jobreaper's own tables, once."""
@@ -185,6 +192,9 @@ class Reaper:
                 error = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
+                # Sightings not renewed by this run are forgotten, also when it stopped early
+                # (this worker does not lead, an error): forgetting only delays a verdict.
+                self.sightings.end_run()
                 report = Report.assemble(
                     tally, swept, duration=time.perf_counter() - began, error=error
                 )
@@ -290,7 +300,10 @@ class Reaper:
             tally.candidates += len(batch)
             # Task facts are read after the rows: a task that wrote its row before the read
             # is held now, or has finished (and written its end; the update then misses).
-            decisions = self._decide(batch, view, queued)
+            seen = self.sightings.note(
+                source.name, [c.job_id for c in batch if _start_unknown(c)], view.now
+            )
+            decisions = self._decide(batch, view, queued, seen)
             fails = [d for d in decisions if d.verdict == "fail"]
             for d in decisions:
                 if d.verdict == "leave":
@@ -391,7 +404,17 @@ class Reaper:
                     # Nothing in a stale status: the batch statement (large: compiling it
                     # costs a worker start several ms) is not even built.
                     return
-                got = settler.batch(conn, after, detail=detail)
+                # Rows whose start is unknown fail only once this reaper has seen them long
+                # enough (see sightings.py); those left alone come back, to be noted.
+                seen_before = (
+                    settler.rule.seen_before(
+                        self.sightings.first_seen(source.name), tally.started_at
+                    )
+                    if settler.none_live
+                    else []
+                )
+                got = settler.batch(conn, after, detail=detail, seen_before=seen_before)
+                self.sightings.note(source.name, got.unseen, tally.started_at)
                 if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
                     tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
                     logger.info(
@@ -455,7 +478,9 @@ class Reaper:
     def _held(self) -> set[str]:
         return set() if self.held is None else self.held()
 
-    def _decide(self, batch: list[Any], view: LivenessView, queued: Once) -> list[Decision]:
+    def _decide(
+        self, batch: list[Any], view: LivenessView, queued: Once, seen: Mapping[Any, datetime]
+    ) -> list[Decision]:
         return decide(
             batch,
             view,
@@ -463,6 +488,7 @@ class Reaper:
             held_here=frozenset(self._held()),
             queued=queued,
             ask=self.ask,
+            first_seen=seen,
         )
 
     def _finish(self, report: Report) -> None:
@@ -502,6 +528,11 @@ def _worth_a_row(report: Report) -> bool:
     """Whether a run without a runs row yet did (or failed at) anything worth one."""
     acted = any(n for key, n in report.broker.items() if key != "scanned")
     return report.error is not None or acted or bool(report.settled or report.would_settle)
+
+
+def _start_unknown(c: Candidate) -> bool:
+    """A job without owner whose start is unknown: aged by when this reaper first saw it."""
+    return c.started_at is None and c.owner is None and c.incarnation_id is None
 
 
 def _any_stale(conn: Any, source: JobSource) -> bool:

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
-from typing import Literal
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 #: Left alone: a job without owner that started less than ``jobreaper_grace`` ago.
 YOUNGER_THAN_GRACE = "younger than jobreaper_grace"
@@ -17,6 +18,14 @@ NO_LIVE_WORKER_LEFT = "with no live worker left that could be running it"
 YOUNGER_THAN_HEARTBEAT_TIMEOUT = (
     "no live worker seen, but younger than jobreaper_heartbeat_timeout: a worker woken from "
     "a pause may be running it before its next heartbeat (judged again later)"
+)
+#: Left alone: a job without owner whose start is unknown (``NULL``, or no ``started_at``
+#: column), no worker live now, but this reaper has not yet seen it for the heartbeat timeout:
+#: a worker woken from a pause may have written it just before its first heartbeat.
+START_UNKNOWN_SEEN_BRIEFLY = (
+    "no live worker seen, but its start is unknown and this reaper first saw it less than "
+    "jobreaper_heartbeat_timeout ago: a worker woken from a pause may be running it (judged "
+    "again later)"
 )
 #: Left alone: a job without owner that a live worker (this one or another) may be running.
 UNOWNED_WHILE_WORKERS_LIVE = (
@@ -46,8 +55,12 @@ class OwnerlessRule:
     the job existed. So "no live worker" fails a job only once it is older than
     ``heartbeat_timeout`` (or ``max_age``, if shorter): a live worker heartbeats within its
     interval, so a stale heartbeat at that age was measured after the job appeared. A job
-    whose start is unknown (``NULL``, or no ``started_at`` column) cannot be aged and is
-    judged as before.
+    whose start is unknown (``NULL``, or no ``started_at`` column) is aged for this verdict
+    by how long this reaper has seen it (:mod:`~celery_jobreaper.sightings`, the database's
+    clock): it is failed on "no live worker" only once first seen longer ago than that, so a
+    reaper that never saw it before (a new process) leaves it alone. Grace and ``max_age``
+    speak of the job's real age: such a job is never younger than grace, never older than
+    ``max_age``.
     """
 
     #: no other live worker and this process holds no task
@@ -95,12 +108,31 @@ class OwnerlessRule:
             return older_than_max_age(self.max_age)
         return None
 
-    def judge(self, age: timedelta | None) -> tuple[Literal["fail", "leave"], str]:
-        """The verdict for a job of *age* (``None``: start unknown) and its reason/where."""
+    def seen_long_enough(self, seen_for: timedelta | None) -> bool:
+        """Whether a job whose start is unknown, seen by this reaper for *seen_for* (``None``:
+        never seen), may be failed on "no live worker" (the heartbeat timeout, as for ages)."""
+        return seen_for is not None and seen_for > timedelta(seconds=self.alone_after)
+
+    def seen_before(self, first_seen: Mapping[Any, datetime], now: datetime) -> list[Any]:
+        """Of *first_seen* (job id -> first seen), the jobs seen long enough by *now*."""
+        return [k for k, t in first_seen.items() if self.seen_long_enough(now - t)]
+
+    def judge(
+        self, age: timedelta | None, seen_for: timedelta | None = None
+    ) -> tuple[Literal["fail", "leave"], str]:
+        """The verdict for a job of *age* (``None``: start unknown) and its reason/where.
+
+        *seen_for*: for a job whose start is unknown, how long this reaper has seen it
+        (``None``: not seen before); it stands in for the age in the "no live worker" verdict
+        only."""
         if age is not None and age < timedelta(seconds=self.grace):
             return "leave", YOUNGER_THAN_GRACE
         if self.nobody_could_run:
-            if age is None or age > timedelta(seconds=self.alone_after):
+            if age is None:
+                if self.seen_long_enough(seen_for):
+                    return "fail", NO_LIVE_WORKER_LEFT
+                return "leave", START_UNKNOWN_SEEN_BRIEFLY
+            if age > timedelta(seconds=self.alone_after):
                 return "fail", NO_LIVE_WORKER_LEFT
             return "leave", YOUNGER_THAN_HEARTBEAT_TIMEOUT
         if self.max_age is not None and age is not None and age > timedelta(seconds=self.max_age):

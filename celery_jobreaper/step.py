@@ -24,6 +24,7 @@ from .revoked import RevokedSync
 from .schema import tables
 from .service import ReaperService
 from .settings import Settings
+from .sightings import Sightings
 from .sweep import BrokerSweep, worker_queues
 from .tracking import Tracker, connect_signals, set_tracker
 from .webhooks import webhooks_for
@@ -111,6 +112,8 @@ class JobReaperStep(bootsteps.StartStopStep):
             webhooks=webhooks_for(self.settings),
             metrics=self.metrics,
             fence=lease.fence,
+            # first sightings of jobs whose start is unknown, kept for the worker's life
+            sightings=Sightings(),
         )
         return ReaperService(
             reaper,

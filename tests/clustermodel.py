@@ -35,6 +35,7 @@ from modelworld import (
     USER_TABLES,
     Env,
     Job,
+    ModelSightings,
     Reap,
     Worker,
     host_clock,
@@ -154,12 +155,19 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self._due_reaps()  # of the other workers, if the startup reap waited
 
     @precondition(lambda self: self.awake())
-    @rule(pick=st.integers(0, 7), kind=_kinds, slot=st.integers(0, POOL - 1))
-    def take_job(self, pick: int, kind: str, slot: int) -> None:
-        """An awake worker's pool process starts a task, which writes its job row."""
-        self._take(self.awake()[pick % len(self.awake())], kind, slot)
+    @rule(
+        pick=st.integers(0, 7),
+        kind=_kinds,
+        slot=st.integers(0, POOL - 1),
+        unstarted=st.booleans(),
+    )
+    def take_job(self, pick: int, kind: str, slot: int, unstarted: bool = False) -> None:
+        """An awake worker's pool process starts a task, which writes its job row (*unstarted*:
+        a row without owner column writes no ``started_at``, as the seed's ``scheduled``)."""
+        self._take(self.awake()[pick % len(self.awake())], kind, slot, unstarted)
 
-    def _take(self, w: Worker, kind: str, slot: int) -> None:
+    def _take(self, w: Worker, kind: str, slot: int, unstarted: bool = False) -> None:
+        unstarted = unstarted and kind in OWNERLESS
         task_id = uuid.uuid4().hex
         with host_clock(w.skew):
             started = clock.utcnow()
@@ -180,7 +188,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
             job_id, fence = f"{kind}-{next(self.seq)}", None
             has_owner, has_task = USER_TABLES[kind]
             row = {"job_id": job_id, "job_type": "model_job", "status": RUNNING}
-            row["started_at"] = started
+            row["started_at"] = None if unstarted else started
             if has_owner:
                 row["owner"] = w.node
             if has_task:
@@ -197,7 +205,9 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
                 if conn.execute(beat).scalar() != before:
                     w.last_heartbeat = self.now
             conn.execute(insert(table).values(**row))
-        self.jobs.append(Job(kind, job_id, task_id, w, slot, started, fence, self.now, w.skew))
+        self.jobs.append(
+            Job(kind, job_id, task_id, w, slot, started, fence, self.now, w.skew, unstarted)
+        )
 
     @precondition(lambda self: any(j.running and not j.worker.paused for j in self.jobs))
     @rule(pick=st.integers(0, 15))
@@ -266,29 +276,34 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         self.awake()[pick % len(self.awake())].paused = True
 
     @precondition(lambda self: self.paused())
-    @rule(pick=st.integers(0, 7), writes=st.none() | _kinds)
-    def resume_worker(self, pick: int, writes: str | None = None, busy: bool = False) -> None:
+    @rule(pick=st.integers(0, 7), writes=st.none() | _kinds, unstarted=st.booleans())
+    def resume_worker(
+        self, pick: int, writes: str | None = None, busy: bool = False, unstarted: bool = False
+    ) -> None:
         """A paused worker wakes up; it heartbeats at its next tick (after the reaps due then:
         its heartbeat thread resumes mid-interval, see :meth:`_tick`). *busy*: a ``-P solo``
         worker woken inside a task (or gevent in a CPU-bound one): its tasks run on at once,
         but it answers no ping until one of them ends. *writes*: it wakes inside a task (so it is
         busy) that writes a new job row of that kind at once, before the worker's first
-        heartbeat."""
+        heartbeat (*unstarted*: a row without ``started_at``, if it has no owner column)."""
         w = self.paused()[pick % len(self.paused())]
         w.paused = False
         w.busy = busy or writes is not None
         w.woken = True
         w.awake_since = self.now
         if writes is not None:
-            self._take(w, writes, 0)
+            self._take(w, writes, 0, unstarted)
 
     @precondition(lambda self: self.awake())
     @rule(
         pick=st.integers(0, 7),
         ticks=st.integers(1, 10),
         writes=st.none() | st.sampled_from(sorted(OWNERLESS)) | _kinds,
+        unstarted=st.booleans(),
     )
-    def pause_and_wake(self, pick: int, ticks: int, writes: str | None) -> None:
+    def pause_and_wake(
+        self, pick: int, ticks: int, writes: str | None, unstarted: bool = False
+    ) -> None:
         """One pause episode in a step: a worker stops (SIGSTOP, VM freeze, partition), time
         passes (the others heartbeat and reap, and may mark it dead), and it wakes, maybe
         inside a task that writes a new job row at once (:meth:`resume_worker`)."""
@@ -296,7 +311,7 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         w.paused = True
         self.advance(ticks)
         if w.alive and w.paused:
-            self.resume_worker(self.paused().index(w), writes)
+            self.resume_worker(self.paused().index(w), writes, unstarted=unstarted)
 
     @rule(which=st.integers(0, len(NODES)), skew=_skews)
     def skew_clock(self, which: int, skew: float) -> None:
@@ -414,9 +429,17 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
         if HAS_HELD and r.worker is not None:
             held = set(r.held)
             kwargs["held"] = lambda: set(held)
+        if r.worker is not None:  # a worker's reaper lives on; one from outside is new
+            kwargs["sightings"] = self.sightings_of(r.worker)
         reaper = Reaper(self.env.app, self.env.settings, self.env.db, **kwargs)
         with host_clock(r.skew):
             reaper.run(r.trigger)
+
+    def sightings_of(self, w: Worker) -> ModelSightings:
+        """The first sightings of *w*'s reaper (one per incarnation, from its start)."""
+        if w not in self.sightings:
+            self.sightings[w] = ModelSightings(lambda: self.now)
+        return self.sightings[w]
 
     def _run_together(self, reaps: list[Reap]) -> None:
         barrier = threading.Barrier(len(reaps))
@@ -509,6 +532,8 @@ class ClusterModel(ClusterState, RuleBasedStateMachine):
                 )
         for w in self.workers:
             w.me = dataclasses.replace(w.me, started_at=w.me.started_at - delta)
+        for store in self.sightings.values():
+            store.shift(delta)
         for j in self.jobs:
             j.started_at -= delta
 

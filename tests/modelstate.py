@@ -15,6 +15,7 @@ from modelworld import (
     TRACKED,
     USER_TABLES,
     Job,
+    ModelSightings,
     Reap,
     Worker,
 )
@@ -34,6 +35,8 @@ class ClusterState:
         self.workers: list[Worker] = []  # every incarnation ever started
         self.jobs: list[Job] = []
         self.lost: Counter[str] = Counter()  # node -> ping replies still to be lost
+        #: each worker's reaper remembers when it first saw jobs whose start is unknown
+        self.sightings: dict[Worker, ModelSightings] = {}
 
     def awake(self) -> list[Worker]:
         return [w for w in self.workers if w.alive and not w.paused]
@@ -76,13 +79,14 @@ class ClusterState:
         heartbeat (woken from a pause, before its first heartbeat) needs silence measured
         after the job appeared: if it started after *w*'s last heartbeat, the silence counts
         from its start (less a writer's clock running behind, which makes the row look that
-        much older: the documented limit of ``started_at``). The same holds for a user row
-        with an owner column. A tracked job is written with a heartbeat of its worker (the
-        tracker vouches for it): its silence counts from that heartbeat.
+        much older: the documented limit of ``started_at``; a row whose start is unknown
+        is aged by when a reaper first saw it, never before it was written). The same holds
+        for a user row with an owner column. A tracked job is written with a heartbeat of its
+        worker (the tracker vouches for it): its silence counts from that heartbeat.
         """
         since = w.last_heartbeat
         if j is not None and j.kind != TRACKED and j.taken_at > w.last_heartbeat:
-            since = max(since, j.taken_at + min(j.skew, 0.0))
+            since = max(since, j.taken_at + (0.0 if j.unstarted else min(j.skew, 0.0)))
         stale = self.now - since >= HEARTBEAT_TIMEOUT - FRESH_MARGIN
         return stale and (w.paused or w.busy or self.lost[w.node] > 0)
 
@@ -104,7 +108,9 @@ class ClusterState:
           running it: every other incarnation is dead, and the reaper is not a worker, or is at
           its startup, or holds no task (§4; otherwise only ``max_age``, not set here, may),
           and it is older than ``heartbeat_timeout`` on any clock (a worker woken from a pause
-          may have started it before its first heartbeat: §2.1).
+          may have started it before its first heartbeat: §2.1); a row whose start is unknown
+          once the reaper (a worker's, which lives on: one from outside is new and has seen
+          nothing) first saw it more than ``heartbeat_timeout`` ago.
         """
         owner, me = j.worker, r.worker
         if j.kind == TRACKED:
@@ -144,7 +150,13 @@ class ClusterState:
             if all(self.looks_dead(w) for w in node):
                 return "every incarnation of its owner node is dead (§2.1)"
             return None
-        young = self.row_age(j, r) <= HEARTBEAT_TIMEOUT + STALE_SLACK
+        if j.unstarted:
+            first = None
+            if me is not None and me in self.sightings:
+                first = self.sightings[me].model_first(j.kind, j.job_id)
+            young = first is None or self.now - first <= HEARTBEAT_TIMEOUT + STALE_SLACK
+        else:
+            young = self.row_age(j, r) <= HEARTBEAT_TIMEOUT + STALE_SLACK
         if (
             not young
             and all(self.looks_dead(w) for w in self.workers if w is not me)
@@ -180,7 +192,11 @@ class ClusterState:
         ``heartbeat_interval`` (on the reaper's clock, which may run behind). From then on, a worker
         that stays awake reaps within ``interval`` (plus one tick of the model's clock), so the
         job is settled within ``heartbeat_timeout + interval`` of its worker's last sign of life.
-        Ownerless rows have no bound while other workers live (DESIGN §4).
+        Ownerless rows have no bound while other workers live (DESIGN §4); when none does, each
+        reap that owes one settles it (:meth:`obligation`, checked per reap): one older than
+        ``heartbeat_timeout``, or, with its start unknown, one the reaping worker first saw
+        more than ``heartbeat_timeout`` ago — so a leader reaping every ``interval`` settles
+        such a row by first sighting + ``heartbeat_timeout + interval``.
         """
         has_owner, has_task = USER_TABLES.get(j.kind, (True, True))
         if not has_owner:

@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
@@ -28,6 +28,7 @@ from celery_jobreaper.database import Database
 from celery_jobreaper.liveness import Incarnation
 from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.settings import Settings
+from celery_jobreaper.sightings import Sightings
 
 #: Seconds between heartbeats; also the model's clock tick.
 HEARTBEAT_INTERVAL = 10.0
@@ -170,6 +171,8 @@ class Job:
     fence: str | None
     taken_at: float  #: model time it started
     skew: float  #: the clock skew of the host that wrote ``started_at``
+    #: its row's ``started_at`` is NULL (a job without owner, ``scheduled`` in the seed)
+    unstarted: bool = False
     running: bool = True  #: its task still runs (worker and pool process alive, not done)
     died_at: float | None = None  #: model time its runner died
     worker_died: bool = False  #: its worker died (not only its pool process)
@@ -189,3 +192,35 @@ class Reap:
     trigger: str
     skew: float
     held: frozenset[str]
+
+
+class ModelSightings(Sightings):
+    """A worker's :class:`~celery_jobreaper.sightings.Sightings` in model time: the stored
+    first sightings move back with the stored timestamps (:meth:`shift`), and the model time
+    of each first sighting is kept beside it (:meth:`model_first`)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        super().__init__()
+        self._now = now
+        self._model: dict[tuple[str, Any], float] = {}
+
+    def note(self, source: str, job_ids: Iterable[Any], now: datetime) -> Mapping[Any, datetime]:
+        ids = list(job_ids)
+        known = self.first_seen(source)
+        for job_id in ids:
+            if job_id not in known:
+                self._model[(source, job_id)] = self._now()
+        return super().note(source, ids, now)
+
+    def model_first(self, source: str, job_id: Any) -> float | None:
+        """Model time this reaper first saw the job (``None``: it does not remember it)."""
+        if job_id not in self.first_seen(source):
+            return None
+        return self._model.get((source, job_id))
+
+    def shift(self, delta: timedelta) -> None:
+        """Move every first sighting *delta* into the past, as the stored timestamps move."""
+        with self._lock:
+            for first in self._first.values():
+                for job_id in first:
+                    first[job_id] -= delta

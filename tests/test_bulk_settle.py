@@ -40,8 +40,13 @@ from support import PG_ADMIN, make_app
 import celery_jobreaper
 from celery_jobreaper import bulk, reaper, signals
 from celery_jobreaper.clock import format_age, utcnow
-from celery_jobreaper.planner import UNOWNED_WHILE_WORKERS_LIVE, Decision
+from celery_jobreaper.planner import (
+    START_UNKNOWN_SEEN_BRIEFLY,
+    UNOWNED_WHILE_WORKERS_LIVE,
+    Decision,
+)
 from celery_jobreaper.schema import tables
+from celery_jobreaper.sightings import Sightings
 
 # A fixed "now" with a fraction of a second, so that ages are cut, not rounded.
 NOW = utcnow().replace(microsecond=700_000)
@@ -196,7 +201,10 @@ def reap_once(
     detail: bool,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    seen: dict[Any, timedelta] | None = None,
 ) -> Outcome:
+    """Reap once; *seen*: job id -> how long before NOW the reaper first saw it (its
+    sightings of rows whose start is unknown, as a long-running reaper's would be)."""
     engine = create_engine(url)
     try:
         table.create(engine)
@@ -229,6 +237,15 @@ def reap_once(
                     )
                 )
         monkeypatch.setattr(bulk, "ENABLED", fast)
+        if seen:
+
+            def remembering() -> Sightings:
+                store = Sightings()
+                for job_id, before in seen.items():
+                    store.note("system_jobs", [job_id], NOW - before)
+                return store
+
+            monkeypatch.setattr(reaper, "Sightings", remembering)
         monkeypatch.setattr(reaper, "utcnow", lambda: NOW)
         monkeypatch.setattr(reaper, "db_utcnow", lambda conn: NOW)
         app = make_app(url, **conf)
@@ -301,10 +318,17 @@ def took_fast_path(statements: list[str]) -> bool:
     )
 
 
-SCENARIOS = {
+SCENARIOS: dict[str, tuple[dict[str, Any], bool, dict[str, Any]]] = {
     # No other live worker: every stale row fails unless young or ignored; batches of 4 mix
     # settled, young and ignored rows, so the keyset must go on past pages settling nothing.
     "no-live-worker": ({"grace": 60, "policies": POLICIES, "batch_size": 4}, False, {}),
+    # The same, by a reaper that has seen one row whose start is unknown for longer than the
+    # heartbeat timeout (failed) and the other only just (left alone: see sightings.py).
+    "no-live-worker-seen-before": (
+        {"grace": 60, "policies": POLICIES, "batch_size": 4},
+        False,
+        {"seen": {"never-started-09": timedelta(hours=1), "never-started-2-10": timedelta(0)}},
+    ),
     # Another live worker: only rows older than max_age fail; the others are left with reasons.
     "live-worker-max-age": (
         {"grace": 10, "max_age": 3600, "policies": POLICIES, "batch_size": 5},
@@ -347,7 +371,7 @@ def test_set_based_path_settles_exactly_like_the_python_path(
 ) -> None:
     conf, live, shape = SCENARIOS[scenario]
     rows = shaped_rows(shape)
-    table_shape = {k: v for k, v in shape.items() if k not in ("zone", "dst")}
+    table_shape = {k: v for k, v in shape.items() if k not in ("zone", "dst", "seen")}
     outcomes = [
         reap_once(
             fresh_pg(),
@@ -359,6 +383,7 @@ def test_set_based_path_settles_exactly_like_the_python_path(
             detail=detail,
             monkeypatch=monkeypatch,
             caplog=caplog,
+            seen=shape.get("seen"),
         )
         for fast in (True, False)
     ]
@@ -374,7 +399,7 @@ def test_set_based_path_settles_exactly_like_the_python_path(
         assert fast.logs and fast.decisions
     # the scenario exercises what it claims to
     left = slow.report["left_alone"]
-    if scenario == "no-live-worker":
+    if scenario.startswith("no-live-worker"):
         assert slow.report["settled"] > 5
         assert left["younger than jobreaper_grace"] >= 3
         assert left["policy 'ignore' for maintenance_vacuum"] == 1
@@ -386,7 +411,13 @@ def test_set_based_path_settles_exactly_like_the_python_path(
         assert "was running for 1 day, 0:00:00 with" in errors["one-day-05"]
         assert "was scheduled for 3 days, 4:05:06 with" in errors["three-days-07"]
         assert "was running for 400 days, 0:00:01 with" in errors["long-ago-08"]
-        assert "it was running with no live worker" in errors["never-started-09"]
+        if scenario == "no-live-worker":  # never seen before: start unknown, left alone
+            assert slow.rows["never-started-09"][0] == "running"
+            assert left[START_UNKNOWN_SEEN_BRIEFLY] == 2
+        else:  # seen for an hour / just now
+            assert "it was running with no live worker" in errors["never-started-09"]
+            assert slow.rows["never-started-2-10"][0] == "scheduled"
+            assert left[START_UNKNOWN_SEEN_BRIEFLY] == 1
         assert slow.rows["percent-lookalike-18"][0] == "failed"
         assert slow.rows["kept-by-first-glob-23"][0] == "failed"
     if scenario == "live-worker-max-age":

@@ -263,3 +263,70 @@ def test_idle_peer_periodic_reap_before_the_woken_worker_first_heartbeat(model_u
             ("advance", {"ticks": 1}),
         ],
     )
+
+
+@pytest.mark.parametrize("kind", ["jobs_seed", "jobs_task"])
+def test_busy_worker_woken_from_a_pause_keeps_its_new_job_whose_start_is_unknown(
+    model_url: str, kind: str
+) -> None:
+    """The same with a row whose ``started_at`` is NULL (the seed's ``scheduled``): it cannot
+    be aged by its start and was failed on "no live worker" at once (review finding). Now it
+    is aged by when the reaper first saw it; a reap from outside (a new process) has seen
+    nothing, and a worker's reaper sees the woken worker heartbeat first."""
+    replay(
+        model_url,
+        [
+            ("a_cluster", {"nodes": [N0], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+            ("resume_worker", {"pick": 0, "busy": True}),
+            ("take_job", {"pick": 0, "kind": kind, "slot": 1, "unstarted": True}),
+            ("reap", OUTSIDE),
+            ("advance", {"ticks": 7}),
+            ("reap", OUTSIDE),
+        ],
+    )
+
+
+def test_idle_peer_periodic_reap_before_the_woken_worker_first_heartbeat_start_unknown(
+    model_url: str,
+) -> None:
+    """n1 (idle) marks the paused n0 dead; n0 wakes inside a task that writes a row of the
+    seed's table without ``started_at``; n1's periodic reap before n0's first heartbeat lands
+    must leave it (it sees it for the first time)."""
+    replay(
+        model_url,
+        [
+            ("a_cluster", {"nodes": [N0, N1], "skew": 0.0, "jobs": [(0, "jobs_seed", 0)]}),
+            ("pause_worker", {"pick": 0}),
+            ("advance", {"ticks": 8}),
+            ("resume_worker", {"pick": 0, "busy": True, "writes": "jobs_seed", "unstarted": True}),
+            ("advance", {"ticks": 1}),
+        ],
+    )
+
+
+@pytest.mark.parametrize("kind", ["jobs_seed", "jobs_task"])
+def test_dead_worker_job_whose_start_is_unknown_is_settled_once_seen_for_the_timeout(
+    model_url: str, kind: str
+) -> None:
+    """The bound for a row whose start is unknown: n0 writes it and dies at 0 s; n1 reaps at
+    30 s, 60 s, …; n0 looks dead (heartbeat stale, no reply) from 60 s. The row is settled at
+    n1's first reap after n1 has seen it for longer than ``heartbeat_timeout`` with n0 dead
+    (the model's obligation, checked per reap): by first sighting + ``heartbeat_timeout +
+    interval``, not before first sighting + ``heartbeat_timeout``. n1 first sees it at 30 s
+    (the Python path notes every such row it reads) or, on PostgreSQL's set-based path for the
+    seed's shape, at 60 s (that path notes them only when no worker is live)."""
+    steps = [
+        ("a_cluster", {"nodes": [N0, N1], "skew": 0.0, "jobs": []}),
+        ("take_job", {"pick": 0, "kind": kind, "slot": 0, "unstarted": True}),
+        ("kill_worker", {"pick": 0}),
+    ]
+    early = replay(model_url, [*steps, ("advance", {"ticks": 8})])
+    assert early.now == 80.0
+    n1 = early.awake()[0]
+    assert early.sightings_of(n1).model_first(kind, early.jobs[0].job_id) in (30.0, 60.0)
+    assert [j.settled for j in early.jobs] == [False]  # seen for 50 s or 20 s only
+    late = replay(model_url, [*steps, ("advance", {"ticks": 18})])
+    assert [j.settled for j in late.jobs] == [True]

@@ -10,7 +10,11 @@ from celery import Celery
 from celery_jobreaper import Settings
 from celery_jobreaper.liveness import Incarnation, LivenessView
 from celery_jobreaper.planner import TaskFacts, decide
-from celery_jobreaper.rules import NO_LIVE_WORKER_LEFT, YOUNGER_THAN_HEARTBEAT_TIMEOUT
+from celery_jobreaper.rules import (
+    NO_LIVE_WORKER_LEFT,
+    START_UNKNOWN_SEEN_BRIEFLY,
+    YOUNGER_THAN_HEARTBEAT_TIMEOUT,
+)
 from celery_jobreaper.sources.base import Candidate
 
 NOW = datetime(2026, 11, 28, 12, 0, 0)
@@ -178,7 +182,8 @@ def test_own_node_row_without_task_id_is_an_earlier_start_only_while_this_worker
 def test_no_live_worker_fails_a_job_without_owner_only_past_the_heartbeat_timeout() -> None:
     """A worker marked dead during a pause may have woken and started a job before its first
     heartbeat (and, busy, answer no ping): "no live worker" needs the job older than
-    ``heartbeat_timeout`` (or ``max_age``, if shorter); a start unknown is judged as before."""
+    ``heartbeat_timeout`` (or ``max_age``, if shorter); a job whose start is unknown needs to
+    have been seen by this reaper for that long (its first sighting, in the task facts)."""
     alone = view(other_live_workers=0)
     s = settings(heartbeat_timeout=60)
     for task_id in (None, "t1"):
@@ -189,7 +194,18 @@ def test_no_live_worker_fails_a_job_without_owner_only_past_the_heartbeat_timeou
         d = decide(old, alone, NO_TASKS, s)
         assert (d.verdict, d.reason) == ("fail", NO_LIVE_WORKER_LEFT)
         unknown = job(started_at=None, task_id=task_id)
-        assert decide(unknown, alone, NO_TASKS, s).verdict == "fail"
+        d = decide(unknown, alone, NO_TASKS, s)  # never seen before
+        assert (d.verdict, d.reason) == ("leave", START_UNKNOWN_SEEN_BRIEFLY)
+        for seen, verdict in ((59, "leave"), (61, "fail")):
+            facts = TaskFacts(first_seen={unknown.job_id: NOW - timedelta(seconds=seen)})
+            assert decide(unknown, alone, facts, s).verdict == verdict
+        # grace and max_age speak of the real age, which is unknown: neither applies
+        long_seen = TaskFacts(first_seen={unknown.job_id: NOW - timedelta(days=1)})
+        graced = settings(heartbeat_timeout=60, grace=3600)
+        assert decide(unknown, alone, long_seen, graced).verdict == "fail"
+        crowded = view(other_live_workers=1)
+        d = decide(unknown, crowded, long_seen, settings(heartbeat_timeout=60, max_age=30))
+        assert d.verdict == "leave"
     shorter = settings(heartbeat_timeout=60, max_age=30)
     d = decide(job(started_at=NOW - timedelta(seconds=31)), alone, NO_TASKS, shorter)
     assert (d.verdict, d.reason) == ("fail", NO_LIVE_WORKER_LEFT)

@@ -86,6 +86,11 @@ task_facts = st.builds(
     held_here=st.frozensets(st.sampled_from(TASKS), max_size=1),
     held_by_peers=st.frozensets(st.sampled_from(TASKS), max_size=1),
     queued=st.frozensets(st.sampled_from(TASKS), max_size=1),
+    first_seen=st.dictionaries(
+        st.integers(1, 5),
+        (st.integers(0, 40) | st.integers(0, 3 * 86400)).map(lambda s: NOW - timedelta(seconds=s)),
+        max_size=3,
+    ),
 )
 
 
@@ -123,6 +128,12 @@ def _young(c: Candidate, seconds: float, *, strict: bool = False) -> bool:
         return False
     age, limit = NOW - c.started_at, timedelta(seconds=seconds)
     return age < limit if strict else age <= limit
+
+
+def _seen_for_more_than(facts: TaskFacts, c: Candidate, seconds: float) -> bool:
+    """Whether this reaper first saw *c* more than *seconds* ago."""
+    first = facts.first_seen.get(c.job_id)
+    return first is not None and NOW - first > timedelta(seconds=seconds)
 
 
 # A row of this worker's current start whose task it does not hold, 5 s old: younger than a
@@ -227,6 +238,14 @@ def test_a_job_proved_alive_is_never_failed(
             why = "no owner recorded and a live worker (this one or another) may run it (§4)"
         elif c.owner is None and c.incarnation_id is None and _young(c, conf.grace, strict=True):
             why = "younger than jobreaper_grace"
+        elif (
+            c.owner is None
+            and c.incarnation_id is None
+            and c.started_at is None
+            and not _seen_for_more_than(facts, c, min(conf.heartbeat_timeout, conf.max_age or 1e9))
+        ):
+            # a worker woken from a pause may have written it before its first heartbeat
+            why = "start unknown, and this reaper has not seen it for the heartbeat timeout"
         if why is not None:
             assert d.verdict == "leave", f"{c} failed although {why}: {d.reason}"
         if d.verdict == "fail":
