@@ -200,6 +200,9 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> str | None:
             for schema in {t.schema for t in tbls.all}
             for name in table_names(conn, schema)
         }
+        if all((table.schema, table.name) in existing for table in tbls.all):
+            # the usual start: nothing to create, the version read on this same connection
+            return _stored_version(conn, tbls)
     for table in tbls.all:
         if (table.schema, table.name) in existing:
             continue
@@ -216,14 +219,22 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> str | None:
         # Tables made by an older celery_jobreaper: the events index that came with the late
         # writes table is added with it (once; no catalogue query on later starts).
         _create_indexes(engine, tbls.events)
-    version = select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
+    with engine.connect() as conn:
+        return _stored_version(conn, tbls)
+
+
+def _stored_version(conn: Connection, tbls: JobReaperTables) -> str | None:
+    """The schema version stored, recorded (and committed) by *conn* when there is none yet;
+    ``None`` when another worker recorded it at the same moment."""
     try:
-        with engine.begin() as conn:
-            row = conn.execute(version).first()
-            if row is not None:
-                return str(row[0])
-            conn.execute(insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            return str(SCHEMA_VERSION)
+        row = conn.execute(
+            select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
+        ).first()
+        if row is not None:
+            return str(row[0])
+        conn.execute(insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+        conn.commit()
+        return str(SCHEMA_VERSION)
     except exc.IntegrityError:
         return None  # another worker recorded it first
 
