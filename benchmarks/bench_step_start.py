@@ -10,6 +10,7 @@ source. It also counts what reaches the database (statements, plus BEGIN/COMMIT/
 
     python benchmarks/bench_step_start.py 21
     python benchmarks/bench_step_start.py 21 --baseline /tmp/base   # before/after, interleaved
+                                                                    # (order alternating)
 
 ``--baseline DIR`` is a source tree of another version (``git archive <commit> | tar -x -C
 DIR``), imported first on ``PYTHONPATH`` for the ``base`` rows.
@@ -124,8 +125,9 @@ def main() -> None:
         start(url, ROOT, True, cwd)  # warm-up: tables created, .pyc files written
         for tree in trees.values():
             start(url, tree, True, cwd)
-        for _ in range(args.runs):
-            for name, tree in trees.items():
+        for run in range(args.runs):
+            order = list(trees.items())
+            for name, tree in order if run % 2 == 0 else order[::-1]:  # neither always first
                 for with_table in (False, True):
                     took, n, imported = start(url, tree, with_table, cwd)
                     seconds.setdefault((name, with_table), []).append(took)
