@@ -68,6 +68,8 @@ class Catalog:
         """Own tables, then the sources (resolved once; retried while a table is missing)."""
         self.prepare_tables()
         sources = self._sources if self._sources is not None else self._configured()
+        if self._result_pending and self.result_rows.off():
+            self._result_pending = False  # (no connection checked out, pinged, for nothing)
         if self._result_pending:
             with self.db.connect() as conn:
                 self._result_source, self._result_pending = self.result_rows.source(conn)
@@ -77,16 +79,17 @@ class Catalog:
         """Tracked jobs and the user tables of ``jobreaper_sources``."""
         sources: list[JobSource] = []
         missing: dict[str, str] = {}
-        with self.db.connect() as conn:
-            if self.settings.track_tasks:
-                sources.append(TrackedJobsSource(self.tables))
-            for spec in self.settings.sources:
-                try:
-                    sources.append(UserTableSource(spec, resolve_table(spec, conn)))
-                except MissingTableError as error:
-                    if not self.skip_missing_tables:
-                        raise
-                    missing[error.key] = error.problem
+        if self.settings.track_tasks:
+            sources.append(TrackedJobsSource(self.tables))
+        if self.settings.sources:  # (checking a connection out pings the database)
+            with self.db.connect() as conn:
+                for spec in self.settings.sources:
+                    try:
+                        sources.append(UserTableSource(spec, resolve_table(spec, conn)))
+                    except MissingTableError as error:
+                        if not self.skip_missing_tables:
+                            raise
+                        missing[error.key] = error.problem
         now = time.monotonic()
         for key, problem in missing.items():
             said = self._missing_said.get(key)

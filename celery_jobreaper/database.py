@@ -10,7 +10,7 @@ from typing import Any
 from kombu.utils.imports import symbol_by_name
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -156,10 +156,22 @@ def make_engine(url: str, settings: Settings) -> Engine:
     elif url.startswith("sqlite"):
         connect_args.setdefault("timeout", max(settings.connect_timeout, 30.0))
         options.pop("pool_recycle", None)
+    if _psycopg(url):
+        # No column jobreaper reads or writes is an hstore: without this the first connection
+        # of every worker also looks the hstore type up in the catalogue (a round trip).
+        options.setdefault("use_native_hstore", False)
     engine = create_engine(url, connect_args=connect_args, **options)
     if engine.dialect.name == "sqlite":
         _sqlite_begin_immediate(engine)
     return engine
+
+
+def _psycopg(url: str) -> bool:
+    """Whether *url* is PostgreSQL through psycopg or psycopg2 (``use_native_hstore``)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return False
+    return parsed.get_driver_name() in {"psycopg", "psycopg2", "psycopg2cffi"}
 
 
 def borrowed_sqlite_begin_immediate(engine: Engine) -> Engine:

@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from . import native
 from .errors import ConfigurationError
@@ -144,16 +143,18 @@ def metrics_for(settings: Settings) -> Metrics | None:
     return _shared() if settings.metrics else None
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log on stderr (scrapes every few seconds)."""
-
-
 def serve(port: int, addr: str = "0.0.0.0") -> Any:
     """Serve ``/metrics`` on *port* from a real thread of its own (the worker's main process;
     under gevent too, where a green thread would stall while a task never yields); with
     ``PROMETHEUS_MULTIPROC_DIR`` set, every process's values are collected. Returns the server
     (``shutdown()`` stops it)."""
+    # (imported here: wsgiref and http.server cost every worker's start ~10 ms otherwise)
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class _QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """No access log on stderr (scrapes every few seconds)."""
+
     client = _client()
     registry = client.REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

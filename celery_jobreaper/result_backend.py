@@ -89,13 +89,18 @@ class ResultRows:
         self.tables = tables
         self._said: set[str] = set()
 
+    def off(self) -> bool:
+        """Whether the source is off without a look at any backend or database."""
+        if self.mode is False or self.app is None:
+            return True
+        # "auto" without a result backend: do not build Celery's disabled one
+        return self.mode == "auto" and not self.app.conf.result_backend
+
     def source(self, conn: Connection) -> tuple[ResultRowsSource | None, bool]:
         """The source (or ``None``), and whether to look again next time (its table does
         not exist yet: Celery creates it on its first write)."""
-        if self.mode is False or self.app is None:
+        if self.off():
             return None, False
-        if self.mode == "auto" and not self.app.conf.result_backend:
-            return None, False  # no result backend: do not build Celery's disabled one
         try:
             backend = self.app.backend  # (Celery's database backend may connect here)
         except Exception as error:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
@@ -194,12 +195,14 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> str | None:
     ``None`` when another worker recorded it at the same moment.
     """
     with engine.connect() as conn:  # one catalogue query per schema, not one per table
-        inspector = inspect(conn)
         existing = {
             (schema, name)
             for schema in {t.schema for t in tbls.all}
-            for name in inspector.get_table_names(schema=schema)
+            for name in table_names(conn, schema)
         }
+        if all((table.schema, table.name) in existing for table in tbls.all):
+            # the usual start: nothing to create, the version read on this same connection
+            return _stored_version(conn, tbls)
     for table in tbls.all:
         if (table.schema, table.name) in existing:
             continue
@@ -216,16 +219,53 @@ def create_all(engine: Engine, tbls: JobReaperTables = tables) -> str | None:
         # Tables made by an older celery_jobreaper: the events index that came with the late
         # writes table is added with it (once; no catalogue query on later starts).
         _create_indexes(engine, tbls.events)
-    version = select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
+    with engine.connect() as conn:
+        return _stored_version(conn, tbls)
+
+
+def _stored_version(conn: Connection, tbls: JobReaperTables) -> str | None:
+    """The schema version stored, recorded (and committed) by *conn* when there is none yet;
+    ``None`` when another worker recorded it at the same moment."""
     try:
-        with engine.begin() as conn:
-            row = conn.execute(version).first()
-            if row is not None:
-                return str(row[0])
-            conn.execute(insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            return str(SCHEMA_VERSION)
+        row = conn.execute(
+            select(tbls.meta.c.value).where(tbls.meta.c.key == "schema_version")
+        ).first()
+        if row is not None:
+            return str(row[0])
+        conn.execute(insert(tbls.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+        conn.commit()
+        return str(SCHEMA_VERSION)
     except exc.IntegrityError:
         return None  # another worker recorded it first
+
+
+#: PostgreSQL: the names of the tables of a schema, as the inspector's ``get_table_names``
+#: selects them (ordinary and partitioned tables, not temporary ones; ``{scope}``: the schema).
+_PG_TABLE_NAMES = """
+SELECT c.relname::text FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND c.relpersistence != 't' AND {scope}
+"""
+#: without a schema: the tables the search path shows (the inspector's condition)
+_PG_VISIBLE = "pg_catalog.pg_table_is_visible(c.oid) AND n.nspname != 'pg_catalog'"
+
+
+def table_names(conn: Connection, schema: str | None) -> list[str]:
+    """The tables of *schema* (``None``: the default one), as ``Inspector.get_table_names``.
+
+    On PostgreSQL one small textual catalogue query: the inspector's is built and compiled
+    anew in every worker process, which cost a worker's start a few ms
+    (``tests/test_schema_names.py`` compares the two).
+    """
+    if conn.dialect.name != "postgresql":
+        return list(inspect(conn).get_table_names(schema=schema))
+    if schema is None:
+        query = text(_PG_TABLE_NAMES.format(scope=_PG_VISIBLE))
+    else:
+        query = text(_PG_TABLE_NAMES.format(scope="n.nspname = :jr_schema")).bindparams(
+            jr_schema=schema
+        )
+    return [str(name) for name in conn.execute(query).scalars()]
 
 
 def _create_indexes(engine: Engine, table: Table) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -146,6 +144,10 @@ class Webhooks:
 
     def _post(self, url: str, body: bytes) -> tuple[bool, str] | None:
         """``None`` when delivered, else (worth retrying, why not)."""
+        # (imported here, in the posting thread: not every worker's start pays for it)
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(url, data=body, headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:

@@ -87,3 +87,26 @@ def test_the_leaders_idle_periodic_cycle_is_a_few_reads_and_writes_nothing(
     # the source for stale rows, one read of live incarnations, one of the settled rows
     # whose late writes are watched, and one more probe)
     assert len(sent) <= 12, sent
+
+
+def test_own_postgresql_engine_does_not_look_hstore_up(db_url: str) -> None:
+    """jobreaper's own psycopg engine does not look the hstore type up on its first
+    connection (no column jobreaper reads or writes is one); an explicit engine option wins.
+    Other dialects get no such option (they would refuse it)."""
+    db = Database.from_settings(Settings.from_app(make_app(db_url)))
+    try:
+        with db.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        expected = False if db.engine.dialect.name == "postgresql" else None
+        assert getattr(db.engine.dialect, "use_native_hstore", None) is expected
+    finally:
+        db.dispose()
+    if expected is None:
+        return
+    app = make_app(db_url)
+    app.conf.jobreaper_engine_options = {"pool_pre_ping": True, "use_native_hstore": True}
+    explicit = Database.from_settings(Settings.from_app(app))
+    try:
+        assert getattr(explicit.engine.dialect, "use_native_hstore", None) is True
+    finally:
+        explicit.dispose()

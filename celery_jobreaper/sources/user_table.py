@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -227,6 +226,8 @@ def close_table_names(conn: Connection, name: str, schema: str | None) -> list[s
         names = inspect(conn).get_table_names(schema=schema)
     except exc.DBAPIError:
         return []
+    import difflib  # (only when a configured table is missing)
+
     by_lower = {n.lower(): n for n in names if n != name}
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
     return [by_lower[n] for n in close]
