@@ -186,7 +186,8 @@ def decide(
         if view.node_is_me(c.owner):
             return _own_node(c, view, facts, settings)
         if c.owner in view.dead_nodes:
-            if _may_have_woken(c, view.node_heartbeats.get(c.owner), view.now, settings):
+            last = view.node_heartbeats.get(c.owner)
+            if _may_have_woken(c, last, view.now, settings, facts.first_seen.get(c.job_id)):
                 return Decision(c, "leave", OWNER_MAY_HAVE_WOKEN)
             return _fail(c, view, f"on {view.dead_nodes[c.owner]}", cause=OWNER_DEAD)
         if c.owner in view.live_nodes:
@@ -264,24 +265,33 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
 
 
 def _may_have_woken(
-    c: Candidate, last_heartbeat: datetime | None, now: datetime, settings: Settings
+    c: Candidate,
+    last_heartbeat: datetime | None,
+    now: datetime,
+    settings: Settings,
+    first_seen: datetime | None = None,
 ) -> bool:
-    """Whether a job of an owner found dead started after the owner's last heartbeat, less than
-    the heartbeat timeout ago.
+    """Whether a job of an owner found dead appeared after the owner's last heartbeat, less
+    than the heartbeat timeout ago.
 
     The verdict rests on a heartbeat older than the timeout and no reply to a ping, both
     measured before such a job existed: its owner, marked dead during a pause, may have woken
     and written it before its next heartbeat (a busy ``-P solo`` worker answers no ping). A
     live owner heartbeats within its interval, so once the job is older than the timeout with
     the owner still silent, the silence was measured after the job appeared. (Tracked jobs
-    need no such wait: the tracker heartbeats in the transaction that writes a running job.)
-    ``started_at`` is the writer's clock: a writer clock behind the database's by more than
-    the timeout makes a new job look old (see README, "Clocks").
+    need no such wait: the tracker vouches for a running job in the transaction that writes
+    it.) The job appeared at its ``started_at`` (the writer's clock: a writer clock behind the
+    database's by more than the timeout makes a new job look old, see README), or — when that
+    is unknown, or later than *now* by more than a heartbeat interval (a writer clock ahead, a
+    naive local time) — when this reaper first saw it (*first_seen*, the database's clock;
+    ``None``: never seen, so it appears now).
     """
-    if last_heartbeat is None or c.started_at is None:
+    if last_heartbeat is None:
         return False
-    started = as_naive_utc(c.started_at)
-    return started > last_heartbeat and now - started < timedelta(
+    appeared = None if c.started_at is None else as_naive_utc(c.started_at)
+    if appeared is None or appeared > now + timedelta(seconds=settings.heartbeat_interval):
+        appeared = now if first_seen is None else first_seen
+    return appeared > last_heartbeat and now - appeared < timedelta(
         seconds=settings.heartbeat_timeout
     )
 

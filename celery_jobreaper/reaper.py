@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import literal, select
@@ -17,7 +17,7 @@ from .apply import settle_batch
 from .batchplan import Once, decide, read_queues
 from .broker.result import SweepResult
 from .catalog import MISSING_TABLE_REPEAT, Catalog
-from .clock import db_utcnow, utcnow
+from .clock import as_naive_utc, db_utcnow, utcnow
 from .database import Database
 from .incarnation import Incarnation
 from .lease import LeaseLost
@@ -301,7 +301,13 @@ class Reaper:
             # Task facts are read after the rows: a task that wrote its row before the read
             # is held now, or has finished (and written its end; the update then misses).
             seen = self.sightings.note(
-                source.name, [c.job_id for c in batch if _start_unknown(c)], view.now
+                source.name,
+                [
+                    c.job_id
+                    for c in batch
+                    if _start_unknown(c, view.now, self.settings.heartbeat_interval)
+                ],
+                view.now,
             )
             decisions = self._decide(batch, view, queued, seen)
             fails = [d for d in decisions if d.verdict == "fail"]
@@ -530,9 +536,15 @@ def _worth_a_row(report: Report) -> bool:
     return report.error is not None or acted or bool(report.settled or report.would_settle)
 
 
-def _start_unknown(c: Candidate) -> bool:
-    """A job without owner whose start is unknown: aged by when this reaper first saw it."""
-    return c.started_at is None and c.owner is None and c.incarnation_id is None
+def _start_unknown(c: Candidate, now: datetime, slack: float) -> bool:
+    """A job aged by when this reaper first saw it: one without owner whose start is unknown;
+    one whose ``owner`` column names its node with a start unknown or later than *now* by more
+    than *slack* seconds (a writer clock ahead: see ``planner._may_have_woken``)."""
+    if c.incarnation_id is not None:
+        return False
+    if c.owner is None:
+        return c.started_at is None
+    return c.started_at is None or as_naive_utc(c.started_at) > now + timedelta(seconds=slack)
 
 
 def _any_stale(conn: Any, source: JobSource) -> bool:

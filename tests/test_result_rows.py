@@ -21,7 +21,7 @@ from celery import Celery, states
 from celery.app.task import Context
 from celery.result import AsyncResult
 from jobtables import ago
-from sqlalchemy import select
+from sqlalchemy import MetaData, Table, inspect, select
 from sqlalchemy.engine import Engine
 from support import REDIS_URL, ROOT, TESTS
 
@@ -34,6 +34,7 @@ from celery_jobreaper.planner import Decision
 from celery_jobreaper.reaper import Reaper
 from celery_jobreaper.report import Report
 from celery_jobreaper.schema import create_all, tables
+from celery_jobreaper.sightings import Sightings
 
 SOURCE = "celery_taskmeta"
 
@@ -90,17 +91,36 @@ def events(engine: Engine) -> list[Any]:
         return list(conn.execute(select(tables.events).order_by(tables.events.c.id)))
 
 
-def reap(app: Celery, held_by_peers: set[str] = frozenset()) -> Report:  # type: ignore[assignment]
+def reap(
+    app: Celery,
+    held_by_peers: set[str] = frozenset(),  # type: ignore[assignment]
+    *,
+    watched: bool = True,
+) -> Report:
     """One run as a process that is not a worker: no one answers a ping; live peers say they
-    hold *held_by_peers*."""
+    hold *held_by_peers*.
+
+    *watched*: the reaper has seen every ``STARTED`` row since an hour ago, as a worker's
+    reaper that has been watching the cluster has (Celery's database backend stores no start:
+    a new process leaves a dead node's row whose start is unknown until it has seen it for the
+    heartbeat timeout, as its node may be back from a pause; see ``planner._may_have_woken``).
+    ``False``: a new process that never saw them.
+    """
     settings = Settings.from_app(app)
     db = Database.from_settings(settings)
+    sightings = Sightings()
+    if watched and inspect(db.engine).has_table(SOURCE):
+        table = Table(SOURCE, MetaData(), autoload_with=db.engine)
+        with db.engine.connect() as conn:
+            ids = conn.execute(select(table.c.task_id).where(table.c.status == "STARTED"))
+            sightings.note(SOURCE, list(ids.scalars()), ago(hours=1))
     reaper = Reaper(
         app,
         settings,
         db,
         ping=lambda nodes, timeout: set(),
         ask=lambda nodes, ids, timeout: set(held_by_peers) & set(ids),
+        sightings=sightings,
     )
     try:
         return reaper.run("manual")
