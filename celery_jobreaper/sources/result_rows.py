@@ -117,15 +117,16 @@ class ResultRowsSource:
         """An outcome the lost worker stored after all (``SUCCESS``, ``FAILURE`` …).
 
         Not: ``REVOKED`` (a live worker discarding the settled task's redelivered message: the
-        settle's own revoke at work), a state of a run under way (``STARTED``, ``RETRY`` …: the
-        task id runs again), nor a row whose ``worker`` column (``result_extended``) names
-        another node than the lost one (a new run). Without that column a new run's outcome
-        cannot be told from a late one: it is recorded (its reason says both).
+        settle's own revoke at work), nor a row whose ``worker`` column (``result_extended``)
+        names another node than the lost one (a new run). With that column naming the lost node,
+        any state it wrote (a late ``RETRY`` too) is late. Without it, a state of a run under
+        way (``STARTED``, ``RETRY`` …) is taken for the task id running again, and a new run's
+        outcome cannot be told from a late one: it is recorded (its reason says both).
         """
-        if status not in states.READY_STATES or status == states.REVOKED:
-            return False
         worker = values.get("owner")
-        return not (worker and owner and str(worker) != owner)
+        if worker and owner:  # the worker column says whose write it is
+            return str(worker) == owner and status != states.REVOKED
+        return status in states.READY_STATES and status != states.REVOKED
 
     # --- reading --------------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    case,
     func,
     insert,
     literal_column,
+    or_,
     select,
     update,
 )
@@ -58,7 +60,7 @@ class Statements:
     def __init__(self, jobs: Table, incarnations: Table) -> None:
         self.t = t = jobs
         self.inc = incarnations
-        self._vouches: dict[tuple[str, float], Any] = {}  # (dialect, age) -> vouch statements
+        self._vouches: dict[tuple[str, float], Any] = {}  # (dialect, age) -> vouch statement
         self._insert = insert(t)
         self._restart = update(t).where(t.c.task_id == bindparam("jr_task_id"))
         self._finish = update(t).where(
@@ -71,8 +73,8 @@ class Statements:
 
     def vouch(self, conn: Connection, incarnation_id: str, *, older_than: float) -> bool:
         """Heartbeat *incarnation_id* now (the database's clock) if it was marked dead or its
-        heartbeat is older than *older_than* seconds; True if it was marked dead (the mark is
-        undone).
+        heartbeat is older than *older_than* seconds (the mark undone); True if it did (this
+        worker was quiet long enough to be judged dead: a pause).
 
         Run first in the transaction that writes running jobs of that incarnation: a worker
         declared dead during a pause that wakes and starts a job cannot have the job read by a
@@ -80,29 +82,28 @@ class Statements:
         worker dead on a heartbeat older than the heartbeat timeout (its own earlier start:
         two intervals); *older_than* is below both, so whenever such a verdict could stand on
         the current heartbeat it is renewed here, and a reaper that judged earlier sees the
-        heartbeat changed when it reads the owners again. Otherwise both statements match no
-        row: they write nothing and hold no lock (MySQL/MariaDB: in READ COMMITTED), so a
+        heartbeat changed when it reads the owners again. One statement, so a concurrent
+        ``mark_dead`` cannot come between a state check and the renewal. Otherwise it matches no
+        row: it writes nothing and hold no lock (MySQL/MariaDB: in READ COMMITTED), so a
         flush that stalls holds up no heartbeat and no reaper.
         """
         name = conn.dialect.name
         key = (name, older_than)
-        stmts = self._vouches.get(key)
-        if stmts is None:
+        stmt = self._vouches.get(key)
+        if stmt is None:
             inc = self.inc
-            me = inc.c.id == bindparam("jr_incarnation")
-            stmts = self._vouches[key] = (
+            stmt = self._vouches[key] = (
                 update(inc)
-                .where(me, inc.c.state == DEAD)
-                .values(heartbeat_at=db_now(name), state=RUNNING),
-                update(inc)
-                .where(me, inc.c.heartbeat_at < db_ago(name, older_than))
-                .values(heartbeat_at=db_now(name)),
+                .where(
+                    inc.c.id == bindparam("jr_incarnation"),
+                    or_(inc.c.state == DEAD, inc.c.heartbeat_at < db_ago(name, older_than)),
+                )
+                .values(
+                    heartbeat_at=db_now(name),
+                    state=case((inc.c.state == DEAD, RUNNING), else_=inc.c.state),
+                )
             )
-        params = {"jr_incarnation": incarnation_id}
-        if conn.execute(stmts[0], params).rowcount == 1:
-            return True
-        conn.execute(stmts[1], params)
-        return False
+        return bool(conn.execute(stmt, {"jr_incarnation": incarnation_id}).rowcount == 1)
 
     def upsert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert the rows; a known task id gets its row reset (``times_reaped`` kept)."""

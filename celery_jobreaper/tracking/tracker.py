@@ -186,8 +186,9 @@ class Tracker(BatchWriter):
             late = self._apply_explicitly(conn, rounds, revived if vouch else None)
         if revived[0]:
             logger.warning(
-                "jobreaper: this worker (%s) was declared dead by another reaper while it was "
-                "unresponsive; its jobs of that time were settled. Heartbeats resume now.",
+                "jobreaper: this worker (%s) had not heartbeated for a while (paused?): it may "
+                "have been declared dead by another reaper meanwhile, and its jobs of that time "
+                "settled. Heartbeats resume now.",
                 self.me.node,
             )
         return late
