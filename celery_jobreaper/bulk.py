@@ -150,6 +150,8 @@ def settler_for(
     started = cols.get("started_at")
     if not (_plain_text(cols["status"]) and _id_as_text(cols["id"])):
         return None
+    if started is None:
+        return None  # every start unknown: see any_start_unknown
     if kind is not None and not _plain_text(kind):
         return None
     error = source.target.error
@@ -178,6 +180,22 @@ def settler_for(
         started=started,
         ignore=ignore,
     )
+
+
+def any_start_unknown(conn: Connection, settler: BulkSettler) -> bool:
+    """Whether the settler's source has a row in a stale status with no start (one probe,
+    ``LIMIT 1``). Such rows are aged by the reaper's first sightings, noted every run and
+    batch by batch: the Python path does that (here every page would bind every sighting, and
+    runs with a live worker would note none), so the source is left to it."""
+    target, started = settler.source.target, settler.started
+    if started is None:
+        return True
+    probe = (
+        select(literal(1))
+        .where(target.status.in_(target.stale_statuses), started.is_(None))
+        .limit(1)
+    )
+    return conn.execute(probe).first() is not None
 
 
 def _plain_text(column: Any) -> bool:

@@ -194,6 +194,9 @@ def decide(
             return Decision(c, "leave", "owner worker is alive")
         if c.owner in view.unregistered_silent:
             age = _age(c, view.now)
+            seen = facts.first_seen.get(c.job_id)
+            if age is None and seen is not None:  # start unknown: aged by the first sighting
+                age = view.now - seen
             if age is not None and age > timedelta(seconds=settings.heartbeat_timeout):
                 return _fail(
                     c, view, f"on {c.owner}; {NEVER_REGISTERED}", cause=OWNER_NEVER_REGISTERED
@@ -232,8 +235,6 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
     heartbeat interval (its task may be taking its message, or writing its end, right now).
     """
     assert view.me is not None
-    if c.started_at is None:
-        return Decision(c, "leave", "owned by this node name, start time unknown")
     if c.task_id is None and facts.held_here:
         old = _older_than_max_age(c, view.now, settings)
         if old:
@@ -242,6 +243,21 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
     undecided = view.undecided_nodes.get(view.me.node)
     if undecided is not None:  # an earlier start of this name may still be running it
         return Decision(c, "leave", undecided)
+    if c.started_at is None:
+        # No task of this worker runs it (known as above); its age is how long this reaper
+        # has seen it, given a heartbeat interval as a row of this start is.
+        seen = facts.first_seen.get(c.job_id)
+        if seen is None or view.now - seen <= timedelta(seconds=settings.heartbeat_interval):
+            return Decision(c, "leave", "owned by this node name, start time unknown")
+        why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
+        return _fail(
+            c,
+            view,
+            f"on {c.owner}; {why}",
+            while_idle=not c.task_id,
+            unqueued=bool(c.task_id),
+            cause=POOL_PROCESS_LOST_CAUSE if c.task_id else OWN_JOB_NOT_RUNNING,
+        )
     if as_naive_utc(c.started_at) < view.me.started_at:
         return _fail(
             c,

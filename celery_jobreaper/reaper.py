@@ -287,8 +287,7 @@ class Reaper:
             now=tally.started_at,
             run_id=tally.run_id,
         )
-        if settler is not None:
-            self._reap_in_bulk(conn, source, settler, tally, view)
+        if settler is not None and self._reap_in_bulk(conn, source, settler, tally, view):
             return
         after: Any = None
         while True:
@@ -398,8 +397,9 @@ class Reaper:
         settler: bulk.BulkSettler,
         tally: Tally,
         view: LivenessView,
-    ) -> None:
-        """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`)."""
+    ) -> bool:
+        """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`);
+        ``False`` (nothing done): it has rows whose start is unknown, for the Python path."""
         after: Any = None
         while True:
             # Settled jobs come back one by one only if someone reads them (log, signal).
@@ -409,7 +409,9 @@ class Reaper:
                 if after is None and not _any_stale(conn, source):
                     # Nothing in a stale status: the batch statement (large: compiling it
                     # costs a worker start several ms) is not even built.
-                    return
+                    return True
+                if after is None and bulk.any_start_unknown(conn, settler):
+                    return False
                 # Rows whose start is unknown fail only once this reaper has seen them long
                 # enough (see sightings.py); those left alone come back, to be noted.
                 seen_before = (
@@ -427,7 +429,7 @@ class Reaper:
                         "jobreaper: this worker took a task during the reap; jobs without "
                         "owner are judged again next time"
                     )
-                    return
+                    return True
                 # Rows locked and changed, not committed: did a worker register (or come
                 # back) since liveness was judged? Then "no live worker" no longer holds.
                 came = (
@@ -441,7 +443,7 @@ class Reaper:
                     tally.candidates += got.seen
                     tally.left_alone.update(got.left_alone)
                     tally.left_alone[WORKER_APPEARED] += got.settled
-                    return
+                    return True
             # counted only once the batch is committed
             tally.candidates += got.seen
             tally.left_alone.update(got.left_alone)
@@ -452,7 +454,7 @@ class Reaper:
                 tally.per_source[source.name] += got.settled
                 tally.settled_by[(source.name, "", settler.cause)] += got.settled
             if not got.more:
-                return
+                return True
             after = got.last
 
     def _assess(self, conn: Any, sources: list[JobSource]) -> LivenessView:

@@ -41,7 +41,6 @@ import celery_jobreaper
 from celery_jobreaper import bulk, reaper, signals
 from celery_jobreaper.clock import format_age, utcnow
 from celery_jobreaper.planner import (
-    START_UNKNOWN_SEEN_BRIEFLY,
     UNOWNED_WHILE_WORKERS_LIVE,
     Decision,
 )
@@ -93,7 +92,7 @@ def job_table(
 
 
 def mixed_rows(int_ids: bool = False) -> list[dict[str, Any]]:
-    """Ages from seconds to days, NULL started_at, three statuses, kinds with LIKE specials."""
+    """Ages from seconds to days, three statuses, kinds with LIKE specials."""
     specs = [
         ("fresh", "running", "library_scan", ago(seconds=5.2)),
         ("half-minute", "scheduled", "library_scan", ago(seconds=30)),
@@ -104,8 +103,10 @@ def mixed_rows(int_ids: bool = False) -> list[dict[str, Any]]:
         ("day-and-more", "running", "file_identification", ago(days=1, hours=1)),
         ("three-days", "scheduled", "titledb_update", ago(days=3, hours=4, minutes=5, seconds=6)),
         ("long-ago", "running", "library_scan", ago(days=400, seconds=1)),
-        ("never-started", "running", "library_scan", None),
-        ("never-started-2", "scheduled", None, None),
+        # (rows whose start is unknown send the source to the Python path: see
+        # test_woken_scheduled.py; these two stand in their places)
+        ("six-hours", "running", "library_scan", ago(hours=6)),
+        ("six-hours-2", "scheduled", None, ago(hours=6, seconds=1)),
         ("no-kind", "running", None, ago(hours=5)),
         ("in-future", "running", "library_scan", NOW + timedelta(seconds=10)),
         ("done", "done", "library_scan", ago(days=2)),
@@ -322,13 +323,6 @@ SCENARIOS: dict[str, tuple[dict[str, Any], bool, dict[str, Any]]] = {
     # No other live worker: every stale row fails unless young or ignored; batches of 4 mix
     # settled, young and ignored rows, so the keyset must go on past pages settling nothing.
     "no-live-worker": ({"grace": 60, "policies": POLICIES, "batch_size": 4}, False, {}),
-    # The same, by a reaper that has seen one row whose start is unknown for longer than the
-    # heartbeat timeout (failed) and the other only just (left alone: see sightings.py).
-    "no-live-worker-seen-before": (
-        {"grace": 60, "policies": POLICIES, "batch_size": 4},
-        False,
-        {"seen": {"never-started-09": timedelta(hours=1), "never-started-2-10": timedelta(0)}},
-    ),
     # Another live worker: only rows older than max_age fail; the others are left with reasons.
     "live-worker-max-age": (
         {"grace": 10, "max_age": 3600, "policies": POLICIES, "batch_size": 5},
@@ -411,13 +405,6 @@ def test_set_based_path_settles_exactly_like_the_python_path(
         assert "was running for 1 day, 0:00:00 with" in errors["one-day-05"]
         assert "was scheduled for 3 days, 4:05:06 with" in errors["three-days-07"]
         assert "was running for 400 days, 0:00:01 with" in errors["long-ago-08"]
-        if scenario == "no-live-worker":  # never seen before: start unknown, left alone
-            assert slow.rows["never-started-09"][0] == "running"
-            assert left[START_UNKNOWN_SEEN_BRIEFLY] == 2
-        else:  # seen for an hour / just now
-            assert "it was running with no live worker" in errors["never-started-09"]
-            assert slow.rows["never-started-2-10"][0] == "scheduled"
-            assert left[START_UNKNOWN_SEEN_BRIEFLY] == 1
         assert slow.rows["percent-lookalike-18"][0] == "failed"
         assert slow.rows["kept-by-first-glob-23"][0] == "failed"
     if scenario == "live-worker-max-age":

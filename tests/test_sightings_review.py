@@ -1,6 +1,6 @@
-"""Adversarial review 2 (h-review2): findings on sightings, the vouch and late writes.
-
-Each test states the property it expects; a failing test is a finding (see the report)."""
+"""Adversarial review of first sightings, the tracker's vouch and late writes to result rows
+(DESIGN §2.1, §2.4 and the liveness bound). Each test states the property it expects; each
+failed on the code it was written against. Two are known limits, kept as strict xfails."""
 
 from __future__ import annotations
 
@@ -127,6 +127,12 @@ def test_start_unknown_settled_within_timeout_of_the_last_workers_death(
     assert _status(engine, table)[0] == "failed", (path, dead.left_alone)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (README, 'From any other process'): first sightings live in a worker's "
+    "reaper; a one-shot process never saw a row whose start is unknown and leaves it to a "
+    "worker's periodic reap",
+)
 def test_one_shot_reaps_never_settle_a_dead_nodes_started_result_row(
     db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Any]
 ) -> None:
@@ -224,7 +230,20 @@ def test_never_registered_owners_row_with_unknown_start_is_never_settled(
     assert _status(engine, table)[0] == "failed", [r.left_alone for r in reports]
 
 
-@pytest.mark.parametrize("writer", ["same", "longer"])
+@pytest.mark.parametrize(
+    "writer",
+    [
+        "same",
+        pytest.param(
+            "longer",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known limit (README): every process of a cluster must use the same "
+                "heartbeat settings; raise the timeout first, lower it last",
+            ),
+        ),
+    ],
+)
 def test_vouch_threshold_of_a_worker_with_longer_settings_than_the_reapers(
     db_url: str, engine_for: Callable[[str], Engine], writer: str
 ) -> None:
