@@ -28,18 +28,11 @@ the status again: each job is settled once, with one event, in the transaction o
 When the rule can fail no row (other live workers and no ``max_age``), one aggregate query
 counts the rows left alone instead.
 
-A row whose start is unknown (``NULL``, or no ``started_at`` column) fails on "no live worker"
-only once this reaper has seen it for the heartbeat timeout (:mod:`.sightings`): the ids of
-such rows seen long enough are bound as an array (``id = ANY(:jr_seen_before)``), and the ids of
-the others in the page come back (tagged) to be noted as seen. They are noted only in runs
-that find no live worker (the Python path notes every one it reads): a sighting from a run
-where workers were live is not needed to fail a row, and being later only delays it.
-
-The texts are the planner's: reasons come from its constants, and the error text is built in
-SQL from the pieces of :func:`~celery_jobreaper.planner.failure_error` around the status and
-the age (written as :func:`~celery_jobreaper.clock.format_age` does), then cut to the column
-like ``apply._fit``. Everything is SQLAlchemy Core: table and column names are never formatted
-into SQL text (DESIGN §2, invariant 8).
+A table with a stale row whose start is unknown (``NULL``, or no ``started_at`` column) is
+left to the Python path (:func:`any_start_unknown`): such a row is aged by the reaper's first
+sightings (:mod:`.sightings`), noted every run, batch by batch. One that appears after that
+probe still fails on "no live worker" here only if this reaper has seen it for the heartbeat
+timeout (``id = ANY(:jr_seen_before)``); the others come back (tagged) to be noted as seen.
 """
 
 from __future__ import annotations
