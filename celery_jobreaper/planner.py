@@ -249,15 +249,7 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
         seen = facts.first_seen.get(c.job_id)
         if seen is None or view.now - seen <= timedelta(seconds=settings.heartbeat_interval):
             return Decision(c, "leave", "owned by this node name, start time unknown")
-        why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
-        return _fail(
-            c,
-            view,
-            f"on {c.owner}; {why}",
-            while_idle=not c.task_id,
-            unqueued=bool(c.task_id),
-            cause=POOL_PROCESS_LOST_CAUSE if c.task_id else OWN_JOB_NOT_RUNNING,
-        )
+        return _not_run_here(c, view)
     if as_naive_utc(c.started_at) < view.me.started_at:
         return _fail(
             c,
@@ -268,16 +260,21 @@ def _own_node(c: Candidate, view: LivenessView, facts: TaskFacts, settings: Sett
         )
     age = _age(c, view.now)
     if age is not None and age > timedelta(seconds=settings.heartbeat_interval):
-        why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
-        return _fail(
-            c,
-            view,
-            f"on {c.owner}; {why}",
-            while_idle=not c.task_id,
-            unqueued=bool(c.task_id),
-            cause=POOL_PROCESS_LOST_CAUSE if c.task_id else OWN_JOB_NOT_RUNNING,
-        )
+        return _not_run_here(c, view)
     return Decision(c, "leave", "owned by this worker's current start")
+
+
+def _not_run_here(c: Candidate, view: LivenessView) -> Decision:
+    """Fail a row of this node name that no task of this worker runs (its pool process died)."""
+    why = POOL_PROCESS_LOST if c.task_id else HOLDS_NO_TASK
+    return _fail(
+        c,
+        view,
+        f"on {c.owner}; {why}",
+        while_idle=not c.task_id,
+        unqueued=bool(c.task_id),
+        cause=POOL_PROCESS_LOST_CAUSE if c.task_id else OWN_JOB_NOT_RUNNING,
+    )
 
 
 def _may_have_woken(
