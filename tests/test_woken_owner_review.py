@@ -10,7 +10,7 @@ failed on the code it was written against (main at b76ba37), except the controls
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, insert, select
 from sqlalchemy.engine import Engine
 from support import make_app
 from test_result_rows import SOURCE, apps, events, reap, register, started  # noqa: F401
+from test_woken_owner import silent_reaper
 from test_woken_worker import _paused_and_marked_dead
 
 import celery_jobreaper.reaper as reaper_module
@@ -35,30 +36,7 @@ from celery_jobreaper.schema import create_all, tables
 from celery_jobreaper.tracking import Tracker
 from celery_jobreaper.tracking.statements import Statements
 
-__all__ = ["apps"]
-
-
-@pytest.fixture
-def silent_reaper(
-    db_url: str, engine_for: Callable[[str], Engine]
-) -> Iterator[Callable[..., tuple[Reaper, Engine]]]:
-    """A reaper no worker answers (a woken -P solo worker is busy)."""
-    made: list[Database] = []
-
-    def make(**conf: object) -> tuple[Reaper, Engine]:
-        app = make_app(db_url, **conf)
-        settings = Settings.from_app(app)
-        db = Database.from_settings(settings)
-        made.append(db)
-        reaper = Reaper(
-            app, settings, db, ping=lambda nodes, timeout: set(), ask=lambda n, ids, t: set()
-        )
-        reaper.prepare_tables()
-        return reaper, engine_for(db_url)
-
-    yield make
-    for db in made:
-        db.dispose()
+__all__ = ["apps", "silent_reaper"]
 
 
 def _owner_row(engine: Engine, node: str, started_at: Any) -> None:
