@@ -9,8 +9,10 @@ already failed, or its backend stores ``SUCCESS`` over the ``FAILURE``). Instead
 periodic or manual reap (not the startup one, which must be quick) looks at the rows of those
 sources any reaper settled within ``jobreaper_late_write_window`` seconds (the ledger's ``settled``
 events, through an index on ``(action, at)``; nothing else is read when there are none) and
-records each row whose status is no longer the one jobreaper set: one ``late_write`` event,
-a warning and :data:`celery_jobreaper.signals.late_result`.
+records each row whose status is no longer the one jobreaper set, or that still holds it but was
+written over since (a result row's ``FAILURE`` whose traceback is no longer jobreaper's: the lost
+worker's own failure stored late): one ``late_write`` event, a warning and
+:data:`celery_jobreaper.signals.late_result`.
 
 Exactly once with any number of reapers: the settlement's event id is inserted into
 ``jobreaper_late_writes`` (its primary key) with "on conflict do nothing" in the transaction
@@ -51,7 +53,8 @@ class Watched(Protocol):
 
     @property
     def cols(self) -> Mapping[str, Any]:
-        """Its columns by role: ``id`` and ``status``; ``owner`` and ``task_id`` if it has them."""
+        """Its columns by role: ``id`` and ``status``; ``owner``, ``task_id`` and ``mark`` (a
+        column whose value tells jobreaper's settlement from another write) if it has them."""
         ...
 
     @property
@@ -62,6 +65,11 @@ class Watched(Protocol):
     def is_late_write(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
         """Whether a settled row now holding *status* (and *values* by role) was written by
         the settled run's late owner *owner* (not by a new run, nor by jobreaper's own fence)."""
+        ...
+
+    def is_written_over(self, values: Mapping[str, Any]) -> bool:
+        """Whether a settled row still holding the status jobreaper set was written again
+        since (by *values* by role, its ``mark`` above all): the same status, another outcome."""
         ...
 
 
@@ -168,7 +176,7 @@ def _check_source(
     run_id: int | None,
 ) -> list[LateWrite]:
     id_col, status_col = source.cols["id"], source.cols["status"]
-    roles = [r for r in ("owner", "task_id") if r in source.cols]
+    roles = [r for r in ("owner", "task_id", "mark") if r in source.cols]
     extra = [source.cols[r] for r in roles]
     by_key: dict[str, Any] = {row.job_id: row for row in settled}
     current: dict[str, tuple[Any, ...]] = {}
@@ -185,9 +193,11 @@ def _check_source(
     found: list[LateWrite] = []
     for key, row in by_key.items():
         now_row = current.get(key)
-        if now_row is None or now_row[0] is None or str(now_row[0]) == row.new_status:
-            continue  # unchanged (or deleted: no late result to record)
+        if now_row is None or now_row[0] is None:
+            continue  # deleted: no late result to record
         values = dict(zip(roles, now_row[1:], strict=True))
+        if str(now_row[0]) == row.new_status and not source.is_written_over(values):
+            continue  # unchanged
         if not source.is_late_write(str(now_row[0]), values, row.owner):
             continue
         late = LateWrite(

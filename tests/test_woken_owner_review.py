@@ -271,28 +271,33 @@ def test_a_stalled_tracker_transaction_does_not_hold_up_another_workers_start(
     assert started_in_time, "worker A's start waited >15 s for a stalled tracker's row lock"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: only the status is compared; a late FAILURE stored over jobreaper's "
-    "FAILURE keeps the status jobreaper set (its exception and traceback differ)",
-)
+@pytest.mark.parametrize("traceback", [None, "Traceback (most recent call last):\nValueError"])
 def test_a_lost_workers_late_failure_over_jobreapers_failure_is_recorded(
-    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery], traceback: str
 ) -> None:
     """DESIGN §2.4 ("cannot silently overwrite it; the late result is recorded"): the worker
     found dead was only paused; its task then raised, and Celery's backend stores its FAILURE
-    (its own exception and traceback) over jobreaper's FAILURE. Only the status is compared,
-    so the overwrite goes unrecorded."""
+    (its own exception, with or without a traceback) over jobreaper's FAILURE. The status is
+    the same: the traceback tells them apart. Before, only the status was compared and the
+    overwrite went unrecorded. Reaps before the late write record nothing (jobreaper's own
+    FAILURE is not a late write)."""
     engine = engine_for(db_url)
     create_all(engine)
     app = apps(db_url)
     register(engine, "dead@h", ago(minutes=10))
     started(app, "t-late", "dead@h")
     assert reap(app).settled == 1
-    app.backend.store_result("t-late", ValueError("the task's own error"), states.FAILURE)
+    reap(app)
+    assert [e for e in events(engine) if e.action == "late_write"] == []
+    app.backend.store_result(
+        "t-late", ValueError("the task's own error"), states.FAILURE, traceback=traceback
+    )
+    reap(app)
     reap(app)
     late = [e for e in events(engine) if e.action == "late_write"]
-    assert [e.job_id for e in late] == ["t-late"]
+    assert [(e.job_id, e.previous_status, e.new_status) for e in late] == [
+        ("t-late", states.FAILURE, states.FAILURE)
+    ]
 
 
 def test_a_pool_process_stalled_after_its_vouch_does_not_stop_the_workers_heartbeat(

@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: The statuses of a task that may still be running (or about to run again).
 STALE_STATUSES: tuple[str, ...] = (states.STARTED, states.RETRY)
 
+#: Text in the traceback jobreaper stores with a settled row's failure (see
+#: :meth:`ResultRowsSource.failure`); a ``FAILURE`` row without it was stored by someone else.
+FOUND_BY = "(found by jobreaper at "
+
 
 class ResultCodec(Protocol):
     """How one result backend stores a row: its table, the owner in it, a failure's values."""
@@ -101,6 +105,8 @@ class ResultRowsSource:
         }
         if "worker" in t.c:
             self.cols["owner"] = t.c["worker"]
+        if "traceback" in t.c:  # tells jobreaper's FAILURE from a late one
+            self.cols["mark"] = t.c["traceback"]
         self.target = SettleTarget(
             table=t,
             id=t.c.task_id,
@@ -127,6 +133,12 @@ class ResultRowsSource:
         if worker and owner:  # the worker column says whose write it is
             return str(worker) == owner and status != states.REVOKED
         return status in states.READY_STATES and status != states.REVOKED
+
+    def is_written_over(self, values: Mapping[str, Any]) -> bool:
+        """A ``FAILURE`` whose traceback is not the one jobreaper stored: the task's own
+        failure (the lost worker's, or a new run's) stored after the settlement. jobreaper
+        always stores a traceback, so none at all is another's write too."""
+        return FOUND_BY not in str(values.get("mark") or "")
 
     # --- reading --------------------------------------------------------------------------
 
@@ -240,7 +252,7 @@ class ResultRowsSource:
         c = decision.candidate
         worker = c.owner or "unknown (no worker recorded)"
         return WorkerLostError(
-            f"Worker lost: {worker} (found by jobreaper at {now:%Y-%m-%d %H:%M:%S} UTC). "
+            f"Worker lost: {worker} {FOUND_BY}{now:%Y-%m-%d %H:%M:%S} UTC). "
             f"{decision.error or decision.reason}"
         )
 

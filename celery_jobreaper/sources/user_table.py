@@ -305,6 +305,11 @@ class UserTableSource:
         """Any status but the one jobreaper set is a late write (the application's own)."""
         return True
 
+    def is_written_over(self, values: Mapping[str, Any]) -> bool:
+        """A row still holding the status jobreaper set is taken as unchanged (a user table
+        has no column telling jobreaper's write from the application's)."""
+        return False
+
     def __init__(self, spec: SourceSpec, table: Table) -> None:
         self.spec = spec
         self.name = spec.name
