@@ -53,8 +53,13 @@ class Watched(Protocol):
 
     @property
     def cols(self) -> Mapping[str, Any]:
-        """Its columns by role: ``id`` and ``status``; ``owner``, ``task_id`` and ``mark`` (a
-        column whose value tells jobreaper's settlement from another write) if it has them."""
+        """Its columns by role: ``id`` and ``status``; ``owner`` and ``task_id`` if it has them."""
+        ...
+
+    @property
+    def compared(self) -> Mapping[str, Any]:
+        """The columns read besides ``id`` and ``status``, by name: ``owner`` and ``task_id``
+        if it has them, and whatever tells jobreaper's settlement from a later write."""
         ...
 
     @property
@@ -67,9 +72,14 @@ class Watched(Protocol):
         the settled run's late owner *owner* (not by a new run, nor by jobreaper's own fence)."""
         ...
 
+    def is_new_run(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
+        """Whether the row now holds a new run of the task (not the settled run's late owner
+        *owner*): the settlement is then done with, and later writes are that run's."""
+        ...
+
     def is_written_over(self, values: Mapping[str, Any]) -> bool:
         """Whether a settled row still holding the status jobreaper set was written again
-        since (by *values* by role, its ``mark`` above all): the same status, another outcome."""
+        since (*values*: :attr:`compared` by name): the same status, another outcome."""
         ...
 
 
@@ -79,7 +89,8 @@ _CHUNK = 500
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LateWrite:
-    """A settled user-table row whose status changed afterwards (recorded in the ledger)."""
+    """A settled row written afterwards by someone else (recorded in the ledger): its status
+    changed, or it holds the same status with another outcome (a result row's ``FAILURE``)."""
 
     source: str
     job_id: str
@@ -176,8 +187,8 @@ def _check_source(
     run_id: int | None,
 ) -> list[LateWrite]:
     id_col, status_col = source.cols["id"], source.cols["status"]
-    roles = [r for r in ("owner", "task_id", "mark") if r in source.cols]
-    extra = [source.cols[r] for r in roles]
+    roles = list(source.compared)
+    extra = [source.compared[r] for r in roles]
     by_key: dict[str, Any] = {row.job_id: row for row in settled}
     current: dict[str, tuple[Any, ...]] = {}
     ids = [x for x in (_as_id(id_col, k) for k in by_key) if x is not None]
@@ -196,16 +207,20 @@ def _check_source(
         if now_row is None or now_row[0] is None:
             continue  # deleted: no late result to record
         values = dict(zip(roles, now_row[1:], strict=True))
-        if str(now_row[0]) == row.new_status and not source.is_written_over(values):
+        status = str(now_row[0])
+        if status == row.new_status and not source.is_written_over(values):
             continue  # unchanged
-        if not source.is_late_write(str(now_row[0]), values, row.owner):
+        if source.is_new_run(status, values, row.owner):
+            _claim(conn, tables, row.id, now)  # done with: later writes are the new run's
+            continue
+        if not source.is_late_write(status, values, row.owner):
             continue
         late = LateWrite(
             source=source.name,
             job_id=key,
             settled_as=row.new_status,
             settled_at=row.at,
-            status=str(now_row[0]),
+            status=status,
             task_id=row.task_id or _text(values.get("task_id")),
             owner=row.owner or _text(values.get("owner")),
             kind=row.kind,
@@ -264,7 +279,7 @@ def _event(w: LateWrite) -> ledger.Event:
         source=w.source,
         job_id=w.job_id,
         reason=(
-            f"late write: status set to {w.status!r} after jobreaper had settled it as "
+            f"late write: {_what(w)} after jobreaper had settled it as "
             f"{w.settled_as!r} at {w.settled_at:%Y-%m-%d %H:%M:%S} UTC ({w.note})"
         ),
         task_id=w.task_id,
@@ -275,15 +290,28 @@ def _event(w: LateWrite) -> ledger.Event:
     )
 
 
+def _what(w: LateWrite) -> str:
+    """What was written: another status, or the same status with another outcome."""
+    if w.status == w.settled_as:
+        return f"written over with another {w.status!r} (not jobreaper's)"
+    return f"status set to {w.status!r}"
+
+
+def _now_holds(w: LateWrite) -> str:
+    if w.status == w.settled_as:
+        return f"it holds another {safe(w.status)} (not jobreaper's)"
+    return f"its status is now {safe(w.status)}"
+
+
 def report(sender: Any, found: Sequence[LateWrite]) -> None:
     """After the commit: log each late write and send :data:`signals.late_result`."""
     for w in found:
         logger.warning(
-            "jobreaper: late write to %s job %s: its status is now %s, after jobreaper had "
+            "jobreaper: late write to %s job %s: %s, after jobreaper had "
             "settled it as %s at %s UTC (owner %s, task %s); %s; recorded in the ledger",
             safe(w.source),
             safe(w.job_id),
-            safe(w.status),
+            _now_holds(w),
             safe(w.settled_as),
             f"{w.settled_at:%Y-%m-%d %H:%M:%S}",
             safe(w.owner),

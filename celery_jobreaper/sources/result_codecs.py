@@ -39,8 +39,12 @@ class SQLAlchemyResultCodec:
 
     def hostname(self, result: Any, extra: Sequence[Any]) -> str | None:
         """The hostname in the stored ``{"pid", "hostname"}``, decoded by the backend."""
-        meta = self.backend.decode(ensure_bytes(result))
+        meta = self.decode(result, extra)
         return meta.get("hostname") if isinstance(meta, dict) else None
+
+    def decode(self, result: Any, extra: Sequence[Any]) -> Any:
+        """The stored result as the backend decodes it (may raise if unreadable)."""
+        return self.backend.decode(ensure_bytes(result))
 
     def failure_values(self, exc: BaseException, now: datetime) -> dict[str, Any]:
         """``result`` as ``DatabaseBackend._update_result`` encodes an exception."""
@@ -72,8 +76,12 @@ class DjangoResultCodec:
 
     def hostname(self, result: Any, extra: Sequence[Any]) -> str | None:
         """The hostname in the stored result, read by ``decode_content``."""
-        meta = self.backend.decode_content(_Encoded(extra[0]), result)
+        meta = self.decode(result, extra)
         return meta.get("hostname") if isinstance(meta, dict) else None
+
+    def decode(self, result: Any, extra: Sequence[Any]) -> Any:
+        """The stored result as ``decode_content`` reads it (may raise if unreadable)."""
+        return self.backend.decode_content(_Encoded(extra[0]), result)
 
     def failure_values(self, exc: BaseException, now: datetime) -> dict[str, Any]:
         """The content columns as ``DatabaseBackend._store_result`` writes an exception."""

@@ -33,6 +33,7 @@ from ..clock import as_naive_utc
 from ..schema import JobReaperTables
 from ..textsafe import safe
 from .base import Candidate, SettleTarget
+from .result_codecs import traceback_text
 
 if TYPE_CHECKING:
     from ..planner import Decision
@@ -42,9 +43,14 @@ logger = logging.getLogger(__name__)
 #: The statuses of a task that may still be running (or about to run again).
 STALE_STATUSES: tuple[str, ...] = (states.STARTED, states.RETRY)
 
-#: Text in the traceback jobreaper stores with a settled row's failure (see
-#: :meth:`ResultRowsSource.failure`); a ``FAILURE`` row without it was stored by someone else.
+#: Text in the message of the failure jobreaper stores on a settled row (see
+#: :meth:`ResultRowsSource.failure`).
 FOUND_BY = "(found by jobreaper at "
+#: How the traceback jobreaper stores begins: the exception alone (it was not raised), where
+#: a task's own stored failure has a whole traceback (``Traceback (most recent call last):``).
+OWN_TRACEBACK = traceback_text(WorkerLostError("Worker lost: ")).rstrip("\n")
+#: Exceptions with which Celery's worker itself reports the loss of a pool process.
+LOSS_REPORTS = frozenset({"WorkerLostError", "TimeLimitExceeded"})
 
 
 class ResultCodec(Protocol):
@@ -58,6 +64,10 @@ class ResultCodec(Protocol):
 
     def hostname(self, result: Any, extra: Sequence[Any]) -> str | None:
         """The ``hostname`` stored in a ``STARTED`` row's result (may raise if unreadable)."""
+        ...
+
+    def decode(self, result: Any, extra: Sequence[Any]) -> Any:
+        """The stored result as the backend decodes it (may raise if unreadable)."""
         ...
 
     def failure_values(self, exc: BaseException, now: datetime) -> dict[str, Any]:
@@ -105,8 +115,14 @@ class ResultRowsSource:
         }
         if "worker" in t.c:
             self.cols["owner"] = t.c["worker"]
-        if "traceback" in t.c:  # tells jobreaper's FAILURE from a late one
-            self.cols["mark"] = t.c["traceback"]
+        #: columns read to tell jobreaper's settlement from a later write (late_writes)
+        self.compared: dict[str, Any] = {
+            role: self.cols[role] for role in ("owner", "task_id") if role in self.cols
+        }
+        self.compared["result"] = t.c.result
+        self.compared.update((c.name, c) for c in self.extra)
+        if "traceback" in t.c:
+            self.compared["traceback"] = t.c["traceback"]
         self.target = SettleTarget(
             table=t,
             id=t.c.task_id,
@@ -134,11 +150,49 @@ class ResultRowsSource:
             return str(worker) == owner and status != states.REVOKED
         return status in states.READY_STATES and status != states.REVOKED
 
+    def is_new_run(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
+        """A ``STARTED`` row whose stored result names another node than the lost one: the
+        task id runs again (an app that reuses task ids), so its outcome is not a late write
+        of the lost worker. (With the ``worker`` column, :meth:`is_late_write` says so.)"""
+        if status != states.STARTED or not owner or values.get("owner"):
+            return False
+        extra = [values.get(c.name) for c in self.extra]
+        now_owner = self.owner_of(status, None, values.get("result"), extra)
+        return isinstance(now_owner, str) and now_owner != owner
+
     def is_written_over(self, values: Mapping[str, Any]) -> bool:
-        """A ``FAILURE`` whose traceback is not the one jobreaper stored: the task's own
-        failure (the lost worker's, or a new run's) stored after the settlement. jobreaper
-        always stores a traceback, so none at all is another's write too."""
-        return FOUND_BY not in str(values.get("mark") or "")
+        """A ``FAILURE`` that is not the one jobreaper stored: the task's own failure (the
+        lost worker's, or a new run's) stored after the settlement.
+
+        jobreaper's own has the bare ``WorkerLostError: Worker lost: … (found by jobreaper
+        at …)`` line as its traceback (a task that re-raises or chains that error has a whole
+        traceback). Not written over either: a ``WorkerLostError`` or ``TimeLimitExceeded``
+        without jobreaper's text, Celery's worker reporting the same loss of a pool process
+        (it writes it just after it let go of the task, so a reap may settle the row first).
+        """
+        if "traceback" not in values:
+            return False  # no column to tell them apart: the status alone decides
+        text = str(values["traceback"] or "")
+        first = text.split("\n", 1)[0]
+        if first.startswith(OWN_TRACEBACK) and FOUND_BY in first:
+            return False
+        reported = self._exception(values)
+        return not (
+            reported is not None and reported[0] in LOSS_REPORTS and FOUND_BY not in reported[1]
+        )
+
+    def _exception(self, values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The stored exception's class name and message (``None``: unreadable)."""
+        extra = [values.get(c.name) for c in self.extra]
+        try:
+            stored = self.codec.decode(values.get("result"), extra)
+        except Exception:
+            return None
+        if isinstance(stored, BaseException):  # a pickled exception
+            return type(stored).__name__, str(stored)
+        if isinstance(stored, dict) and "exc_type" in stored:
+            return str(stored["exc_type"]).rsplit(".", 1)[-1], str(stored.get("exc_message"))
+        return None
 
     # --- reading --------------------------------------------------------------------------
 

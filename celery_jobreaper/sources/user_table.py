@@ -305,6 +305,15 @@ class UserTableSource:
         """Any status but the one jobreaper set is a late write (the application's own)."""
         return True
 
+    @property
+    def compared(self) -> dict[str, Column[Any]]:
+        """Columns read by late-write checks besides id and status: owner and task id."""
+        return {role: self.cols[role] for role in ("owner", "task_id") if role in self.cols}
+
+    def is_new_run(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
+        """Never told apart: any other status is the application's own (late) write."""
+        return False
+
     def is_written_over(self, values: Mapping[str, Any]) -> bool:
         """A row still holding the status jobreaper set is taken as unchanged (a user table
         has no column telling jobreaper's write from the application's)."""

@@ -1,0 +1,181 @@
+"""A result row's FAILURE written over jobreaper's FAILURE (DESIGN §2.4): what is a late write
+and what is not. Found by the adversarial review of that check; each test failed on the code it
+was written against."""
+
+from __future__ import annotations
+
+import traceback as tb
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, states
+from celery.result import AsyncResult
+from jobtables import ago
+from sqlalchemy.engine import Engine
+from test_result_rows import apps, events, reap, register, started
+
+from celery_jobreaper.schema import create_all
+
+__all__ = ["apps"]
+
+
+def _late(engine: Engine) -> list[Any]:
+    return [e for e in events(engine) if e.action == "late_write"]
+
+
+def test_a_late_failure_chained_to_a_settled_subtasks_error_is_recorded(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """Worker A (paused, found dead) ran T, which waits on S's result
+    (S ran on B, which really died). jobreaper settles both. A wakes: S.get() raises the
+    WorkerLostError jobreaper stored for S; T fails with it (or with its own error chained to
+    it) and Celery's backend stores T's FAILURE with that traceback over jobreaper's FAILURE.
+    T's traceback quotes jobreaper's text ("(found by jobreaper at "), yet it is T's own
+    failure: recorded."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "a@h", ago(minutes=10))
+    register(engine, "b@h", ago(minutes=10))
+    started(app, "t-T", "a@h")
+    started(app, "t-S", "b@h")
+    assert reap(app).settled == 2
+    # A wakes; T's code: S.get() (allow_join_result / disable_sync_subtasks=False)
+    try:
+        try:
+            AsyncResult("t-S", app=app).get(disable_sync_subtasks=False, timeout=1)
+        except Exception as sub:
+            raise RuntimeError("report build failed: a subtask failed") from sub
+    except RuntimeError as exc:
+        text = tb.format_exc()  # what Celery stores (ExceptionInfo.traceback)
+        app.backend.store_result("t-T", exc, states.FAILURE, traceback=text)
+    assert AsyncResult("t-T", app=app).state == states.FAILURE
+    assert "RuntimeError: report build failed" in (AsyncResult("t-T", app=app).traceback or "")
+    reap(app)
+    assert [e.job_id for e in _late(engine)] == ["t-T"], "T's late FAILURE went unrecorded"
+
+
+def test_a_late_failure_reraising_a_settled_subtasks_error_is_recorded(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """The same without chaining: T does S.get() and lets the error propagate (the
+    default): T's own FAILURE is the WorkerLostError of S (its own traceback, header and
+    frames of T's code): recorded."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "a@h", ago(minutes=10))
+    register(engine, "b@h", ago(minutes=10))
+    started(app, "t-T", "a@h")
+    started(app, "t-S", "b@h")
+    assert reap(app).settled == 2
+    try:
+        AsyncResult("t-S", app=app).get(disable_sync_subtasks=False, timeout=1)
+    except Exception as exc:
+        app.backend.store_result("t-T", exc, states.FAILURE, traceback=tb.format_exc())
+    assert (AsyncResult("t-T", app=app).traceback or "").startswith("Traceback (most recent")
+    reap(app)
+    assert [e.job_id for e in _late(engine)] == ["t-T"], "T's late FAILURE went unrecorded"
+
+
+def _own_reap(app: Celery, me: Any) -> Any:
+    """A periodic reap in worker *me*'s own process: it holds no task (the pool process
+    that ran t-oom died; Celery's on_failure already called task_ready)."""
+    from sqlalchemy import MetaData, Table, inspect, select
+
+    from celery_jobreaper import Settings
+    from celery_jobreaper.database import Database
+    from celery_jobreaper.reaper import Reaper
+    from celery_jobreaper.sightings import Sightings
+
+    settings = Settings.from_app(app)
+    db = Database.from_settings(settings)
+    sightings = Sightings()
+    if inspect(db.engine).has_table("celery_taskmeta"):
+        table = Table("celery_taskmeta", MetaData(), autoload_with=db.engine)
+        with db.engine.connect() as conn:
+            ids = conn.execute(select(table.c.task_id).where(table.c.status == "STARTED"))
+            sightings.note("celery_taskmeta", list(ids.scalars()), ago(hours=1))
+    reaper = Reaper(
+        app,
+        settings,
+        db,
+        me=me,
+        held=set,
+        ping=lambda nodes, timeout: set(),
+        ask=lambda nodes, ids, timeout: set(),
+        sightings=sightings,
+    )
+    try:
+        return reaper.run("periodic")
+    finally:
+        db.dispose()
+
+
+def test_celerys_own_report_of_a_lost_pool_process_after_the_settle_is_not_a_late_write(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """Worker me@h is alive; a pool process running
+    t-oom is OOM-killed. Celery's Request.on_failure calls task_ready(self) (the task leaves
+    the worker's held set) and then backend.mark_as_failure(WorkerLostError). A periodic reap
+    of the same worker that runs between the two settles the row (POOL_PROCESS_LOST, DESIGN §4)
+    and Celery's FAILURE then lands over it. Nothing late happened (the owner is alive; it is
+    Celery's normal bookkeeping of the same loss), yet the next reap records a late_write
+    ("the worker found dead finished the task after all"): it must not."""
+    from billiard.exceptions import WorkerLostError
+    from celery.app.task import Context
+
+    from celery_jobreaper.incarnation import Incarnation
+    from celery_jobreaper.liveness import Liveness
+    from celery_jobreaper.schema import tables
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    me = Incarnation.new("me@h")
+    with engine.begin() as conn:
+        Liveness(tables, heartbeat_timeout=60).register(conn, me)
+    started(app, "t-oom", "me@h")
+    first = _own_reap(app, me)
+    assert first.settled == 1, first
+    assert "no longer held" in (AsyncResult("t-oom", app=app).traceback or "")
+    # ... and now Celery's on_failure goes on: mark_as_failure (Request.on_failure)
+    try:
+        raise WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL) Job: 0.")
+    except WorkerLostError as exc:
+        app.backend.mark_as_failure(
+            "t-oom", exc, traceback=tb.format_exc(), request=Context(hostname="me@h")
+        )
+    _own_reap(app, me)
+    late = _late(engine)
+    assert late == [], [(e.job_id, e.previous_status, e.new_status, e.reason) for e in late]
+
+
+def test_a_new_run_of_a_reused_task_id_that_fails_is_not_a_late_write(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """jobreaper supports apps that reuse deterministic task ids
+    (it un-revokes a settled id once its message is gone, test_forget_settled). The app
+    re-sends the settled task id; a live worker runs it (STARTED naming live@h: not a late
+    write, test_a_new_run_of_a_settled_task_id_on_a_live_worker_is_not_a_late_result) and it
+    fails on its own. Without result_extended, the STARTED naming live@h seen by a reap says
+    the settlement is done with: the new run's outcome is not a late write of dead@h."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "dead@h", ago(minutes=10))
+    register(engine, "live@h", ago(seconds=1))
+    started(app, "nightly-2026-12-02", "dead@h")
+    assert reap(app).settled == 1
+    started(app, "nightly-2026-12-02", "live@h")  # the new run
+    reap(app)
+    assert _late(engine) == []
+    app.backend.store_result(
+        "nightly-2026-12-02",
+        ValueError("upstream down"),
+        states.FAILURE,
+        traceback="Traceback (most recent call last):\nValueError: upstream down",
+    )
+    reap(app)
+    late = _late(engine)
+    assert late == [], [(e.job_id, e.owner, e.new_status) for e in late]
