@@ -49,44 +49,29 @@ from sqlalchemy import (
     ColumnElement,
     DateTime,
     Integer,
-    Interval,
     String,
     Text,
     Uuid,
     and_,
-    any_,
     bindparam,
-    case,
     cast,
     column,
-    false,
     func,
     insert,
     literal,
     null,
-    or_,
     select,
-    true,
     union_all,
     update,
 )
 from sqlalchemy.engine import Connection
 
 from .apply import error_length
-from .clock import format_age
-from .ledger import CUT_MARK, ledger_cut_note, ledger_length
-from .pgarrays import Array, send_arrays_in_binary
-from .planner import (
-    NO_LIVE_WORKER_LEFT,
-    START_UNKNOWN_SEEN_BRIEFLY,
-    UNOWNED_WHILE_WORKERS_LIVE,
-    YOUNGER_THAN_GRACE,
-    YOUNGER_THAN_HEARTBEAT_TIMEOUT,
-    Decision,
-    failure_error,
-    older_than_max_age,
-    policy_ignored,
-)
+from .bulkrule import FAIL, UNKNOWN_START, BulkRule, glob_to_like, reason_for
+from .bulktext import error_text, fit, fit_ledger
+from .ledger import ledger_length
+from .pgarrays import send_arrays_in_binary
+from .planner import NO_LIVE_WORKER_LEFT, Decision, older_than_max_age
 from .rules import OwnerlessRule
 from .schema import JobReaperTables
 from .settings import Settings
@@ -97,12 +82,10 @@ from .vocabulary import MAX_AGE, NO_LIVE_WORKER, SETTLED
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True
 
-# Verdicts computed in SQL (the order of planner.decide's rules for rows without owner).
-_FAIL, _IGNORED, _YOUNG, _UNPROVABLE, _ALONE_YOUNG, _UNKNOWN_START = 0, 1, 2, 3, 4, 5
-# Tags of the result rows besides verdicts: a settled job, the page summary, and a row whose
-# start is unknown left alone (its id, to note as seen: see :mod:`.sightings`).
+# Tags of the result rows besides verdicts (:mod:`.bulkrule`): a settled job, the page
+# summary, and a row whose start is unknown left alone (its id, to note as seen: see
+# :mod:`.sightings`).
 _SETTLED, _PAGE, _SEEN = -1, -2, -3
-_LIKE_ESCAPE = "\\"
 
 
 @dataclasses.dataclass
@@ -158,7 +141,7 @@ def settler_for(
         while rules and rules[-1][1] != "ignore":
             rules.pop()  # trailing 'fail' globs change nothing: 'fail' is the default
         for pattern, action in rules:
-            like = _glob_to_like(pattern)
+            like = glob_to_like(pattern)
             if like is None:
                 return None
             ignore.append((like, action == "ignore"))
@@ -206,23 +189,6 @@ def _id_as_text(column: Any) -> bool:
     return isinstance(column.type, (Integer, Uuid)) or _plain_text(column)
 
 
-def _glob_to_like(pattern: str) -> str | None:
-    """An fnmatch glob as a LIKE pattern (escape ``\\``), or ``None`` if it has ``[``."""
-    if "[" in pattern:
-        return None
-    out = []
-    for ch in pattern:
-        if ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        elif ch in ("%", "_", _LIKE_ESCAPE):
-            out.append(_LIKE_ESCAPE + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 class BulkSettler:
     """Settles one source's stale rows batch by batch, one statement per batch."""
 
@@ -245,7 +211,6 @@ class BulkSettler:
         self.batch_size = settings.batch_size
         self.kind = kind
         self.started = started
-        self.ignore = ignore
         none_live = rule.nobody_could_run  # the one rule for jobs without owner (rules.py)
         self.rule = rule
         #: the *where* of every failure in this run (``None``: the rule fails no row)
@@ -253,7 +218,15 @@ class BulkSettler:
         if not none_live and settings.max_age is not None:
             self.where = older_than_max_age(settings.max_age)
         self.none_live = none_live
-        self.has_max_age = settings.max_age is not None
+        #: the rule's verdicts in SQL
+        self.sql_rule = BulkRule(
+            self.target,
+            kind,
+            started,
+            tuple(ignore),
+            none_live=none_live,
+            has_max_age=settings.max_age is not None,
+        )
         self.params: dict[str, Any] = {
             "jr_now": now,
             "jr_young_after": now - timedelta(seconds=settings.grace),
@@ -312,7 +285,7 @@ class BulkSettler:
             elif tag == _PAGE:
                 seen, last = row[6], row[1]
             else:
-                left[_reason(tag, row[3])] += row[6]
+                left[reason_for(tag, row[3])] += row[6]
         return BatchResult(seen, settled, left, seen >= self.batch_size, last, rows, unseen)
 
     @property
@@ -339,7 +312,7 @@ class BulkSettler:
 
     def _count_all(self, conn: Connection) -> BatchResult:
         rows = (
-            select(self._kind_text().label("jr_kind"), self._verdict().label("jr_verdict"))
+            select(self._kind_text().label("jr_kind"), self.sql_rule.verdict().label("jr_verdict"))
             .where(self._stale(after=False))
             .subquery("jr_rows")
         )
@@ -348,114 +321,8 @@ class BulkSettler:
         )
         left: Counter[str] = Counter()
         for verdict, kind, count in conn.execute(stmt, self.params):
-            left[_reason(verdict, kind)] += count
+            left[reason_for(verdict, kind)] += count
         return BatchResult(sum(left.values()), 0, left, more=False, last=None)
-
-    # -- the planner's rule for rows without owner, in SQL ----------------------------------
-
-    def _started_utc(self) -> ColumnElement[Any] | None:
-        """started_at as naive UTC (what ``clock.as_naive_utc`` makes of it in Python).
-
-        A naive column is read in the source's zone, as :func:`~celery_jobreaper.timezones.
-        localize` does (``timezone(zone, ts)`` takes the later instant of an ambiguous time).
-        """
-        if self.started is None:
-            return None
-        if getattr(self.started.type, "timezone", False):
-            return func.timezone(literal("UTC", Text), self.started)
-        zone = self.target.zone
-        if zone is not None:
-            local = func.timezone(literal(str(zone), Text), self.started)
-            return func.timezone(literal("UTC", Text), local)
-        return self.started  # type: ignore[no-any-return]
-
-    def _ignored(self) -> ColumnElement[bool]:
-        """The first policy glob matching the kind says 'ignore' (``fnmatchcase`` as LIKE)."""
-        if not any(is_ignore for _, is_ignore in self.ignore):
-            return false()
-        kind = cast(self.kind, Text)
-        return case(
-            *(
-                (kind.like(like, escape=_LIKE_ESCAPE), true() if is_ignore else false())
-                for like, is_ignore in self.ignore
-            ),
-            else_=false(),
-        )
-
-    def _young(self) -> ColumnElement[bool]:
-        """``now - started_at < grace``; never for a NULL started_at."""
-        started = self._started_utc()
-        if started is None:
-            return false()
-        return and_(started.is_not(None), started > bindparam("jr_young_after", type_=DateTime()))
-
-    def _start_unknown(self) -> ColumnElement[bool]:
-        """A NULL started_at (every row, without the column)."""
-        started = self._started_utc()
-        return true() if started is None else started.is_(None)
-
-    def _seen_long_enough(self) -> ColumnElement[bool]:
-        """The row's id is one of ``jr_seen_before`` (a row whose start is unknown that this
-        reaper has seen for the heartbeat timeout: the ids are bound by :meth:`batch`)."""
-        t = self.target
-        return t.id == any_(bindparam("jr_seen_before", type_=Array(t.id.type)))
-
-    def _provably_stale(self) -> ColumnElement[bool]:
-        """No other live worker and ``now - started_at`` over the heartbeat timeout (or, for a
-        NULL started_at, seen by this reaper for that long), or ``now - started_at > max_age``
-        (:class:`~celery_jobreaper.rules.OwnerlessRule`)."""
-        started = self._started_utc()
-        if self.none_live:
-            if started is None:
-                return self._seen_long_enough()
-            return or_(
-                and_(started.is_(None), self._seen_long_enough()),
-                started < bindparam("jr_alone_before", type_=DateTime()),
-            )
-        if started is None or not self.has_max_age:
-            return false()
-        return and_(started.is_not(None), started < bindparam("jr_old_before", type_=DateTime()))
-
-    def _verdict(self) -> ColumnElement[int]:
-        whens: list[tuple[ColumnElement[bool], ColumnElement[int]]] = [
-            (self._ignored(), literal(_IGNORED)),
-            (self._young(), literal(_YOUNG)),
-            (self._provably_stale(), literal(_FAIL)),
-        ]
-        if self.none_live:
-            whens.append((self._start_unknown(), literal(_UNKNOWN_START)))
-        return cast(
-            case(*whens, else_=literal(_ALONE_YOUNG if self.none_live else _UNPROVABLE)),
-            Integer,
-        )
-
-    def _error_text(self, status: ColumnElement[Any]) -> ColumnElement[Any]:
-        """planner._fail's error text for a row of the table that has (had) *status*.
-
-        The constant pieces are cut out of :func:`~celery_jobreaper.planner.failure_error`
-        itself, so the two paths cannot drift apart.
-        """
-        assert self.where is not None
-        s, a = "\x00status\x00", "\x00age\x00"
-        head, rest = failure_error(s, a, self.where).split(s)
-        mid, tail = rest.split(a)
-        bare_head, bare_tail = failure_error(s, None, self.where).split(s)
-        status_text = cast(status, Text)
-        bare = _text(bare_head) + status_text + _text(bare_tail)
-        started = self._started_utc()
-        if started is None:
-            return bare
-        age = _format_age(bindparam("jr_now", type_=DateTime()) - started)
-        aged = _text(head) + status_text + _text(mid) + age + _text(tail)
-        return case((started.is_(None), bare), else_=aged)
-
-    def _fit(self, text: ColumnElement[str]) -> ColumnElement[str]:
-        """The error text cut to the error column's length, as ``apply._fit`` does."""
-        length = error_length(self.target)
-        if length is None:
-            return text
-        cut = func.left(text, literal(max(0, length - 1))) + _text(CUT_MARK)
-        return case((func.char_length(text) > literal(length), cut), else_=text)
 
     # -- statements --------------------------------------------------------------------------
 
@@ -469,8 +336,12 @@ class BulkSettler:
     def _kind_text(self) -> ColumnElement[Any]:
         return cast(null(), Text) if self.kind is None else cast(self.kind, Text)
 
+    def _error_text(self, status: ColumnElement[Any], where: str) -> ColumnElement[Any]:
+        return error_text(status, where, self.sql_rule.started_utc())
+
     def _batch_statement(self, after: bool, detail: bool) -> Any:
-        target, ev = self.target, self.events
+        target, ev, where = self.target, self.events, self.where
+        assert where is not None
         # Locking the page itself (LIMIT over the rows not locked by another reaper) keeps
         # the keyset exact: a page shorter than the batch size means no unlocked stale row
         # is left after it. Rows changed since the statement began are re-checked as locked.
@@ -482,7 +353,7 @@ class BulkSettler:
                 target.id.label("jr_id"),
                 target.status.label("jr_status"),
                 self._kind_text().label("jr_kind"),
-                self._verdict().label("jr_verdict"),
+                self.sql_rule.verdict().label("jr_verdict"),
             )
             .where(self._stale(after=after))
             .order_by(target.id)
@@ -501,11 +372,11 @@ class BulkSettler:
                 "jr_completed", type_=target.completed_at.type
             )
         if target.error is not None:
-            values[target.error.name] = self._fit(self._error_text(target.status))
+            values[target.error.name] = fit(self._error_text(target.status, where), target)
         if target.error is not None and error_length(target) is None:
             error = target.error  # the text as stored is the whole text
         else:
-            error = self._error_text(page.c.jr_status)
+            error = self._error_text(page.c.jr_status, where)
         upd = (
             update(target.table)
             # By address: the row version locked above, without a second index search. The
@@ -513,7 +384,7 @@ class BulkSettler:
             .where(
                 ctid == page.c.jr_ctid,
                 target.id == page.c.jr_id,
-                page.c.jr_verdict == literal(_FAIL),
+                page.c.jr_verdict == literal(FAIL),
                 self._stale(after=False),
             )
             .values(**values)
@@ -536,7 +407,7 @@ class BulkSettler:
             ("kind", upd.c.jr_kind, String(1) if self.kind is None else self.kind.type),
             ("previous_status", cast(upd.c.jr_status, Text), target.status.type),
         ):
-            fitted[name], note = _fit_ledger(value, ledger_length(ev.c[name]), source_type, name)
+            fitted[name], note = fit_ledger(value, ledger_length(ev.c[name]), source_type, name)
             if note is not None:
                 notes.append(note)
         reason: ColumnElement[Any] = upd.c.jr_error
@@ -587,7 +458,7 @@ class BulkSettler:
                 null(),
                 cast(func.count(), BigInteger),
             )
-            .where(page.c.jr_verdict != literal(_FAIL))
+            .where(page.c.jr_verdict != literal(FAIL))
             .group_by(page.c.jr_verdict, page.c.jr_kind)
         )
         last = select(page.c.jr_id).order_by(page.c.jr_id.desc()).limit(1).scalar_subquery()
@@ -605,69 +476,10 @@ class BulkSettler:
                     null(),
                     null(),
                     cast(null(), BigInteger),
-                ).where(page.c.jr_verdict == literal(_UNKNOWN_START))
+                ).where(page.c.jr_verdict == literal(UNKNOWN_START))
             )
         return union_all(*parts).add_cte(ins.cte("jr_ins"))
 
 
-def _fit_ledger(
-    value: ColumnElement[Any], length: int | None, source_type: Any, name: str
-) -> tuple[ColumnElement[Any], ColumnElement[Any] | None]:
-    """*value* cut to a ledger column of *length*, and the note for the reason (or ``None``).
-
-    No SQL is added when the source column cannot be longer than the ledger's (an integer
-    or UUID id, a string column no longer than it).
-    """
-    if length is None:
-        return value, None
-    if isinstance(source_type, (Integer, Uuid)) and length >= 36:
-        return value, None
-    source_length = getattr(source_type, "length", None)
-    if isinstance(source_type, String) and source_length and source_length <= length:
-        return value, None
-    too_long = func.char_length(value) > literal(length)
-    cut = func.left(value, literal(max(0, length - 1))) + _text(CUT_MARK)
-    mark = "\x00value\x00"
-    head, tail = ledger_cut_note(name, mark).split(mark)
-    note = case((too_long, _text(head) + value + _text(tail)), else_=_text(""))
-    return case((too_long, cut), else_=value), note
-
-
-def _reason(verdict: int, kind: str | None) -> str:
-    """The planner's reason for leaving a row alone, by verdict."""
-    if verdict == _IGNORED:
-        return policy_ignored(kind)
-    if verdict == _YOUNG:
-        return YOUNGER_THAN_GRACE
-    if verdict == _ALONE_YOUNG:
-        return YOUNGER_THAN_HEARTBEAT_TIMEOUT
-    if verdict == _UNKNOWN_START:
-        return START_UNKNOWN_SEEN_BRIEFLY
-    return UNOWNED_WHILE_WORKERS_LIVE
-
-
 def _tag(value: int) -> ColumnElement[int]:
     return cast(literal(value), Integer)
-
-
-def _text(value: str) -> ColumnElement[str]:
-    return literal(value, Text)
-
-
-def _format_age(age: ColumnElement[Any]) -> ColumnElement[str]:
-    """:func:`~celery_jobreaper.clock.format_age` in SQL: ``str(timedelta)`` in whole seconds.
-
-    A difference of two timestamps is an interval of days and a time under 24 hours, which
-    ``to_char`` writes as Python does (``SS`` drops the fraction, ``FM`` the zero padding):
-    ``0:00:05``, ``2:03:04``, ``1 day, 0:00:00``, ``3 days, 4:05:06``. A negative age is 0.
-    """
-    return case(
-        (age < _interval(timedelta(0)), _text(format_age(timedelta(0)))),
-        (age < _interval(timedelta(days=1)), func.to_char(age, _text("FMHH24:MI:SS"))),
-        (age < _interval(timedelta(days=2)), func.to_char(age, _text('"1 day, "FMHH24:MI:SS'))),
-        else_=func.to_char(age, _text('FMDD" days, "FMHH24:MI:SS')),
-    )
-
-
-def _interval(value: timedelta) -> ColumnElement[timedelta]:
-    return literal(value, Interval())
