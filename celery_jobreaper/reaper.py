@@ -1,50 +1,38 @@
-"""One reap run: judge owners, plan each batch, settle it, record the run, report."""
+"""One reap run: judge owners, settle each source (the set-based or the Python stage), check
+for late writes, mark the dead, sweep the broker, record the run, report."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import literal, select
-
-from . import bulk, late_writes, signals
-from .apply import settle_batch
-from .batchplan import Once, decide, read_queues
+from . import bulk, signals
+from .batchplan import Once, read_queues
 from .broker.result import SweepResult
+from .bulk_stage import reap_in_bulk
 from .catalog import MISSING_TABLE_REPEAT, Catalog
-from .clock import as_naive_utc, db_utcnow, utcnow
+from .clock import db_utcnow, utcnow
 from .database import Database
 from .incarnation import Incarnation
+from .late_check import check_late_writes
 from .lease import LeaseLost
-from .liveness import Liveness, mark_dead, newcomers
+from .liveness import Liveness, mark_dead
 from .livenessview import LivenessView
 from .peers import TaskAsker, ask_with
 from .ping import Pinger, ping_with
-from .planner import Decision, TaskFacts
-from .recheck import (
-    WORKER_APPEARED,
-    appeared_since,
-    log_newcomers,
-    owners_back,
-    owners_still_silent,
-    still_alone,
-    took_task_since,
-)
+from .planner import TaskFacts
+from .python_stage import reap_in_python
 from .report import Report
-from .rules import NO_LIVE_WORKER_LEFT
-from .runlog import close_run, log_run, open_run, record_run
+from .runlog import close_run, log_run, open_run, record_run, worth_a_row
 from .schema import JobReaperTables, tables
 from .settings import Settings
 from .settled import Settled, Tally
 from .sightings import Sightings
-from .sources import JobSource, UserTableSource
-from .sources.base import Candidate
-from .sources.result_rows import ResultRowsSource
+from .sources import JobSource
+from .sources.base import any_stale
 from .textsafe import safe
 from .vocabulary import MANUAL, PERIODIC, STARTUP
 from .webhooks import Webhooks
@@ -59,7 +47,6 @@ HeldIds = Callable[[], set[str]]
 #: Called first in each write transaction of a periodic reap: raises
 #: :class:`~celery_jobreaper.lease.LeaseLost` unless this worker leads (:meth:`Lease.fence`).
 Fence = Callable[[Any], object]
-MAX_PLANNED_IN_REPORT = 1000
 
 
 class Sweep(Protocol):
@@ -207,6 +194,10 @@ class Reaper:
     def _fenced(self, tally: Tally) -> bool:
         return self.fence is not None and tally.trigger == PERIODIC
 
+    def _fence_for(self, tally: Tally) -> Fence | None:
+        """What a stage calls first in each write transaction (``None``: not fenced)."""
+        return self.fence if self._fenced(tally) else None
+
     def _fence_in(self, conn: Any, tally: Tally) -> None:
         """In a write transaction of a periodic reap: raise unless this worker leads."""
         if self.fence is not None and tally.trigger == PERIODIC:
@@ -244,7 +235,7 @@ class Reaper:
                 self._fence_in(conn, tally)
                 # A periodic reap with no job in a stale status anywhere writes no runs row
                 # (the table grows only by cycles that found something); nothing to settle.
-                idle = tally.trigger == PERIODIC and not any(_any_stale(conn, s) for s in sources)
+                idle = tally.trigger == PERIODIC and not any(any_stale(conn, s) for s in sources)
                 if not idle:
                     tally.run_id = open_run(
                         conn, self.tables, tally, self.me.id if self.me else None
@@ -258,7 +249,18 @@ class Reaper:
                 self._reap_source(conn, source, view, tally, queued=queued)
             if not tally.dry_run and tally.trigger != STARTUP:
                 # (not on the worker's start path: its first periodic reap checks)
-                self._detect_late_writes(conn, sources, tally)
+                self._late_error = check_late_writes(
+                    conn,
+                    sources,
+                    self.tables,
+                    window=self.settings.late_write_window,
+                    now=tally.started_at,
+                    run_id=tally.run_id,
+                    fence=self._fence_for(tally),
+                    last_error=self._late_error,
+                    sender=self,
+                    metrics=self.metrics,
+                )
             if not tally.dry_run and view.dead_incarnations:
                 with conn.begin():
                     self._fence_in(conn, tally)
@@ -275,7 +277,7 @@ class Reaper:
         queued: Once,
     ) -> None:
         # Ownerless rows only (no task ids): what matters is whether this worker holds any
-        # task at all; checked again before each batch commits (see _reap_in_bulk).
+        # task at all; checked again before each batch commits (see bulk_stage).
         rule = TaskFacts(held_here=frozenset(self._held())).ownerless_rule(view, self.settings)
         settler = bulk.settler_for(
             conn,
@@ -287,175 +289,34 @@ class Reaper:
             now=tally.started_at,
             run_id=tally.run_id,
         )
-        if settler is not None and self._reap_in_bulk(conn, source, settler, tally, view):
+        if settler is not None and reap_in_bulk(
+            conn,
+            source,
+            settler,
+            tally,
+            view,
+            tables=self.tables,
+            sightings=self.sightings,
+            held=self.held,
+            fence=self._fence_for(tally),
+            sender=self,
+        ):
             return
-        after: Any = None
-        while True:
-            with conn.begin():
-                batch = source.batch(conn, after, self.settings.batch_size)
-            if not batch:
-                return
-            after = batch[-1].job_id
-            tally.candidates += len(batch)
-            # Task facts are read after the rows: a task that wrote its row before the read
-            # is held now, or has finished (and written its end; the update then misses).
-            seen = self.sightings.note(
-                source.name,
-                [
-                    c.job_id
-                    for c in batch
-                    if _start_unknown(c, view.now, self.settings.heartbeat_interval)
-                ],
-                view.now,
-            )
-            decisions = self._decide(batch, view, queued, seen)
-            fails = [d for d in decisions if d.verdict == "fail"]
-            for d in decisions:
-                if d.verdict == "leave":
-                    tally.left_alone[d.reason] += 1
-            if tally.dry_run:
-                tally.would_settle += len(fails)
-                for d in fails:
-                    logger.info(
-                        "jobreaper: [dry run] would clear job: %s (%s): %s",
-                        safe(d.candidate.job_id),
-                        safe(d.candidate.kind),
-                        safe(d.reason),
-                    )
-                    if len(tally.planned) < MAX_PLANNED_IN_REPORT:
-                        tally.planned.append(_planned(d))
-                    if d.candidate.task_id:
-                        tally.task_ids.add(d.candidate.task_id)
-            elif fails:
-                with conn.begin() as tx:
-                    self._fence_in(conn, tally)
-                    fails = still_alone(conn, self.tables, view, fails, tally)
-                    fails = owners_still_silent(conn, self.tables, view, fails, tally)
-                    done = settle_batch(
-                        conn,
-                        self.db,
-                        self.tables,
-                        source.target,
-                        fails,
-                        now=tally.started_at,
-                        run_id=tally.run_id,
-                        revoked_expires=self.settings.revoked_expires,
-                    )
-                    held = None if self.held is None else self._held()
-                    if (
-                        took_task_since(held, fails)
-                        or appeared_since(conn, self.tables, view, done)
-                        or owners_back(conn, self.tables, view, done)
-                    ):
-                        tx.rollback()
-                        done = []
-                self._settled(source, done, tally)
-            if len(batch) < self.settings.batch_size:
-                return
-
-    def _detect_late_writes(self, conn: Any, sources: list[JobSource], tally: Tally) -> None:
-        """Record late writes to recently settled rows of user tables and result backends'
-        tables (see :mod:`.late_writes`).
-
-        A failure here is logged (once per distinct error), never fails the reap."""
-        user = [s for s in sources if isinstance(s, (UserTableSource, ResultRowsSource))]
-        if not user or self.settings.late_write_window <= 0:
-            return
-        try:
-            with conn.begin():
-                self._fence_in(conn, tally)
-                found = late_writes.detect(
-                    conn,
-                    self.tables,
-                    user,
-                    now=tally.started_at,
-                    window=self.settings.late_write_window,
-                    run_id=tally.run_id,
-                )
-        except LeaseLost:
-            raise
-        except Exception as error:
-            text = f"{type(error).__name__}: {error}"
-            if text != self._late_error:
-                logger.warning(
-                    "jobreaper: could not check settled user-table rows for late writes (%s)",
-                    safe(text.splitlines()[0]),
-                    exc_info=True,
-                )
-            self._late_error = text
-            return
-        self._late_error = None
-        late_writes.report(self, found)
-        if self.metrics is not None:
-            for name, n in Counter(w.source for w in found).items():
-                self.metrics.late_results(name, n)
-
-    def _reap_in_bulk(
-        self,
-        conn: Any,
-        source: JobSource,
-        settler: bulk.BulkSettler,
-        tally: Tally,
-        view: LivenessView,
-    ) -> bool:
-        """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`);
-        ``False`` (nothing done): it has rows whose start is unknown, for the Python path."""
-        after: Any = None
-        while True:
-            # Settled jobs come back one by one only if someone reads them (log, signal).
-            detail = logger.isEnabledFor(logging.INFO) or signals.jobs_settled.has_listeners(self)
-            with conn.begin() as tx:
-                self._fence_in(conn, tally)
-                if after is None and not _any_stale(conn, source):
-                    # Nothing in a stale status: the batch statement (large: compiling it
-                    # costs a worker start several ms) is not even built.
-                    return True
-                if after is None and bulk.any_start_unknown(conn, settler):
-                    return False
-                # Rows whose start is unknown fail only once this reaper has seen them long
-                # enough (see sightings.py); those left alone come back, to be noted.
-                seen_before = (
-                    settler.rule.seen_before(
-                        self.sightings.first_seen(source.name), tally.started_at
-                    )
-                    if settler.none_live
-                    else []
-                )
-                got = settler.batch(conn, after, detail=detail, seen_before=seen_before)
-                self.sightings.note(source.name, got.unseen, tally.started_at)
-                if settler.where == NO_LIVE_WORKER_LEFT and got.settled and self._held():
-                    tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
-                    logger.info(
-                        "jobreaper: this worker took a task during the reap; jobs without "
-                        "owner are judged again next time"
-                    )
-                    return True
-                # Rows locked and changed, not committed: did a worker register (or come
-                # back) since liveness was judged? Then "no live worker" no longer holds.
-                came = (
-                    newcomers(conn, self.tables, view)
-                    if settler.where == NO_LIVE_WORKER_LEFT and got.settled
-                    else []
-                )
-                if came:
-                    tx.rollback()
-                    log_newcomers(came)
-                    tally.candidates += got.seen
-                    tally.left_alone.update(got.left_alone)
-                    tally.left_alone[WORKER_APPEARED] += got.settled
-                    return True
-            # counted only once the batch is committed
-            tally.candidates += got.seen
-            tally.left_alone.update(got.left_alone)
-            if got.rows:
-                self._settled(source, settler.decisions(got.rows), tally)
-            elif got.settled:
-                tally.settled += got.settled
-                tally.per_source[source.name] += got.settled
-                tally.settled_by[(source.name, "", settler.cause)] += got.settled
-            if not got.more:
-                return True
-            after = got.last
+        reap_in_python(
+            conn,
+            source,
+            view,
+            tally,
+            queued=queued,
+            settings=self.settings,
+            db=self.db,
+            tables=self.tables,
+            sightings=self.sightings,
+            held=self.held,
+            ask=self.ask,
+            fence=self._fence_for(tally),
+            sender=self,
+        )
 
     def _assess(self, conn: Any, sources: list[JobSource]) -> LivenessView:
         """Judge the owners of every source's stale jobs (one transaction, the database's
@@ -486,23 +347,10 @@ class Reaper:
     def _held(self) -> set[str]:
         return set() if self.held is None else self.held()
 
-    def _decide(
-        self, batch: list[Any], view: LivenessView, queued: Once, seen: Mapping[Any, datetime]
-    ) -> list[Decision]:
-        return decide(
-            batch,
-            view,
-            self.settings,
-            held_here=frozenset(self._held()),
-            queued=queued,
-            ask=self.ask,
-            first_seen=seen,
-        )
-
     def _finish(self, report: Report) -> None:
         log_run(report)
         self.last_report = report
-        if report.run_id is None and report.trigger == PERIODIC and _worth_a_row(report):
+        if report.run_id is None and report.trigger == PERIODIC and worth_a_row(report):
             # a periodic reap with nothing stale, whose sweep acted or that failed: recorded
             report.run_id = record_run(
                 self.db, self.tables, report, self.me.id if self.me else None
@@ -513,58 +361,3 @@ class Reaper:
         signals.reap_finished.send(sender=self, report=report)
         if self.webhooks is not None:
             self.webhooks.notify(report)
-
-    def _settled(self, source: JobSource, done: list[Decision], tally: Tally) -> None:
-        tally.settled += len(done)
-        tally.per_source[source.name] += len(done)
-        for d in done:
-            tally.settled_by[(source.name, d.candidate.kind or "", d.cause)] += 1
-            logger.info(
-                "jobreaper: Clearing job: %s (%s) from %s: %s",
-                safe(d.candidate.job_id),
-                safe(d.candidate.kind),
-                safe(source.name),
-                safe(d.reason),
-            )
-            if d.candidate.task_id:
-                tally.task_ids.add(d.candidate.task_id)
-        if done:
-            signals.jobs_settled.send(sender=self, decisions=done, source=source.name)
-
-
-def _worth_a_row(report: Report) -> bool:
-    """Whether a run without a runs row yet did (or failed at) anything worth one."""
-    acted = any(n for key, n in report.broker.items() if key != "scanned")
-    return report.error is not None or acted or bool(report.settled or report.would_settle)
-
-
-def _start_unknown(c: Candidate, now: datetime, slack: float) -> bool:
-    """A job aged by when this reaper first saw it: one without owner whose start is unknown;
-    one whose ``owner`` column names its node with a start unknown or later than *now* by more
-    than *slack* seconds (a writer clock ahead: see ``planner._may_have_woken``)."""
-    if c.incarnation_id is not None:
-        return False
-    if c.owner is None:
-        return c.started_at is None
-    return c.started_at is None or as_naive_utc(c.started_at) > now + timedelta(seconds=slack)
-
-
-def _any_stale(conn: Any, source: JobSource) -> bool:
-    """Whether *source* has a row in a stale status (one indexed probe, ``LIMIT 1``)."""
-    target = source.target
-    probe = select(literal(1)).where(target.status.in_(target.stale_statuses)).limit(1)
-    return conn.execute(probe).first() is not None
-
-
-def _planned(d: Decision) -> dict[str, Any]:
-    c = d.candidate
-    return {
-        "source": c.source,
-        "job_id": str(c.job_id),
-        "kind": c.kind,
-        "status": c.status,
-        "owner": c.owner,
-        "task_id": c.task_id,
-        "reason": d.reason,
-        "error": d.error,
-    }

@@ -34,6 +34,12 @@ def open_run(
     return None if key is None else int(key[0])
 
 
+def worth_a_row(report: Report) -> bool:
+    """Whether a run without a runs row yet did (or failed at) anything worth one."""
+    acted = any(n for key, n in report.broker.items() if key != "scanned")
+    return report.error is not None or acted or bool(report.settled or report.would_settle)
+
+
 def record_run(
     db: Database, tbls: JobReaperTables, report: Report, incarnation_id: str | None
 ) -> int | None:

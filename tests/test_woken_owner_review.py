@@ -24,8 +24,7 @@ from test_result_rows import SOURCE, apps, events, reap, register, started  # no
 from test_woken_owner import silent_reaper
 from test_woken_worker import _paused_and_marked_dead
 
-import celery_jobreaper.reaper as reaper_module
-from celery_jobreaper import Settings
+from celery_jobreaper import Settings, python_stage
 from celery_jobreaper.apply import settle_batch as apply_settle_batch
 from celery_jobreaper.clock import utcnow
 from celery_jobreaper.database import Database
@@ -148,7 +147,7 @@ def test_owner_heartbeat_while_the_batch_is_locked_is_seen(
             )
         return real(*args, **kw)
 
-    monkeypatch.setattr(reaper_module, "settle_batch", heartbeat_then_settle)
+    monkeypatch.setattr(python_stage, "settle_batch", heartbeat_then_settle)
     report = reaper.run("manual", view=view)
     assert _seed_status(engine) == "running", report
 
@@ -448,7 +447,7 @@ def test_control_the_locked_reread_works_on_mariadb_under_read_committed(
             )
         return real(*args, **kw)
 
-    monkeypatch.setattr(reaper_module, "settle_batch", heartbeat_then_settle)
+    monkeypatch.setattr(python_stage, "settle_batch", heartbeat_then_settle)
     report = reaper.run("manual", view=view)
     assert _seed_status(engine) == "running", report
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import ColumnElement, Table, select
+from sqlalchemy import ColumnElement, Table, literal, select
 from sqlalchemy.engine import Connection
 
 if TYPE_CHECKING:
@@ -95,3 +95,10 @@ def keyset_batch(
     if after is not None:
         query = query.where(id_col > after)
     return list(conn.execute(query).all())
+
+
+def any_stale(conn: Connection, source: JobSource) -> bool:
+    """Whether *source* has a row in a stale status (one indexed probe, ``LIMIT 1``)."""
+    target = source.target
+    probe = select(literal(1)).where(target.status.in_(target.stale_statuses)).limit(1)
+    return conn.execute(probe).first() is not None
