@@ -267,7 +267,7 @@ def error_length(target: SettleTarget) -> int | None:
 def _fit(target: SettleTarget, text: str) -> str:
     """Cut the error text to the error column's length, if it has one.
 
-    :mod:`celery_jobreaper.bulktext` cuts identically in SQL (``left(text, length - 1) || '…'``).
+    :mod:`celery_jobreaper.bulk_text` cuts identically in SQL (``left(text, length - 1) || '…'``).
     """
     length = error_length(target)
     if length is not None and len(text) > length:

@@ -67,8 +67,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 
 from .apply import error_length
-from .bulkrule import FAIL, UNKNOWN_START, BulkRule, glob_to_like, reason_for
-from .bulktext import error_text, fit, fit_ledger
+from .bulk_rule import FAIL, UNKNOWN_START, BulkRule, glob_to_like, reason_for
+from .bulk_text import error_text, fit, fit_ledger
 from .ledger import ledger_length
 from .pgarrays import send_arrays_in_binary
 from .planner import NO_LIVE_WORKER_LEFT, Decision, older_than_max_age
@@ -82,7 +82,7 @@ from .vocabulary import MAX_AGE, NO_LIVE_WORKER, SETTLED
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True
 
-# Tags of the result rows besides verdicts (:mod:`.bulkrule`): a settled job, the page
+# Tags of the result rows besides verdicts (:mod:`.bulk_rule`): a settled job, the page
 # summary, and a row whose start is unknown left alone (its id, to note as seen: see
 # :mod:`.sightings`).
 _SETTLED, _PAGE, _SEEN = -1, -2, -3

@@ -75,7 +75,7 @@ def write(
 def ledger_cut_note(name: str, whole: str) -> str:
     """Appended to an event's reason when *name* was cut to fit its column (the whole value).
 
-    :mod:`celery_jobreaper.bulktext` builds the same text in SQL.
+    :mod:`celery_jobreaper.bulk_text` builds the same text in SQL.
     """
     return f" [{name} cut to fit the ledger; whole: {whole}]"
 

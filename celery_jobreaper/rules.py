@@ -1,5 +1,5 @@
 """The rule for jobs without owner, defined once: the planner applies it in Python and
-:mod:`celery_jobreaper.bulkrule` builds the same verdicts in SQL from the same object."""
+:mod:`celery_jobreaper.bulk_rule` builds the same verdicts in SQL from the same object."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A ``started_at`` column without time zone holds wall-clock times of whatever zon
 application wrote them in. jobreaper reads such values in the zone configured for the source
 (UTC by default) and hands them on as aware datetimes, so ages, ``max_age``, ``grace`` and
 "started before this worker" compare the right instants. The set-based PostgreSQL path
-(:mod:`celery_jobreaper.bulkrule`) does the same in SQL with ``timezone(zone, started_at)``.
+(:mod:`celery_jobreaper.bulk_rule`) does the same in SQL with ``timezone(zone, started_at)``.
 """
 
 from __future__ import annotations

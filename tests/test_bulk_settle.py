@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 from support import PG_ADMIN, make_app
 
 import celery_jobreaper
-from celery_jobreaper import bulk, bulkrule, bulktext, reaper, signals
+from celery_jobreaper import bulk, bulk_rule, bulk_text, reaper, signals
 from celery_jobreaper.clock import format_age, utcnow
 from celery_jobreaper.planner import (
     UNOWNED_WHILE_WORKERS_LIVE,
@@ -522,7 +522,7 @@ def test_age_text_matches_format_age(pg_url: str) -> None:
         with engine.connect() as conn:
             for i, age in enumerate(ages):
                 started = bindparam(f"s{i}", now - age, type_=DateTime())
-                sql = bulktext.format_age(literal(now, DateTime()) - started)
+                sql = bulk_text.format_age(literal(now, DateTime()) - started)
                 assert conn.execute(select(sql)).scalar_one() == format_age(age), age
     finally:
         engine.dispose()
@@ -553,13 +553,13 @@ def test_globs_as_like_patterns_match_like_fnmatchcase(pg_url: str) -> None:
     try:
         with engine.connect() as conn:
             for glob in globs:
-                like = bulkrule.glob_to_like(glob)
+                like = bulk_rule.glob_to_like(glob)
                 assert like is not None
                 for kind in kinds:
                     matched = conn.execute(
-                        select(literal(kind, Text).like(like, escape=bulkrule.LIKE_ESCAPE))
+                        select(literal(kind, Text).like(like, escape=bulk_rule.LIKE_ESCAPE))
                     ).scalar_one()
                     assert matched == fnmatchcase(kind, glob), (glob, kind)
-        assert bulkrule.glob_to_like("lib[ab]*") is None
+        assert bulk_rule.glob_to_like("lib[ab]*") is None
     finally:
         engine.dispose()

@@ -39,7 +39,7 @@ def error_text(
     """planner._fail's error text for a row of the table that has (had) *status*.
 
     *where*: why this run's failures fail; *started*: the row's start as naive UTC
-    (:meth:`BulkRule.started_utc <celery_jobreaper.bulkrule.BulkRule.started_utc>`), or
+    (:meth:`BulkRule.started_utc <celery_jobreaper.bulk_rule.BulkRule.started_utc>`), or
     ``None`` without the column. The constant pieces are cut out of
     :func:`~celery_jobreaper.planner.failure_error` itself, so the two paths cannot drift apart.
     """
