@@ -45,31 +45,18 @@ from typing import Any
 
 from sqlalchemy import (
     CHAR,
-    BigInteger,
-    ColumnElement,
     DateTime,
     Integer,
     String,
-    Text,
     Uuid,
-    and_,
-    bindparam,
-    cast,
-    column,
     func,
-    insert,
     literal,
-    null,
     select,
-    union_all,
-    update,
 )
 from sqlalchemy.engine import Connection
 
-from .apply import error_length
-from .bulk_rule import FAIL, UNKNOWN_START, BulkRule, glob_to_like, reason_for
-from .bulk_text import error_text, fit, fit_ledger
-from .ledger import ledger_length
+from .bulk_rule import BulkRule, glob_to_like, reason_for
+from .bulk_statement import PAGE_TAG, SEEN_TAG, SETTLED_TAG, batch_statement, kind_text, stale
 from .pgarrays import send_arrays_in_binary
 from .planner import NO_LIVE_WORKER_LEFT, Decision, older_than_max_age
 from .rules import OwnerlessRule
@@ -77,15 +64,10 @@ from .schema import JobReaperTables
 from .settings import Settings
 from .sources.base import Candidate, JobSource
 from .timezones import localize
-from .vocabulary import MAX_AGE, NO_LIVE_WORKER, SETTLED
+from .vocabulary import MAX_AGE, NO_LIVE_WORKER
 
 #: Private switch (tests turn it off to compare with the Python path); not a setting.
 ENABLED = True
-
-# Tags of the result rows besides verdicts (:mod:`.bulk_rule`): a settled job, the page
-# summary, and a row whose start is unknown left alone (its id, to note as seen: see
-# :mod:`.sightings`).
-_SETTLED, _PAGE, _SEEN = -1, -2, -3
 
 
 @dataclasses.dataclass
@@ -262,7 +244,7 @@ class BulkSettler:
         key = (after is not None, detail)
         stmt = self._statements.get(key)
         if stmt is None:
-            stmt = self._statements[key] = self._batch_statement(*key)
+            stmt = self._statements[key] = batch_statement(self, after=key[0], detail=key[1])
         params = self.params if after is None else {**self.params, "jr_after": after}
         if self.none_live:
             send_arrays_in_binary(conn)
@@ -274,15 +256,15 @@ class BulkSettler:
         left: Counter[str] = Counter()
         for row in conn.execute(stmt, params).all():
             tag = row[0]
-            if tag == _SEEN:
+            if tag == SEEN_TAG:
                 unseen.append(row[1])
-            elif tag == _SETTLED:
+            elif tag == SETTLED_TAG:
                 if detail:
                     rows.append(row[1:6])
                     settled += 1
                 else:
                     settled = row[6]
-            elif tag == _PAGE:
+            elif tag == PAGE_TAG:
                 seen, last = row[6], row[1]
             else:
                 left[reason_for(tag, row[3])] += row[6]
@@ -312,8 +294,10 @@ class BulkSettler:
 
     def _count_all(self, conn: Connection) -> BatchResult:
         rows = (
-            select(self._kind_text().label("jr_kind"), self.sql_rule.verdict().label("jr_verdict"))
-            .where(self._stale(after=False))
+            select(
+                kind_text(self.kind).label("jr_kind"), self.sql_rule.verdict().label("jr_verdict")
+            )
+            .where(stale(self.target, after=False))
             .subquery("jr_rows")
         )
         stmt = select(rows.c.jr_verdict, rows.c.jr_kind, func.count()).group_by(
@@ -323,163 +307,3 @@ class BulkSettler:
         for verdict, kind, count in conn.execute(stmt, self.params):
             left[reason_for(verdict, kind)] += count
         return BatchResult(sum(left.values()), 0, left, more=False, last=None)
-
-    # -- statements --------------------------------------------------------------------------
-
-    def _stale(self, *, after: bool) -> ColumnElement[bool]:
-        t = self.target
-        where: ColumnElement[bool] = t.status.in_(t.stale_statuses)
-        if after:
-            where = and_(where, t.id > bindparam("jr_after", type_=t.id.type))
-        return where
-
-    def _kind_text(self) -> ColumnElement[Any]:
-        return cast(null(), Text) if self.kind is None else cast(self.kind, Text)
-
-    def _error_text(self, status: ColumnElement[Any], where: str) -> ColumnElement[Any]:
-        return error_text(status, where, self.sql_rule.started_utc())
-
-    def _batch_statement(self, after: bool, detail: bool) -> Any:
-        target, ev, where = self.target, self.events, self.where
-        assert where is not None
-        # Locking the page itself (LIMIT over the rows not locked by another reaper) keeps
-        # the keyset exact: a page shorter than the batch size means no unlocked stale row
-        # is left after it. Rows changed since the statement began are re-checked as locked.
-        # PostgreSQL's row address (a system column, not from configuration):
-        ctid: ColumnElement[Any] = column("ctid", _selectable=target.table)
-        page = (
-            select(
-                ctid.label("jr_ctid"),
-                target.id.label("jr_id"),
-                target.status.label("jr_status"),
-                self._kind_text().label("jr_kind"),
-                self.sql_rule.verdict().label("jr_verdict"),
-            )
-            .where(self._stale(after=after))
-            .order_by(target.id)
-            .limit(self.batch_size)
-            .with_for_update(skip_locked=True)
-            .cte("jr_page")
-        )
-        # In SET the row's columns are the old values, in RETURNING the new ones: the old
-        # status comes from the page (the row is locked: it is the same).
-        values: dict[str, Any] = {
-            target.status.name: literal(target.failed_status, target.status.type),
-            **target.extra_values,
-        }
-        if target.completed_at is not None:
-            values[target.completed_at.name] = bindparam(
-                "jr_completed", type_=target.completed_at.type
-            )
-        if target.error is not None:
-            values[target.error.name] = fit(self._error_text(target.status, where), target)
-        if target.error is not None and error_length(target) is None:
-            error = target.error  # the text as stored is the whole text
-        else:
-            error = self._error_text(page.c.jr_status, where)
-        upd = (
-            update(target.table)
-            # By address: the row version locked above, without a second index search. The
-            # id and the status are compared too: a row that moved is skipped, never mistaken.
-            .where(
-                ctid == page.c.jr_ctid,
-                target.id == page.c.jr_id,
-                page.c.jr_verdict == literal(FAIL),
-                self._stale(after=False),
-            )
-            .values(**values)
-            .returning(
-                target.id.label("jr_id"),
-                page.c.jr_status,
-                self._kind_text().label("jr_kind"),
-                (null() if self.started is None else self.started).label("jr_started"),
-                error.label("jr_error"),
-            )
-            .cte("jr_upd")
-        )
-        # Values longer than their ledger column are cut and the whole value noted in the
-        # reason, as ledger._fit_ledger does (only where the source column can be longer).
-        notes: list[ColumnElement[Any]] = []
-        fitted: dict[str, ColumnElement[Any]] = {}
-        for name, value, source_type in (
-            ("job_id", cast(upd.c.jr_id, Text), target.id.type),
-            ("source", literal(self.source.name, Text), String(len(self.source.name))),
-            ("kind", upd.c.jr_kind, String(1) if self.kind is None else self.kind.type),
-            ("previous_status", cast(upd.c.jr_status, Text), target.status.type),
-        ):
-            fitted[name], note = fit_ledger(value, ledger_length(ev.c[name]), source_type, name)
-            if note is not None:
-                notes.append(note)
-        reason: ColumnElement[Any] = upd.c.jr_error
-        for note in notes:
-            reason = reason + note
-        event: dict[str, Any] = {
-            "run_id": bindparam("jr_run_id", type_=ev.c.run_id.type),
-            "at": bindparam("jr_now", type_=DateTime()),
-            "source": fitted["source"],
-            "job_id": fitted["job_id"],
-            "task_id": null(),
-            "kind": fitted["kind"],
-            "previous_status": fitted["previous_status"],
-            "new_status": literal(target.failed_status, ev.c.new_status.type),
-            "action": literal(SETTLED, ev.c.action.type),
-            "reason": reason,
-            "owner": null(),
-        }
-        ins = insert(ev).from_select(list(event), select(*event.values()).select_from(upd))
-        no_id = cast(null(), target.id.type)
-        if detail:
-            settled = select(
-                _tag(_SETTLED).label("jr_tag"),
-                upd.c.jr_id,
-                upd.c.jr_status,
-                upd.c.jr_kind,
-                upd.c.jr_started,
-                upd.c.jr_error,
-                cast(null(), BigInteger).label("jr_count"),
-            )
-        else:
-            settled = select(
-                _tag(_SETTLED).label("jr_tag"),
-                no_id.label("jr_id"),
-                null(),
-                null(),
-                null(),
-                null(),
-                cast(func.count(), BigInteger).label("jr_count"),
-            ).select_from(upd)
-        left = (
-            select(
-                page.c.jr_verdict,
-                no_id,
-                null(),
-                page.c.jr_kind,
-                null(),
-                null(),
-                cast(func.count(), BigInteger),
-            )
-            .where(page.c.jr_verdict != literal(FAIL))
-            .group_by(page.c.jr_verdict, page.c.jr_kind)
-        )
-        last = select(page.c.jr_id).order_by(page.c.jr_id.desc()).limit(1).scalar_subquery()
-        summary = select(
-            _tag(_PAGE), last, null(), null(), null(), null(), cast(func.count(), BigInteger)
-        ).select_from(page)
-        parts = [settled, left, summary]
-        if self.none_live:  # the ids of rows whose start is unknown, not seen long enough
-            parts.append(
-                select(
-                    _tag(_SEEN),
-                    page.c.jr_id,
-                    null(),
-                    null(),
-                    null(),
-                    null(),
-                    cast(null(), BigInteger),
-                ).where(page.c.jr_verdict == literal(UNKNOWN_START))
-            )
-        return union_all(*parts).add_cte(ins.cte("jr_ins"))
-
-
-def _tag(value: int) -> ColumnElement[int]:
-    return cast(literal(value), Integer)
