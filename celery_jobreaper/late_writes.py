@@ -77,9 +77,10 @@ class Watched(Protocol):
         *owner*): the settlement is then done with, and later writes are that run's."""
         ...
 
-    def is_written_over(self, values: Mapping[str, Any]) -> bool:
+    def is_written_over(self, values: Mapping[str, Any], settled_reason: str) -> bool:
         """Whether a settled row still holding the status jobreaper set was written again
-        since (*values*: :attr:`compared` by name): the same status, another outcome."""
+        since (*values*: :attr:`compared` by name): the same status, another outcome.
+        *settled_reason*: the settlement's ledger reason (why jobreaper failed it)."""
         ...
 
 
@@ -157,6 +158,7 @@ def _recent(tables: JobReaperTables) -> Select[Any]:
             ev.c.task_id,
             ev.c.owner,
             ev.c.kind,
+            ev.c.reason,
         )
         .where(
             ev.c.action == SETTLED,
@@ -208,7 +210,7 @@ def _check_source(
             continue  # deleted: no late result to record
         values = dict(zip(roles, now_row[1:], strict=True))
         status = str(now_row[0])
-        if status == row.new_status and not source.is_written_over(values):
+        if status == row.new_status and not source.is_written_over(values, row.reason or ""):
             continue  # unchanged
         if source.is_new_run(status, values, row.owner):
             _claim(conn, tables, row.id, now)  # done with: later writes are the new run's

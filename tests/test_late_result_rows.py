@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, states
+from celery.app.task import Context
 from celery.result import AsyncResult
 from jobtables import ago
 from sqlalchemy.engine import Engine
@@ -123,7 +124,6 @@ def test_celerys_own_report_of_a_lost_pool_process_after_the_settle_is_not_a_lat
     Celery's normal bookkeeping of the same loss), yet the next reap records a late_write
     ("the worker found dead finished the task after all"): it must not."""
     from billiard.exceptions import WorkerLostError
-    from celery.app.task import Context
 
     from celery_jobreaper.incarnation import Incarnation
     from celery_jobreaper.liveness import Liveness
@@ -140,12 +140,12 @@ def test_celerys_own_report_of_a_lost_pool_process_after_the_settle_is_not_a_lat
     assert first.settled == 1, first
     assert "no longer held" in (AsyncResult("t-oom", app=app).traceback or "")
     # ... and now Celery's on_failure goes on: mark_as_failure (Request.on_failure)
-    try:
-        raise WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL) Job: 0.")
-    except WorkerLostError as exc:
-        app.backend.mark_as_failure(
-            "t-oom", exc, traceback=tb.format_exc(), request=Context(hostname="me@h")
-        )
+    # Celery's on_failure stores its report without a traceback (mark_as_failure's default)
+    app.backend.mark_as_failure(
+        "t-oom",
+        WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL) Job: 0."),
+        request=Context(hostname="me@h"),
+    )
     _own_reap(app, me)
     late = _late(engine)
     assert late == [], [(e.job_id, e.previous_status, e.new_status, e.reason) for e in late]
@@ -179,3 +179,81 @@ def test_a_new_run_of_a_reused_task_id_that_fails_is_not_a_late_write(
     reap(app)
     late = _late(engine)
     assert late == [], [(e.job_id, e.owner, e.new_status) for e in late]
+
+
+def test_a_woken_owners_hard_time_limit_report_over_the_failure_is_recorded(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """dead@h is paused (docker pause / SIGSTOP) longer than the heartbeat timeout; a
+    reap settles its STARTED row (owner_dead). On SIGCONT, billiard's timeout handler in
+    dead@h's main process sees the task's hard time limit passed during the pause, kills
+    the child, and Request.on_timeout stores TimeLimitExceeded (traceback None) over
+    jobreaper's FAILURE. That is the old owner's write after the settlement -- the proof
+    that the 'dead' worker was alive: recorded (DESIGN §2.4). (Only over a settlement of a
+    live worker's lost pool process is such a report the same loss.)"""
+    from billiard.exceptions import TimeLimitExceeded
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "dead@h", ago(minutes=10))
+    started(app, "t-slow", "dead@h")
+    assert reap(app).settled == 1
+    # dead@h wakes: celery.worker.request.Request.on_timeout (hard)
+    app.backend.mark_as_failure(
+        "t-slow", TimeLimitExceeded(300.0), request=Context(hostname="dead@h")
+    )
+    assert AsyncResult("t-slow", app=app).traceback is None
+    reap(app)
+    assert [e.job_id for e in _late(engine)] == ["t-slow"], "woken owner's write not recorded"
+
+
+def test_a_tasks_own_time_limit_error_with_a_whole_traceback_is_recorded(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """T ran on a.h (paused, settled). S ran on live b@h and hit its hard time limit
+    (Celery stored TimeLimitExceeded for S). a@h wakes; T's S.get() re-raises S's
+    TimeLimitExceeded; Celery's trace stores T's own FAILURE with a whole traceback
+    ('Traceback (most recent call last): ...'). Celery's own loss reports never carry a
+    traceback (mark_as_failure(..., traceback=None)): T's late FAILURE is recorded."""
+    from billiard.exceptions import TimeLimitExceeded
+
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "a@h", ago(minutes=10))
+    started(app, "t-T", "a@h")
+    assert reap(app).settled == 1
+    app.backend.mark_as_failure("t-S", TimeLimitExceeded(60.0), request=Context(hostname="b@h"))
+    try:
+        AsyncResult("t-S", app=app).get(disable_sync_subtasks=False, timeout=1)
+    except Exception as exc:
+        assert type(exc).__name__ == "TimeLimitExceeded"
+        app.backend.store_result("t-T", exc, states.FAILURE, traceback=tb.format_exc())
+    assert (AsyncResult("t-T", app=app).traceback or "").startswith("Traceback (most recent")
+    reap(app)
+    assert [e.job_id for e in _late(engine)] == ["t-T"], "T's own late FAILURE not recorded"
+
+
+def test_a_woken_workers_retry_is_recorded_before_its_rerun_elsewhere(
+    db_url: str, engine_for: Callable[[str], Engine], apps: Callable[..., Celery]
+) -> None:
+    """No result_extended: dead@h wakes, its task calls self.retry(): RETRY stored over
+    jobreaper's FAILURE. The retry message (same task id) runs on live@h: STARTED naming
+    live@h, then SUCCESS. The RETRY is the late write (recorded when a reap sees it); a reap
+    that sees only the STARTED of live@h must not take the retry's run for a new run of a
+    reused id and drop the late run silently."""
+    engine = engine_for(db_url)
+    create_all(engine)
+    app = apps(db_url)
+    register(engine, "dead@h", ago(minutes=10))
+    register(engine, "live@h", ago(seconds=1))
+    started(app, "t-r", "dead@h")
+    assert reap(app).settled == 1
+    app.backend.mark_as_retry("t-r", ValueError("upstream 503"), traceback="Traceback ...")
+    reap(app)
+    started(app, "t-r", "live@h")  # the retry of the woken worker's run
+    reap(app, held_by_peers={"t-r"})
+    app.backend.mark_as_done("t-r", {"rows": 10})
+    reap(app)
+    assert [e.job_id for e in _late(engine)] == ["t-r"], "the settled task's late run unrecorded"

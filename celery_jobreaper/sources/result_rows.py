@@ -30,6 +30,7 @@ from sqlalchemy import ColumnElement, Table, func, null, select
 from sqlalchemy.engine import Connection
 
 from ..clock import as_naive_utc
+from ..planner import POOL_PROCESS_LOST
 from ..schema import JobReaperTables
 from ..textsafe import safe
 from .base import Candidate, SettleTarget
@@ -136,19 +137,20 @@ class ResultRowsSource:
         )
 
     def is_late_write(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
-        """An outcome the lost worker stored after all (``SUCCESS``, ``FAILURE`` …).
+        """An outcome the lost worker stored after all (``SUCCESS``, ``FAILURE``, ``RETRY`` …).
 
         Not: ``REVOKED`` (a live worker discarding the settled task's redelivered message: the
         settle's own revoke at work), nor a row whose ``worker`` column (``result_extended``)
         names another node than the lost one (a new run). With that column naming the lost node,
-        any state it wrote (a late ``RETRY`` too) is late. Without it, a state of a run under
-        way (``STARTED``, ``RETRY`` …) is taken for the task id running again, and a new run's
-        outcome cannot be told from a late one: it is recorded (its reason says both).
+        any state it wrote is late. Without it, ``STARTED`` is taken for the task id running
+        again (see :meth:`is_new_run`); any other state (a ``RETRY`` the woken task asked for
+        too) is recorded, though a new run's outcome cannot be told from a late one (its
+        reason says both).
         """
         worker = values.get("owner")
         if worker and owner:  # the worker column says whose write it is
             return str(worker) == owner and status != states.REVOKED
-        return status in states.READY_STATES and status != states.REVOKED
+        return status not in (states.STARTED, states.REVOKED)
 
     def is_new_run(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
         """A ``STARTED`` row whose stored result names another node than the lost one: the
@@ -160,15 +162,18 @@ class ResultRowsSource:
         now_owner = self.owner_of(status, None, values.get("result"), extra)
         return isinstance(now_owner, str) and now_owner != owner
 
-    def is_written_over(self, values: Mapping[str, Any]) -> bool:
+    def is_written_over(self, values: Mapping[str, Any], settled_reason: str) -> bool:
         """A ``FAILURE`` that is not the one jobreaper stored: the task's own failure (the
         lost worker's, or a new run's) stored after the settlement.
 
         jobreaper's own has the bare ``WorkerLostError: Worker lost: … (found by jobreaper
         at …)`` line as its traceback (a task that re-raises or chains that error has a whole
-        traceback). Not written over either: a ``WorkerLostError`` or ``TimeLimitExceeded``
-        without jobreaper's text, Celery's worker reporting the same loss of a pool process
-        (it writes it just after it let go of the task, so a reap may settle the row first).
+        traceback). Not written over either: Celery's worker reporting the loss of a pool
+        process (a ``WorkerLostError`` or ``TimeLimitExceeded`` stored without a traceback)
+        over jobreaper's settlement of that same loss (:data:`~celery_jobreaper.planner.
+        POOL_PROCESS_LOST`: Celery lets go of the task first and stores its report just after,
+        so a reap of that worker may settle the row in between). The same report over any
+        other settlement comes from a worker found dead that woke up: written over.
         """
         if "traceback" not in values:
             return False  # no column to tell them apart: the status alone decides
@@ -176,6 +181,8 @@ class ResultRowsSource:
         first = text.split("\n", 1)[0]
         if first.startswith(OWN_TRACEBACK) and FOUND_BY in first:
             return False
+        if text.strip() or POOL_PROCESS_LOST not in settled_reason:
+            return True
         reported = self._exception(values)
         return not (
             reported is not None and reported[0] in LOSS_REPORTS and FOUND_BY not in reported[1]
@@ -186,12 +193,13 @@ class ResultRowsSource:
         extra = [values.get(c.name) for c in self.extra]
         try:
             stored = self.codec.decode(values.get("result"), extra)
+            if isinstance(stored, BaseException):  # a pickled exception
+                return type(stored).__name__, str(stored)
+            if isinstance(stored, dict) and "exc_type" in stored:
+                name = str(stored["exc_type"]).rsplit(".", 1)[-1]
+                return name, str(stored.get("exc_message"))
         except Exception:
             return None
-        if isinstance(stored, BaseException):  # a pickled exception
-            return type(stored).__name__, str(stored)
-        if isinstance(stored, dict) and "exc_type" in stored:
-            return str(stored["exc_type"]).rsplit(".", 1)[-1], str(stored.get("exc_message"))
         return None
 
     # --- reading --------------------------------------------------------------------------

@@ -314,7 +314,7 @@ class UserTableSource:
         """Never told apart: any other status is the application's own (late) write."""
         return False
 
-    def is_written_over(self, values: Mapping[str, Any]) -> bool:
+    def is_written_over(self, values: Mapping[str, Any], settled_reason: str) -> bool:
         """A row still holding the status jobreaper set is taken as unchanged (a user table
         has no column telling jobreaper's write from the application's)."""
         return False
