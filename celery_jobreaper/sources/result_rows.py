@@ -142,10 +142,10 @@ class ResultRowsSource:
         Not: ``REVOKED`` (a live worker discarding the settled task's redelivered message: the
         settle's own revoke at work), nor a row whose ``worker`` column (``result_extended``)
         names another node than the lost one (a new run). With that column naming the lost node,
-        any state it wrote is late. Without it, ``STARTED`` is taken for the task id running
-        again (see :meth:`is_new_run`); any other state (a ``RETRY`` the woken task asked for
-        too) is recorded, though a new run's outcome cannot be told from a late one (its
-        reason says both).
+        or without it, any other state is recorded (a ``RETRY`` the woken task asked for too),
+        though a new run's outcome cannot always be told from a late one (its reason says both).
+        ``STARTED`` of a settled ``STARTED`` row is a new run (:meth:`is_new_run`); of a settled
+        ``RETRY`` row (no owner) it is the retry running after all: its outcome is awaited.
         """
         worker = values.get("owner")
         if worker and owner:  # the worker column says whose write it is
@@ -153,14 +153,13 @@ class ResultRowsSource:
         return status not in (states.STARTED, states.REVOKED)
 
     def is_new_run(self, status: str, values: Mapping[str, Any], owner: str | None) -> bool:
-        """A ``STARTED`` row whose stored result names another node than the lost one: the
-        task id runs again (an app that reuses task ids), so its outcome is not a late write
-        of the lost worker. (With the ``worker`` column, :meth:`is_late_write` says so.)"""
-        if status != states.STARTED or not owner or values.get("owner"):
-            return False
-        extra = [values.get(c.name) for c in self.extra]
-        now_owner = self.owner_of(status, None, values.get("result"), extra)
-        return isinstance(now_owner, str) and now_owner != owner
+        """``STARTED`` over jobreaper's ``FAILURE``: the task id runs again, whatever the node
+        (an app that reuses task ids, a worker restarted under the same name, or the retry of
+        a woken worker's run, whose ``RETRY`` was recorded if a reap saw it). The settled run
+        itself wrote ``STARTED`` once, before it was settled, and never writes it again; its
+        later outcomes are the new run's, not late writes of the lost worker. (A settled
+        ``RETRY`` row has no owner: see :meth:`is_late_write`.)"""
+        return status == states.STARTED and owner is not None
 
     def is_written_over(self, values: Mapping[str, Any], settled_reason: str) -> bool:
         """A ``FAILURE`` that is not the one jobreaper stored: the task's own failure (the
