@@ -50,7 +50,6 @@ from sqlalchemy import (
     String,
     Uuid,
     func,
-    literal,
     select,
 )
 from sqlalchemy.engine import Connection
@@ -62,7 +61,7 @@ from .planner import NO_LIVE_WORKER_LEFT, Decision, older_than_max_age
 from .rules import OwnerlessRule
 from .schema import JobReaperTables
 from .settings import Settings
-from .sources.base import Candidate, JobSource
+from .sources.base import Candidate, JobSource, any_stale
 from .timezones import localize
 from .vocabulary import MAX_AGE, NO_LIVE_WORKER
 
@@ -145,15 +144,8 @@ def any_start_unknown(conn: Connection, settler: BulkSettler) -> bool:
     ``LIMIT 1``). Such rows are aged by the reaper's first sightings, noted every run and
     batch by batch: the Python path does that (here every page would bind every sighting, and
     runs with a live worker would note none), so the source is left to it."""
-    target, started = settler.source.target, settler.started
-    if started is None:
-        return True
-    probe = (
-        select(literal(1))
-        .where(target.status.in_(target.stale_statuses), started.is_(None))
-        .limit(1)
-    )
-    return conn.execute(probe).first() is not None
+    started = settler.started
+    return started is None or any_stale(conn, settler.source, started.is_(None))
 
 
 def _plain_text(column: Any) -> bool:

@@ -33,21 +33,21 @@ def reap_in_bulk(
     *,
     tables: JobReaperTables,
     sightings: Sightings,
-    held: Callable[[], set[str]] | None,
-    fence: Callable[[Any], object] | None,
+    held: Callable[[], set[str]],
+    fence: Callable[[Any], object],
     sender: Any,
 ) -> bool:
     """Settle *source* with one statement per batch (SQL decides; see :mod:`.bulk`), counted
     in *tally*; ``False`` (nothing done): it has rows whose start is unknown, for the Python
-    path. *held*: the tasks this worker holds (``None``: it runs none); *fence*: called first
-    in each write transaction (``None``: not fenced); *sender*: of the signals sent."""
+    path. *held*: the tasks this worker holds (none in a process that is not a worker);
+    *fence*: called first in each write transaction (it raises unless the run may write);
+    *sender*: of the signals sent."""
     after: Any = None
     while True:
         # Settled jobs come back one by one only if someone reads them (log, signal).
         detail = read_one_by_one(sender)
         with conn.begin() as tx:
-            if fence is not None:
-                fence(conn)
+            fence(conn)
             if after is None and not any_stale(conn, source):
                 # Nothing in a stale status: the batch statement (large: compiling it
                 # costs a worker start several ms) is not even built.
@@ -63,7 +63,7 @@ def reap_in_bulk(
             )
             got = settler.batch(conn, after, detail=detail, seen_before=seen_before)
             sightings.note(source.name, got.unseen, tally.started_at)
-            if settler.where == NO_LIVE_WORKER_LEFT and got.settled and held is not None and held():
+            if settler.where == NO_LIVE_WORKER_LEFT and got.settled and held():
                 tx.rollback()  # this worker took a task meanwhile: the rule no longer holds
                 logger.info(
                     "jobreaper: this worker took a task during the reap; jobs without "

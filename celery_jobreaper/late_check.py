@@ -33,7 +33,7 @@ def check_late_writes(
     window: float,
     now: datetime,
     run_id: int | None,
-    fence: Callable[[Any], object] | None,
+    fence: Callable[[Any], object],
     last_error: str | None,
     sender: Any,
     metrics: Metrics | None,
@@ -49,8 +49,7 @@ def check_late_writes(
         return last_error
     try:
         with conn.begin():
-            if fence is not None:
-                fence(conn)
+            fence(conn)
             found = late_writes.detect(conn, tables, user, now=now, window=window, run_id=run_id)
     except LeaseLost:
         raise

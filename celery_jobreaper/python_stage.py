@@ -42,14 +42,15 @@ def reap_in_python(
     db: Database,
     tables: JobReaperTables,
     sightings: Sightings,
-    held: Callable[[], set[str]] | None,
+    held: Callable[[], set[str]],
     ask: TaskAsker,
-    fence: Callable[[Any], object] | None,
+    fence: Callable[[Any], object],
     sender: Any,
 ) -> None:
     """Settle *source* batch by batch, counted in *tally*. *queued*: the task ids waiting in
-    the queues (read once per run, if asked); *held*: the tasks this worker holds (``None``:
-    it runs none); *fence*: called first in each write transaction (``None``: not fenced);
+    the queues (read once per run, if asked); *held*: the tasks this worker holds (none in a
+    process that is not a worker); *fence*: called first in each write transaction (it raises
+    unless the run may write);
     *sender*: of the signals sent."""
     after: Any = None
     while True:
@@ -70,7 +71,7 @@ def reap_in_python(
             batch,
             view,
             settings,
-            held_here=frozenset(set() if held is None else held()),
+            held_here=frozenset(held()),
             queued=queued,
             ask=ask,
             first_seen=seen,
@@ -83,8 +84,7 @@ def reap_in_python(
             record_would_settle(fails, tally)
         elif fails:
             with conn.begin() as tx:
-                if fence is not None:
-                    fence(conn)
+                fence(conn)
                 fails = still_alone(conn, tables, view, fails, tally)
                 fails = owners_still_silent(conn, tables, view, fails, tally)
                 done = settle_batch(
@@ -98,7 +98,7 @@ def reap_in_python(
                     revoked_expires=settings.revoked_expires,
                 )
                 if (
-                    took_task_since(None if held is None else held(), fails)
+                    took_task_since(held(), fails)
                     or appeared_since(conn, tables, view, done)
                     or owners_back(conn, tables, view, done)
                 ):

@@ -194,14 +194,14 @@ class Reaper:
     def _fenced(self, tally: Tally) -> bool:
         return self.fence is not None and tally.trigger == PERIODIC
 
-    def _fence_for(self, tally: Tally) -> Fence | None:
-        """What a stage calls first in each write transaction (``None``: not fenced)."""
-        return self.fence if self._fenced(tally) else None
+    def _fence_for(self, tally: Tally) -> Fence:
+        """What the run calls first in each write transaction: in a periodic reap of a
+        fenced reaper, raise unless this worker leads; else nothing."""
+        return self.fence if self.fence is not None and self._fenced(tally) else _unfenced
 
     def _fence_in(self, conn: Any, tally: Tally) -> None:
         """In a write transaction of a periodic reap: raise unless this worker leads."""
-        if self.fence is not None and tally.trigger == PERIODIC:
-            self.fence(conn)
+        self._fence_for(tally)(conn)
 
     def _check_fence(self, tally: Tally) -> None:
         """Before the broker sweep of a periodic reap: raise unless this worker leads."""
@@ -297,7 +297,7 @@ class Reaper:
             view,
             tables=self.tables,
             sightings=self.sightings,
-            held=self.held,
+            held=self._held,
             fence=self._fence_for(tally),
             sender=self,
         ):
@@ -312,7 +312,7 @@ class Reaper:
             db=self.db,
             tables=self.tables,
             sightings=self.sightings,
-            held=self.held,
+            held=self._held,
             ask=self.ask,
             fence=self._fence_for(tally),
             sender=self,
@@ -361,3 +361,7 @@ class Reaper:
         signals.reap_finished.send(sender=self, report=report)
         if self.webhooks is not None:
             self.webhooks.notify(report)
+
+
+def _unfenced(conn: Any) -> None:
+    """The fence of a run that is not fenced (not periodic, or no lease): nothing to check."""

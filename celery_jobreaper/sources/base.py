@@ -97,8 +97,9 @@ def keyset_batch(
     return list(conn.execute(query).all())
 
 
-def any_stale(conn: Connection, source: JobSource) -> bool:
-    """Whether *source* has a row in a stale status (one indexed probe, ``LIMIT 1``)."""
+def any_stale(conn: Connection, source: JobSource, *also: ColumnElement[bool]) -> bool:
+    """Whether *source* has a row in a stale status (and matching *also*): one indexed probe,
+    ``LIMIT 1``."""
     target = source.target
-    probe = select(literal(1)).where(target.status.in_(target.stale_statuses)).limit(1)
+    probe = select(literal(1)).where(target.status.in_(target.stale_statuses), *also).limit(1)
     return conn.execute(probe).first() is not None
